@@ -1,0 +1,32 @@
+# Every target creates .venv and installs when it is missing or older than the dependency files,
+# so each works as the first command on a fresh clone with nothing but Python 3.11.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench lock clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m jobs.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ''
+
+bench: $(STAMP)
+	$(BIN)/python tests/benchmarks/bench_effnet.py
+
+# Re-pin every transitive dependency after changing pyproject.toml.
+lock: $(STAMP)
+	$(BIN)/pip freeze --exclude-editable --exclude compound > requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache

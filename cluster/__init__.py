@@ -1,0 +1,1 @@
+"""What runs on Ray workers: data streaming, train loop, DDP/DeepSpeed strategies, checkpoints, Tune, MLflow logging."""

@@ -1,0 +1,1 @@
+"""User-facing specs, Ray Jobs submission and the `compound` command line."""

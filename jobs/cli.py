@@ -1,0 +1,1 @@
+"""The `compound` command line."""

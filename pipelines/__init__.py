@@ -1,0 +1,1 @@
+"""Pipeline stages (train, distill, quantize, export, evaluate, register, promote), the runner and the scheduler."""

@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effnet.layers import MemoryEfficientSwish, SameConv2d, Swish, _SwishFunction, drop_path, make_conv, same_padding
+
+
+def test_memory_efficient_swish_passes_gradcheck() -> None:
+    x = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SwishFunction.apply, (x,))
+
+
+def test_memory_efficient_swish_matches_plain_swish() -> None:
+    x = torch.randn(2, 8, 7, 7, requires_grad=True)
+    y_plain = x * torch.sigmoid(x)
+    (g_plain,) = torch.autograd.grad(y_plain.sum(), x)
+    y = MemoryEfficientSwish()(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, y_plain)
+    torch.testing.assert_close(g, g_plain)
+    torch.testing.assert_close(Swish()(x), y_plain)
+
+
+def _saved_tensor_bytes(fn, x: torch.Tensor) -> int:
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn(x)
+    distinct = {t.data_ptr(): t for t in saved}.values()  # one tensor may be saved by two ops
+    return sum(t.numel() * t.element_size() for t in distinct)
+
+
+def test_memory_efficient_swish_keeps_only_its_input_for_backward() -> None:
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    input_bytes = x.numel() * x.element_size()
+    assert _saved_tensor_bytes(MemoryEfficientSwish(), x) == input_bytes
+    assert _saved_tensor_bytes(lambda t: t * torch.sigmoid(t), x) == 2 * input_bytes  # the naive form
+
+
+def test_memory_efficient_swish_uses_plain_form_without_grad() -> None:
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    with torch.no_grad():
+        y = MemoryEfficientSwish()(x)
+    assert y.grad_fn is None
+    assert MemoryEfficientSwish()(x).grad_fn.name() == "_SwishFunctionBackward"
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 32, 33, 97, 224, 225])
+@pytest.mark.parametrize(("kernel", "stride"), [(3, 1), (3, 2), (5, 2), (5, 1), (2, 2)])
+def test_same_padding_gives_tensorflow_output_size(size: int, kernel: int, stride: int) -> None:
+    before, after = same_padding(size, kernel, stride)
+    assert 0 <= after - before <= 1  # TensorFlow puts the odd pixel after
+    out = (size + before + after - kernel) // stride + 1
+    assert out == math.ceil(size / stride)
+
+
+def test_same_conv_matches_explicit_tensorflow_padding() -> None:
+    conv = SameConv2d(3, 4, 3, stride=2, bias=False)
+    x = torch.randn(1, 3, 9, 10)
+    # TF SAME for 9 (k3, s2): total pad 2 -> (1, 1); for 10: total 1 -> (0, 1).
+    expected = F.conv2d(F.pad(x, (0, 1, 1, 1)), conv.weight, stride=2)
+    torch.testing.assert_close(conv(x), expected)
+
+
+def test_make_conv_uses_static_padding_where_conventions_agree() -> None:
+    assert type(make_conv(8, 8, 3, stride=1, padding="same")) is torch.nn.Conv2d
+    assert type(make_conv(8, 8, 3, stride=2, padding="same")) is SameConv2d
+    assert type(make_conv(8, 8, 3, stride=2, padding="symmetric")) is torch.nn.Conv2d
+
+
+def test_drop_path_drops_whole_samples_and_keeps_expectation() -> None:
+    x = torch.ones(4000, 3, 2, 2)
+    out = drop_path(x, 0.25, training=True)
+    per_sample = out.flatten(1)
+    assert per_sample.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    assert torch.all(per_sample.min(1).values == per_sample.max(1).values)  # whole samples only
+    assert abs(out.mean().item() - 1.0) < 0.05
+    assert drop_path(x, 0.25, training=False) is x

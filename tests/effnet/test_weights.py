@@ -1,0 +1,109 @@
+"""Parity with the reference implementations: same weights in, same logits out."""
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from effnet import VARIANTS, build
+from effnet.weights import WeightsMismatchError, load_checkpoint, load_reference_weights, save_checkpoint
+
+OTHER_SIZE = 97  # odd on purpose: exercises padding at every stride
+
+
+def _with_realistic_bn_stats(reference: torch.nn.Module, size: int) -> torch.nn.Module:
+    """Random weights, but BatchNorm statistics measured on data, so eval mode is non-trivial."""
+    reference.train()
+    for module in reference.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average
+    with torch.no_grad():
+        reference(torch.randn(2, 3, size, size))
+    return reference.eval()
+
+
+def _assert_same_logits(ours: torch.nn.Module, reference: torch.nn.Module, size: int) -> None:
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = reference(x)
+        actual = ours.eval()(x)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual / scale, expected / scale, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_torchvision_weights_give_torchvision_logits(name: str, tmp_path: Path) -> None:
+    resolution = VARIANTS[name].resolution
+    reference = _with_realistic_bn_stats(getattr(torchvision.models, name)(), resolution)
+    torch.save(reference.state_dict(), tmp_path / "tv.pth")
+    ours = load_reference_weights(build(name), tmp_path / "tv.pth")
+    _assert_same_logits(ours, reference, resolution)
+    _assert_same_logits(ours, reference, OTHER_SIZE)
+
+
+@pytest.mark.parametrize(
+    ("timm_name", "name", "options"),
+    [
+        ("efficientnet_b0", "efficientnet_b0", {}),
+        ("efficientnet_b2", "efficientnet_b2", {}),
+        ("tf_efficientnet_b0", "efficientnet_b0", {"padding": "same", "bn_eps": 1e-3}),
+        ("tf_efficientnet_b3", "efficientnet_b3", {"padding": "same", "bn_eps": 1e-3}),
+    ],
+)
+def test_timm_weights_give_timm_logits(timm_name: str, name: str, options: dict, tmp_path: Path) -> None:
+    reference = _with_realistic_bn_stats(timm.create_model(timm_name), 128)
+    torch.save(reference.state_dict(), tmp_path / "timm.pth")
+    ours = load_reference_weights(build(name, **options), tmp_path / "timm.pth")
+    _assert_same_logits(ours, reference, VARIANTS[name].resolution)
+    _assert_same_logits(ours, reference, OTHER_SIZE)
+
+
+def test_mismatched_checkpoint_names_missing_and_unexpected_keys(tmp_path: Path) -> None:
+    torch.save(torchvision.models.efficientnet_b1().state_dict(), tmp_path / "b1.pth")
+    with pytest.raises(WeightsMismatchError, match=r"unexpected keys \(\d+\): stages\.0\.1\..*efficientnet_b0"):
+        load_reference_weights(build("efficientnet_b0"), tmp_path / "b1.pth")
+    torch.save(torchvision.models.efficientnet_b0().state_dict(), tmp_path / "b0.pth")
+    with pytest.raises(WeightsMismatchError, match=r"missing keys \(\d+\): stages\.0\.1\..*efficientnet_b1"):
+        load_reference_weights(build("efficientnet_b1"), tmp_path / "b0.pth")
+
+    torch.save(torchvision.models.efficientnet_b2().state_dict(), tmp_path / "b2.pth")
+    with pytest.raises(WeightsMismatchError, match=r"shape mismatches \(\d+\): stages\.2\.0\.project\.conv\.weight: checkpoint \(48, .*new_head=True"):
+        load_reference_weights(build("efficientnet_b0"), tmp_path / "b2.pth")
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        load_reference_weights(build("efficientnet_b0"), tmp_path / "nope.pth")
+
+
+def test_transfer_learning_keeps_the_backbone_and_a_new_head(tmp_path: Path) -> None:
+    reference = torchvision.models.efficientnet_b0()
+    torch.save(reference.state_dict(), tmp_path / "tv.pth")
+    with pytest.raises(WeightsMismatchError, match="classifier"):
+        load_reference_weights(build("efficientnet_b0", num_classes=10), tmp_path / "tv.pth")
+    model = load_reference_weights(build("efficientnet_b0", num_classes=10), tmp_path / "tv.pth", new_head=True)
+    assert torch.equal(model.stem.conv.weight, reference.features[0][0].weight)
+    assert model.classifier.out_features == 10
+    model.freeze(through_stage=3)
+    trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert "stages.3" not in trainable and "stages.4" in trainable
+
+
+def test_own_checkpoint_round_trip_rebuilds_the_model(tmp_path: Path) -> None:
+    model = build("efficientnet_b0", num_classes=7, padding="same").eval()
+    path = save_checkpoint(model, tmp_path / "ckpt" / "model.safetensors")
+    restored = load_checkpoint(path).eval()
+    assert restored.spec == model.spec
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(restored(x), model(x))
+
+
+def test_foreign_safetensors_is_not_taken_for_a_checkpoint(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    safetensors.torch.save_file({"w": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(WeightsMismatchError, match="not a compound checkpoint"):
+        load_checkpoint(tmp_path / "other.safetensors")
