@@ -1,1 +1,103 @@
-"""The `compound` command line."""
+"""The `compound` command line: thin wrappers that parse input once and call the packages."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+OUR_PACKAGES = ("effnet", "cluster", "pipelines", "jobs", "infra")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def cli(verbose: bool) -> None:
+    """compound: distributed training of the EfficientNet family on Ray, MLflow and S3."""
+    # Our packages talk at INFO; third-party libraries only when something is wrong.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for package in OUR_PACKAGES:
+        logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@cli.group()
+def model() -> None:
+    """Inspect and export EfficientNet variants."""
+
+
+@model.command("list")
+def list_models() -> None:
+    """The variants with their scaling coefficients and sizes."""
+    from effnet import VARIANTS
+
+    table = Table("variant", "width", "depth", "resolution", "dropout", "parameters (1000 classes)")
+    for spec in VARIANTS.values():
+        table.add_row(
+            spec.name, f"{spec.width_mult:.1f}", f"{spec.depth_mult:.1f}", str(spec.resolution),
+            f"{spec.dropout:.1f}", f"{spec.num_params:,}",
+        )
+    console.print(table)
+
+
+@model.command("export")
+@click.argument("variant")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the .onnx file.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A compound checkpoint, or a torchvision/timm state dict for VARIANT.")
+@click.option("--num-classes", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--resolution", type=click.IntRange(min=32), help="Input size; default: the variant's.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Run the file in onnxruntime and compare with PyTorch.")
+def export(variant: str, out_path: Path, weights: Path | None, num_classes: int, resolution: int | None,
+           check: bool) -> None:
+    """Export VARIANT (e.g. efficientnet_b0) to ONNX at a fixed input size."""
+    from effnet import build
+    from effnet.export import export_onnx
+    from effnet.weights import load_checkpoint, load_reference_weights
+
+    try:
+        if weights is not None and weights.suffix == ".safetensors":
+            net = load_checkpoint(weights)
+            if net.spec.name != variant:
+                raise ValueError(f"{weights} holds {net.spec.name}, not {variant}")
+        else:
+            net = build(variant, num_classes=num_classes)
+            if weights is not None:
+                load_reference_weights(net, weights)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    resolution = resolution or net.spec.resolution
+    with console.status(f"exporting {net.spec.name} at {resolution}px"):
+        path = export_onnx(net, out_path, resolution=resolution)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if check:
+        difference, largest = _onnxruntime_difference(net, path, resolution)
+        console.print(f"onnxruntime vs PyTorch: max |Δlogit| = {difference:.2e} (largest |logit| {largest:.2e})")
+        if difference > 1e-4:
+            raise click.ClickException(f"onnxruntime disagrees with PyTorch by {difference:.2e} (> 1e-4)")
+
+
+def _onnxruntime_difference(net, path: Path, resolution: int) -> tuple[float, float]:
+    import onnxruntime
+    import torch
+
+    from effnet.export import INPUT_NAME
+
+    images = torch.randn(1, 3, resolution, resolution)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(None, {INPUT_NAME: images.numpy()})
+    with torch.no_grad():
+        torch_logits = net.eval()(images)
+    return (torch.from_numpy(onnx_logits) - torch_logits).abs().max().item(), torch_logits.abs().max().item()
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(130)

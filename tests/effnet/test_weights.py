@@ -8,35 +8,22 @@ import torch
 import torchvision
 
 from effnet import VARIANTS, build
+from tests.effnet.helpers import assert_close_relative, with_realistic_bn_stats
 from effnet.weights import WeightsMismatchError, load_checkpoint, load_reference_weights, save_checkpoint
 
 OTHER_SIZE = 97  # odd on purpose: exercises padding at every stride
 
 
-def _with_realistic_bn_stats(reference: torch.nn.Module, size: int) -> torch.nn.Module:
-    """Random weights, but BatchNorm statistics measured on data, so eval mode is non-trivial."""
-    reference.train()
-    for module in reference.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average
-    with torch.no_grad():
-        reference(torch.randn(2, 3, size, size))
-    return reference.eval()
-
-
 def _assert_same_logits(ours: torch.nn.Module, reference: torch.nn.Module, size: int) -> None:
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
-        expected = reference(x)
-        actual = ours.eval()(x)
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual / scale, expected / scale, rtol=0, atol=1e-4)
+        assert_close_relative(ours.eval()(x), reference(x))
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_torchvision_weights_give_torchvision_logits(name: str, tmp_path: Path) -> None:
     resolution = VARIANTS[name].resolution
-    reference = _with_realistic_bn_stats(getattr(torchvision.models, name)(), resolution)
+    reference = with_realistic_bn_stats(getattr(torchvision.models, name)(), resolution)
     torch.save(reference.state_dict(), tmp_path / "tv.pth")
     ours = load_reference_weights(build(name), tmp_path / "tv.pth")
     _assert_same_logits(ours, reference, resolution)
@@ -53,7 +40,7 @@ def test_torchvision_weights_give_torchvision_logits(name: str, tmp_path: Path) 
     ],
 )
 def test_timm_weights_give_timm_logits(timm_name: str, name: str, options: dict, tmp_path: Path) -> None:
-    reference = _with_realistic_bn_stats(timm.create_model(timm_name), 128)
+    reference = with_realistic_bn_stats(timm.create_model(timm_name), 128)
     torch.save(reference.state_dict(), tmp_path / "timm.pth")
     ours = load_reference_weights(build(name, **options), tmp_path / "timm.pth")
     _assert_same_logits(ours, reference, VARIANTS[name].resolution)

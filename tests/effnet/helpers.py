@@ -1,0 +1,20 @@
+"""Shared by the effnet tests: random weights that still give non-trivial eval-mode outputs."""
+
+import torch
+
+
+def with_realistic_bn_stats(model: torch.nn.Module, size: int) -> torch.nn.Module:
+    """BatchNorm statistics measured on a batch, so eval-mode logits are far from zero."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average
+    with torch.no_grad():
+        model(torch.randn(2, 3, size, size))
+    return model.eval()
+
+
+def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4) -> None:
+    """Equal within `tol` of the largest reference logit (random-weight logits can be large)."""
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual / scale, expected / scale, rtol=0, atol=tol)

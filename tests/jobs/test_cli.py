@@ -1,0 +1,49 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+from click.testing import CliRunner
+
+from jobs.cli import cli
+
+
+def test_model_list_shows_every_variant() -> None:
+    result = CliRunner().invoke(cli, ["model", "list"])
+    assert result.exit_code == 0
+    for i in range(8):
+        assert f"efficientnet_b{i}" in result.output
+    assert "66,347,960" in result.output
+
+
+def test_unknown_variant_exits_non_zero_naming_valid_ones(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["model", "export", "efficientnet_b9", "--out", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 1
+    assert "unknown EfficientNet variant 'efficientnet_b9'" in result.output
+    assert "efficientnet_b7" in result.output
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_mismatched_weights_exit_non_zero_and_write_nothing(tmp_path: Path) -> None:
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.efficientnet_b1().state_dict(), tmp_path / "b1.pth")
+    result = CliRunner().invoke(
+        cli, ["model", "export", "efficientnet_b0", "--weights", str(tmp_path / "b1.pth"), "--out", str(tmp_path / "x.onnx")]
+    )
+    assert result.exit_code == 1
+    assert "do not fit efficientnet_b0" in result.output
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_console_script_exports_a_checked_onnx_file(tmp_path: Path) -> None:
+    out = tmp_path / "b0.onnx"
+    compound = Path(sys.executable).with_name("compound")
+    result = subprocess.run(
+        [str(compound), "model", "export", "efficientnet_b0", "--resolution", "64", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "onnxruntime vs PyTorch" in result.stdout
+    onnx.checker.check_model(str(out))
