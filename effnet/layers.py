@@ -25,10 +25,9 @@ class _SwishFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        sig = torch.sigmoid(x)
-        # d/dx [x * s(x)] = s * (1 + x * (1 - s)), built in one buffer to keep the peak low.
-        grad = (1 - sig).mul_(x).add_(1).mul_(sig)
-        return grad.mul_(grad_output)
+        # d/dx [x * s(x)] = s * (1 + x * (1 - s)) with s recomputed from x. ATen's fused kernel
+        # computes exactly this in one pass; spelled out in Python it takes five passes over memory.
+        return torch.ops.aten.silu_backward(grad_output, x)
 
 
 class Swish(nn.Module):
@@ -43,13 +42,16 @@ class MemoryEfficientSwish(nn.Module):
 
     The custom autograd function is used only when a gradient will be taken in eager mode; under
     no_grad, scripting, `torch.compile` tracing and ONNX/`torch.export` export the plain form runs,
-    so exported graphs hold a single standard op and nobody has to toggle anything.
+    so exported graphs hold a single standard op and nobody has to toggle anything. When no
+    gradient flows through it, it overwrites its input like `nn.SiLU(inplace=True)`: inside the
+    network that input is always a fresh intermediate, and inference allocates one buffer less.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled() and not _is_tracing():
+        tracing = _is_tracing()
+        if x.requires_grad and torch.is_grad_enabled() and not tracing:
             return _SwishFunction.apply(x)
-        return F.silu(x)
+        return F.silu(x, inplace=not (x.requires_grad or tracing))
 
 
 def _is_tracing() -> bool:
