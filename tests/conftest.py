@@ -1,7 +1,15 @@
 """Suite-wide settings: deterministic CPU runs, GPU tests skipped where there is no CUDA device."""
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
+
+from infra.settings import Settings, load_settings
+from infra.stack import Stack, StackPorts
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -16,3 +24,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def stack_home() -> Iterator[Path]:
+    # Short on purpose: Ray puts unix sockets under it, and their paths are limited to 107 bytes.
+    home = Path(tempfile.mkdtemp(prefix="cst", dir="/tmp"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack(stack_home: Path) -> Iterator[Stack]:
+    """The real local stack (SeaweedFS, MLflow, Ray) on free ports, shared by the whole session."""
+    local = Stack(stack_home)
+    local.up(StackPorts.free())
+    yield local
+    local.down()
+    shutil.rmtree(local.ray_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings(stack: Stack) -> Settings:
+    return load_settings(stack.home)

@@ -1,0 +1,125 @@
+"""One settings object for every package: where the S3 store, MLflow and Ray are, and the S3 keys.
+
+Read from the file `compound up` writes (`$COMPOUND_HOME/settings.json`, default `~/.compound`)
+and then from `COMPOUND_*` environment variables, which win. At scale, set the variables (or
+write the file) to point at AWS S3, a shared MLflow server and a Ray cluster; nothing else in
+compound hard-codes an endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+DEFAULT_HOME = Path("~/.compound")
+SETTINGS_FILE = "settings.json"
+
+# Ray binds every interface, or hangs resolving the host's IP, unless this is set in the head's
+# and every client's environment; and a stray ~/.ray/auth_token must not switch auth on.
+RAY_CLIENT_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+class ConfigError(RuntimeError):
+    """Settings are missing or malformed; the message says how to fix them."""
+
+
+class Settings(BaseModel):
+    """Endpoints and credentials. Secrets are `SecretStr`: they print as '**********'."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    s3_endpoint: str = Field(description="S3 API URL, e.g. http://127.0.0.1:8333; empty for AWS S3")
+    s3_access_key: SecretStr
+    s3_secret_key: SecretStr
+    s3_region: str = "us-east-1"
+    mlflow_tracking_uri: str
+    ray_address: str = Field(description="GCS address of the Ray head, host:port")
+    ray_dashboard_url: str = Field(description="Ray dashboard and job server, http://host:port")
+    shards_bucket: str = "shards"
+    checkpoints_bucket: str = "checkpoints"
+    mlflow_bucket: str = "mlflow"
+
+    @property
+    def buckets(self) -> tuple[str, str, str]:
+        return (self.shards_bucket, self.checkpoints_bucket, self.mlflow_bucket)
+
+    def s3_client(self):  # -> botocore S3 client; boto3 is imported only where S3 is used
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.s3_endpoint or None, region_name=self.s3_region,
+            aws_access_key_id=self.s3_access_key.get_secret_value(),
+            aws_secret_access_key=self.s3_secret_key.get_secret_value(),
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+        )
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for processes that talk to the stack (MLflow clients, Ray drivers and jobs)."""
+        return {
+            **RAY_CLIENT_ENV,
+            "RAY_ADDRESS": self.ray_address,
+            "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+        }
+
+    def s3_env(self) -> dict[str, str]:
+        """Environment with the S3 credentials, for processes that must reach S3 directly."""
+        env = {
+            "AWS_ACCESS_KEY_ID": self.s3_access_key.get_secret_value(),
+            "AWS_SECRET_ACCESS_KEY": self.s3_secret_key.get_secret_value(),
+            "AWS_DEFAULT_REGION": self.s3_region,
+        }
+        if self.s3_endpoint:
+            env["AWS_ENDPOINT_URL_S3"] = env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint
+        return env
+
+
+def compound_home() -> Path:
+    """The state dir: `$COMPOUND_HOME`, default `~/.compound`."""
+    return Path(os.environ.get("COMPOUND_HOME") or DEFAULT_HOME).expanduser()
+
+
+def _env_name(field: str) -> str:
+    return f"COMPOUND_{field.upper()}"
+
+
+def load_settings(home: Path | None = None) -> Settings:
+    """The settings file of `home` (default: `compound_home()`), overridden by `COMPOUND_*` variables."""
+    path = (home or compound_home()) / SETTINGS_FILE
+    values: dict[str, object] = {}
+    if path.is_file():
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path} is not valid JSON ({error}); run `compound up` to rewrite it") from None
+    for field in Settings.model_fields:
+        if (value := os.environ.get(_env_name(field))) is not None:
+            values[field] = value
+    try:
+        return Settings(**values)
+    except ValidationError as error:
+        missing = [str(e["loc"][0]) for e in error.errors() if e["type"] == "missing"]
+        if missing and not path.is_file():
+            raise ConfigError(
+                f"no stack settings at {path}: run `compound up` for the local stack, or set "
+                + ", ".join(_env_name(f) for f in missing)
+            ) from None
+        raise ConfigError(f"invalid settings ({path} and COMPOUND_* variables): {error}") from None
+
+
+def write_settings(settings: Settings, home: Path) -> Path:
+    """Write the settings file readable by its owner only (it holds the S3 secret)."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / SETTINGS_FILE
+    data = settings.model_dump(mode="json")
+    data["s3_access_key"] = settings.s3_access_key.get_secret_value()
+    data["s3_secret_key"] = settings.s3_secret_key.get_secret_value()
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    return path

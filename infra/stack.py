@@ -1,0 +1,385 @@
+"""The local stack: SeaweedFS (S3 API), an MLflow server and a Ray head, all on 127.0.0.1.
+
+`up` starts what is not running, waits for each health check and writes the settings file;
+`down` stops what `up` started, by the pids it recorded. Data, logs and pid files live under the
+state dir (`$COMPOUND_HOME`, default `~/.compound`):
+
+    settings.json  endpoints and S3 keys (0600)     ports.json  the ports the stack uses
+    s3/            SeaweedFS data and s3.json        mlflow/     SQLite tracking store
+    ray/           link to Ray's session dir         logs/, run/ one log and pid file per service
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+from infra.settings import RAY_CLIENT_ENV, SETTINGS_FILE, Settings, write_settings
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+GRPC_OFFSET = 10_000  # SeaweedFS serves gRPC at each HTTP port + 10000
+STARTUP_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 45.0  # Ray drains its node before it exits
+LOG_TAIL_LINES = 25
+
+
+class StackError(RuntimeError):
+    """The stack could not be started or stopped; the message says why and what to do."""
+
+
+class StackPorts(BaseModel):
+    """Every port the stack opens on 127.0.0.1 (SeaweedFS also opens each of its ports + 10000)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    s3: int = 8333
+    mlflow: int = 5000
+    ray: int = 6379
+    ray_dashboard: int = 8265
+    ray_client: int = 10001
+    ray_agent: int = 52365
+    ray_min_worker: int = 20000  # Ray's default range overlaps SeaweedFS's gRPC ports
+    ray_max_worker: int = 20100
+    weed_master: int = 9333
+    weed_volume: int = 9340
+    weed_filer: int = 8888
+    weed_admin: int = 23646
+
+    @classmethod
+    def free(cls) -> StackPorts:
+        """Ports that are free right now (for tests and side-by-side stacks)."""
+        chosen: set[int] = set()
+
+        def pick(span: int = 1, with_grpc: bool = False) -> int:
+            for _ in range(10_000):
+                start = secrets.randbelow(50_000 - 20_000 - span) + 20_000
+                needed = set(range(start, start + span)) | ({start + GRPC_OFFSET} if with_grpc else set())
+                if not needed & chosen and all(port_is_free(p) for p in needed):
+                    chosen.update(needed)
+                    return start
+            raise StackError("could not find free ports on 127.0.0.1")
+
+        worker = pick(span=101)
+        weed = {name: pick(with_grpc=True) for name in ("s3", "weed_master", "weed_volume", "weed_filer", "weed_admin")}
+        others = {name: pick() for name in ("mlflow", "ray", "ray_dashboard", "ray_client", "ray_agent")}
+        return cls(**weed, **others, ray_min_worker=worker, ray_max_worker=worker + 100)
+
+
+@dataclass(frozen=True)
+class Service:
+    """One process of the stack and how to tell it is up."""
+
+    name: str
+    command: list[str]
+    health_url: str
+    ports: dict[str, int]  # what each port is for -> port, all checked free before starting
+    env: dict[str, str] = field(default_factory=dict)
+    healthy_statuses: tuple[int, ...] = (200,)
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    pid: int | None
+    healthy: bool
+    log_file: Path
+
+
+class Stack:
+    """The three services of one state dir."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home.expanduser()
+
+    # -- paths -------------------------------------------------------------------------------------
+    def _pid_file(self, name: str) -> Path:
+        return self.home / "run" / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.home / "logs" / f"{name}.log"
+
+    @property
+    def ray_dir(self) -> Path:
+        """Ray's session dir. Ray puts unix sockets in it, whose paths may not exceed 107 bytes, so
+        it lives under a short path in the temp dir (one per state dir); `<home>/ray` links to it."""
+        digest = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"compound-ray-{digest}"
+
+    # -- configuration -----------------------------------------------------------------------------
+    def saved_ports(self) -> StackPorts | None:
+        path = self.home / "ports.json"
+        return StackPorts.model_validate_json(path.read_text()) if path.is_file() else None
+
+    def settings_for(self, ports: StackPorts) -> Settings:
+        """Endpoints for `ports`, with the S3 keys this state dir already has (or new ones)."""
+        existing = self.home / SETTINGS_FILE
+        keys = json.loads(existing.read_text()) if existing.is_file() else {}
+        return Settings(
+            s3_endpoint=f"http://{HOST}:{ports.s3}",
+            s3_access_key=SecretStr(keys.get("s3_access_key") or "compound-" + secrets.token_hex(8)),
+            s3_secret_key=SecretStr(keys.get("s3_secret_key") or secrets.token_urlsafe(32)),
+            mlflow_tracking_uri=f"http://{HOST}:{ports.mlflow}",
+            ray_address=f"{HOST}:{ports.ray}",
+            ray_dashboard_url=f"http://{HOST}:{ports.ray_dashboard}",
+        )
+
+    def services(self, settings: Settings, ports: StackPorts) -> list[Service]:
+        bin_dir = Path(sysconfig.get_path("scripts"))
+        s3_dir, mlflow_dir = self.home / "s3", self.home / "mlflow"
+        secret = settings.s3_secret_key.get_secret_value()
+        weed_ports = {
+            "S3 API": ports.s3, "SeaweedFS master": ports.weed_master, "SeaweedFS volume": ports.weed_volume,
+            "SeaweedFS filer": ports.weed_filer, "SeaweedFS admin": ports.weed_admin,
+        }
+        weed_ports |= {f"{label} gRPC": port + GRPC_OFFSET for label, port in weed_ports.items()}
+        s3 = Service(
+            name="s3",
+            command=[
+                str(bin_dir / "weed"), "mini", f"-dir={s3_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
+                "-master.telemetry=false", f"-s3.config={s3_dir / 's3.json'}", f"-bucket={','.join(settings.buckets)}",
+                f"-s3.port={ports.s3}", f"-s3.port.grpc={ports.s3 + GRPC_OFFSET}",
+                f"-master.port={ports.weed_master}", f"-master.port.grpc={ports.weed_master + GRPC_OFFSET}",
+                f"-volume.port={ports.weed_volume}", f"-volume.port.grpc={ports.weed_volume + GRPC_OFFSET}",
+                f"-filer.port={ports.weed_filer}", f"-filer.port.grpc={ports.weed_filer + GRPC_OFFSET}",
+                f"-admin.port={ports.weed_admin}", f"-admin.port.grpc={ports.weed_admin + GRPC_OFFSET}",
+                f"-admin.password={secret}", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            ],
+            health_url=f"http://{HOST}:{ports.s3}/",
+            healthy_statuses=(403,),  # anonymous requests are refused once the keys are loaded
+            ports=weed_ports,
+        )
+        mlflow = Service(
+            name="mlflow",
+            command=[
+                sys.executable, "-m", "mlflow", "server",
+                "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                "--artifacts-destination", f"s3://{settings.mlflow_bucket}/",
+                "--host", HOST, "--port", str(ports.mlflow), "--workers", "1",
+            ],
+            health_url=f"http://{HOST}:{ports.mlflow}/health",
+            ports={"MLflow server": ports.mlflow},
+            env={**settings.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
+        ray = Service(
+            name="ray",
+            command=[
+                str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+                f"--num-cpus={os.cpu_count() or 1}", f"--node-ip-address={HOST}", f"--port={ports.ray}",
+                f"--dashboard-host={HOST}", f"--dashboard-port={ports.ray_dashboard}",
+                f"--ray-client-server-port={ports.ray_client}", f"--dashboard-agent-listen-port={ports.ray_agent}",
+                f"--min-worker-port={ports.ray_min_worker}", f"--max-worker-port={ports.ray_max_worker}",
+                f"--temp-dir={self.ray_dir}",
+            ],
+            health_url=f"http://{HOST}:{ports.ray_dashboard}/api/version",
+            ports={"Ray GCS": ports.ray, "Ray dashboard": ports.ray_dashboard, "Ray client": ports.ray_client,
+                   "Ray dashboard agent": ports.ray_agent},
+            # Jobs run with this interpreter and reach S3 and MLflow through the settings.
+            env={**RAY_CLIENT_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
+        )
+        return [s3, mlflow, ray]
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def up(self, ports: StackPorts | None = None, timeout_s: float = STARTUP_TIMEOUT_S) -> tuple[Settings, list[str]]:
+        """Start whatever is not running; returns the settings and the names of the services started."""
+        ports = ports or self.saved_ports() or StackPorts()
+        saved = self.saved_ports()
+        running = {s.name for s in self.status() if s.pid is not None}
+        if running and saved is not None and saved != ports:
+            raise StackError(
+                f"the stack in {self.home} is running ({', '.join(sorted(running))}) on other ports; "
+                "run `compound down` first to change ports"
+            )
+        settings = self.settings_for(ports)
+        services = self.services(settings, ports)
+        to_start = [s for s in services if s.name not in running]
+        for service in to_start:
+            _check_ports_free(service)
+
+        for directory in ("s3", "mlflow", "logs", "run"):
+            (self.home / directory).mkdir(parents=True, exist_ok=True)
+        self.ray_dir.mkdir(mode=0o700, exist_ok=True)
+        if not (self.home / "ray").is_symlink():
+            (self.home / "ray").symlink_to(self.ray_dir)
+        self.home.chmod(0o700)  # keys, the admin password and the data are the owner's alone
+        _write_private(self.home / "s3" / "s3.json", _seaweed_identities(settings))
+        (self.home / "ports.json").write_text(ports.model_dump_json(indent=2))
+
+        started: list[Service] = []
+        try:
+            for service in to_start:
+                self._start(service)
+                started.append(service)
+            deadline = time.monotonic() + timeout_s
+            for service in services:
+                self._wait_healthy(service, deadline)
+            _wait_for_buckets(settings, deadline)
+        except BaseException:
+            for service in reversed(started):  # leave nothing half-started behind
+                self._stop(service.name)
+            raise
+        write_settings(settings, self.home)
+        return settings, [s.name for s in started]
+
+    def down(self) -> list[str]:
+        """Stop the services this state dir's `up` started; returns the names stopped."""
+        stopped = []
+        for name in ("ray", "mlflow", "s3"):  # clients first, the store last
+            if self._stop(name):
+                stopped.append(name)
+        return stopped
+
+    def status(self) -> list[ServiceStatus]:
+        result = []
+        ports = self.saved_ports()
+        urls = {}
+        if ports is not None:
+            urls = {s.name: (s.health_url, s.healthy_statuses) for s in self.services(self.settings_for(ports), ports)}
+        for name in ("s3", "mlflow", "ray"):
+            process = self._process(name)
+            healthy = process is not None and name in urls and _answers(*urls[name])
+            result.append(ServiceStatus(name, process.pid if process else None, healthy, self.log_file(name)))
+        return result
+
+    # -- processes ---------------------------------------------------------------------------------
+    def _start(self, service: Service) -> None:
+        log.info("starting %s", service.name)
+        with self.log_file(service.name).open("ab") as log_file:
+            # A session of its own: the process group is the service, and ^C in the shell that
+            # ran `compound up` does not reach it.
+            process = subprocess.Popen(
+                service.command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **service.env}, cwd=self.home, start_new_session=True,
+            )
+        created = psutil.Process(process.pid).create_time()
+        self._pid_file(service.name).write_text(json.dumps({"pid": process.pid, "created": created}))
+
+    def _process(self, name: str) -> psutil.Process | None:
+        """The service's process if its pid file names a live process that is still the one started."""
+        path = self._pid_file(name)
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        try:
+            process = psutil.Process(record["pid"])
+            if abs(process.create_time() - record["created"]) < 1e-3 and process.status() != psutil.STATUS_ZOMBIE:
+                return process
+        except psutil.NoSuchProcess:
+            pass
+        path.unlink()  # stale: the process is gone (or the pid was reused by another)
+        return None
+
+    def _wait_healthy(self, service: Service, deadline: float) -> None:
+        while not _answers(service.health_url, service.healthy_statuses):
+            if self._process(service.name) is None:
+                raise StackError(f"{service.name} exited during start-up.\n{self._log_tail(service.name)}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{service.name} did not become healthy in time.\n{self._log_tail(service.name)}")
+            time.sleep(0.25)
+        log.debug("%s is up", service.name)
+
+    def _stop(self, name: str) -> bool:
+        process = self._process(name)
+        if process is None:
+            return False
+        log.info("stopping %s (pid %d)", name, process.pid)
+        group = os.getpgid(process.pid)
+        process.terminate()  # the leader stops its children itself (Ray drains its node first)
+        with contextlib.suppress(psutil.TimeoutExpired):
+            process.wait(STOP_TIMEOUT_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)  # whatever of the group is left
+        self._pid_file(name).unlink(missing_ok=True)
+        return True
+
+    def _log_tail(self, name: str) -> str:
+        path = self.log_file(name)
+        lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:] if path.is_file() else []
+        return f"last lines of {path}:\n" + "\n".join("    " + line for line in lines)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    # Some services bind the IPv4-mapped IPv6 address instead; that must be free too.
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("::ffff:127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _check_ports_free(service: Service) -> None:
+    taken = [f"port {port} ({label})" for label, port in service.ports.items() if not port_is_free(port)]
+    if taken:
+        raise StackError(
+            f"cannot start {service.name}: {', '.join(taken)} already in use on {HOST} by another process. "
+            "Stop that process, or choose other ports (see `compound up --help`)."
+        )
+
+
+def _answers(url: str, statuses: tuple[int, ...]) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status in statuses
+    except urllib.error.HTTPError as error:
+        return error.code in statuses
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_for_buckets(settings: Settings, deadline: float) -> None:
+    """SeaweedFS creates the buckets just after its S3 port opens."""
+    from botocore.exceptions import ClientError
+
+    client = settings.s3_client()
+    for bucket in settings.buckets:
+        while True:
+            try:
+                client.head_bucket(Bucket=bucket)
+                break
+            except ClientError as error:
+                if time.monotonic() > deadline:
+                    raise StackError(f"S3 bucket {bucket!r} was not created: {error}") from None
+                time.sleep(0.25)
+
+
+def _seaweed_identities(settings: Settings) -> str:
+    identity = {
+        "name": "compound",
+        "credentials": [{"accessKey": settings.s3_access_key.get_secret_value(),
+                         "secretKey": settings.s3_secret_key.get_secret_value()}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+    }
+    return json.dumps({"identities": [identity]}, indent=2)
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)

@@ -1,0 +1,182 @@
+"""The local stack against its real processes: SeaweedFS, the MLflow server and a Ray head."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import mlflow
+import psutil
+import pytest
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from click.testing import CliRunner
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from infra.settings import Settings
+from infra.stack import Stack, StackError, StackPorts
+from jobs.cli import cli
+
+
+def test_s3_put_get_list(settings: Settings) -> None:
+    s3 = settings.s3_client()
+    key = f"smoke/{uuid.uuid4().hex}.txt"
+    s3.put_object(Bucket=settings.shards_bucket, Key=key, Body=b"hello shards")
+    assert s3.get_object(Bucket=settings.shards_bucket, Key=key)["Body"].read() == b"hello shards"
+    listed = s3.list_objects_v2(Bucket=settings.shards_bucket, Prefix="smoke/")["Contents"]
+    assert key in [o["Key"] for o in listed]
+    assert {b["Name"] for b in s3.list_buckets()["Buckets"]} >= set(settings.buckets)
+
+
+def test_anonymous_and_wrong_key_requests_are_refused(settings: Settings) -> None:
+    anonymous = boto3.client("s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
+                             config=Config(signature_version=UNSIGNED))
+    with pytest.raises(ClientError, match="AccessDenied"):
+        anonymous.list_objects_v2(Bucket=settings.shards_bucket)
+    with pytest.raises(ClientError, match="AccessDenied"):
+        anonymous.put_object(Bucket=settings.shards_bucket, Key="anonymous.txt", Body=b"x")
+    wrong = boto3.client("s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
+                         aws_access_key_id=settings.s3_access_key.get_secret_value(),
+                         aws_secret_access_key="not-the-secret")
+    with pytest.raises(ClientError):
+        wrong.list_objects_v2(Bucket=settings.shards_bucket)
+
+
+def test_mlflow_run_with_metric_and_artifact_lands_in_s3(settings: Settings, tmp_path: Path) -> None:
+    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    experiment_id = client.create_experiment(f"stack-{uuid.uuid4().hex[:8]}")
+    run = client.create_run(experiment_id)
+    client.log_metric(run.info.run_id, "loss", 0.25)
+    (tmp_path / "notes.txt").write_text("artifact body")
+    client.log_artifact(run.info.run_id, str(tmp_path / "notes.txt"))
+    client.set_terminated(run.info.run_id)
+
+    assert client.get_run(run.info.run_id).data.metrics["loss"] == 0.25
+    objects = settings.s3_client().list_objects_v2(Bucket=settings.mlflow_bucket)["Contents"]
+    stored = [o["Key"] for o in objects if o["Key"].endswith(f"{run.info.run_id}/artifacts/notes.txt")]
+    assert len(stored) == 1
+    body = settings.s3_client().get_object(Bucket=settings.mlflow_bucket, Key=stored[0])["Body"].read()
+    assert body == b"artifact body"
+
+
+def test_ray_job_succeeds_and_its_logs_are_readable(settings: Settings) -> None:
+    client = JobSubmissionClient(settings.ray_dashboard_url)
+    job_id = client.submit_job(
+        entrypoint="python -c \"import ray; ray.init(); print('cpus', ray.cluster_resources()['CPU'])\""
+    )
+    deadline = time.monotonic() + 120
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, "the job did not finish in 120 s"
+        time.sleep(0.5)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs
+    assert "cpus " in logs
+
+
+def test_services_listen_on_loopback_only(stack: Stack) -> None:
+    pids = set()
+    for status in stack.status():
+        leader = psutil.Process(status.pid)
+        pids |= {leader.pid} | {child.pid for child in leader.children(recursive=True)}
+    addresses = {c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in pids}
+    assert addresses and addresses <= {"127.0.0.1", "::ffff:127.0.0.1"}
+
+
+def test_up_twice_starts_nothing_new(stack: Stack) -> None:
+    before = {s.name: s.pid for s in stack.status()}
+    _, started = stack.up()
+    assert started == []
+    assert {s.name: s.pid for s in stack.status()} == before
+    result = CliRunner().invoke(cli, ["up", "--home", str(stack.home)])
+    assert result.exit_code == 0
+    assert "already running" in result.output
+
+
+def test_credentials_stay_out_of_output_and_files_are_private(stack: Stack, settings: Settings) -> None:
+    secret = settings.s3_secret_key.get_secret_value()
+    for args in (["up", "--home", str(stack.home)], ["stack", "status", "--home", str(stack.home)]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        assert secret not in result.output
+    assert secret not in repr(settings) and secret not in str(settings.model_dump())
+    assert (stack.home / "settings.json").stat().st_mode & 0o077 == 0
+    assert (stack.home / "s3" / "s3.json").stat().st_mode & 0o077 == 0
+    for status in stack.status():
+        assert secret not in status.log_file.read_text(errors="replace")
+
+
+def test_taken_port_is_a_clear_error_and_starts_nothing(stack: Stack, tmp_path: Path) -> None:
+    other = Stack(tmp_path / "other")
+    taken = stack.saved_ports().mlflow
+    ports = StackPorts.free().model_copy(update={"mlflow": taken})
+    with pytest.raises(StackError, match=rf"port {taken} \(MLflow server\) already in use"):
+        other.up(ports)
+    assert all(s.pid is None for s in other.status())
+    result = CliRunner().invoke(cli, ["up", "--home", str(tmp_path / "cli"), "--s3-port", str(stack.saved_ports().s3)])
+    assert result.exit_code == 1
+    assert f"port {stack.saved_ports().s3} (S3 API)" in result.output and "already in use" in result.output
+
+
+def test_down_stops_only_what_up_started(stack: Stack, tmp_path: Path) -> None:
+    assert Stack(tmp_path / "empty").down() == []
+    # A pid file naming a process that up did not start (here: a sleeping stranger) is left alone.
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "fake" / "run").mkdir(parents=True)
+        (tmp_path / "fake" / "run" / "s3.pid").write_text(f'{{"pid": {stranger.pid}, "created": 1.0}}')
+        assert Stack(tmp_path / "fake").down() == []
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+    assert all(s.healthy for s in stack.status())
+
+
+def test_failed_service_reports_its_log_and_rolls_back(tmp_path: Path) -> None:
+    home = tmp_path / "broken"
+    (home / "mlflow").mkdir(parents=True)
+    (home / "mlflow" / "mlflow.db").write_text("this is not a sqlite database")
+    with pytest.raises(StackError, match=r"(?s)mlflow exited during start-up.*last lines of .*mlflow\.log"):
+        Stack(home).up(StackPorts.free())
+    shutil.rmtree(Stack(home).ray_dir)
+    assert all(s.pid is None for s in Stack(home).status())
+    assert not (home / "settings.json").exists()
+    assert "Traceback" not in (home / "logs" / "ray.log").read_text()  # Ray came up, then was stopped
+
+
+def test_data_survives_down_and_up(stack: Stack, settings: Settings, tmp_path: Path) -> None:
+    key = f"persist/{uuid.uuid4().hex}"
+    settings.s3_client().put_object(Bucket=settings.checkpoints_bucket, Key=key, Body=b"kept")
+    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    run = client.create_run(client.create_experiment(f"persist-{uuid.uuid4().hex[:8]}"))
+    client.log_metric(run.info.run_id, "accuracy", 0.9)
+    (tmp_path / "model.txt").write_text("weights")
+    client.log_artifact(run.info.run_id, str(tmp_path / "model.txt"))
+
+    pids = [s.pid for s in stack.status()]
+    assert sorted(stack.down()) == ["mlflow", "ray", "s3"]
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+    assert all(s.pid is None for s in stack.status())
+    _, started = stack.up()
+    assert sorted(started) == ["mlflow", "ray", "s3"]
+
+    assert settings.s3_client().get_object(Bucket=settings.checkpoints_bucket, Key=key)["Body"].read() == b"kept"
+    assert client.get_run(run.info.run_id).data.metrics["accuracy"] == 0.9
+    downloaded = client.download_artifacts(run.info.run_id, "model.txt", str(tmp_path / "back"))
+    assert Path(downloaded).read_text() == "weights"
+
+
+def test_status_exits_non_zero_when_the_stack_is_down(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["stack", "status", "--home", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "s3" in result.output and "no" in result.output
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_mlflow_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert "COMPOUND_S3_SECRET_KEY" not in os.environ
