@@ -5,17 +5,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lock clean
+.PHONY: demo down test test-all bench lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
-# Until the end-to-end job exists, the demo shows the model family and a verified ONNX export.
+# Until the end-to-end job exists, the demo brings up the local stack, shows the model family
+# and a verified ONNX export. `make down` stops the stack.
 demo: $(STAMP)
+	$(BIN)/compound up
 	$(BIN)/compound model list
 	$(BIN)/compound model export efficientnet_b0 --out out/efficientnet_b0.onnx
+
+down: $(STAMP)
+	$(BIN)/compound down
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 DEFAULT_HOME = Path("~/.compound")
 SETTINGS_FILE = "settings.json"
@@ -32,8 +32,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     s3_endpoint: str = Field(description="S3 API URL, e.g. http://127.0.0.1:8333; empty for AWS S3")
-    s3_access_key: SecretStr
-    s3_secret_key: SecretStr
+    # Both or neither: without keys boto3 uses its default chain (instance profile, IRSA, ~/.aws).
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
     s3_region: str = "us-east-1"
     mlflow_tracking_uri: str
     ray_address: str = Field(description="GCS address of the Ray head, host:port")
@@ -41,6 +42,12 @@ class Settings(BaseModel):
     shards_bucket: str = "shards"
     checkpoints_bucket: str = "checkpoints"
     mlflow_bucket: str = "mlflow"
+
+    @model_validator(mode="after")
+    def _keys_come_in_pairs(self) -> Settings:
+        if (self.s3_access_key is None) != (self.s3_secret_key is None):
+            raise ValueError("set both s3_access_key and s3_secret_key, or neither (to use AWS's default credentials)")
+        return self
 
     @property
     def buckets(self) -> tuple[str, str, str]:
@@ -52,8 +59,7 @@ class Settings(BaseModel):
 
         return boto3.client(
             "s3", endpoint_url=self.s3_endpoint or None, region_name=self.s3_region,
-            aws_access_key_id=self.s3_access_key.get_secret_value(),
-            aws_secret_access_key=self.s3_secret_key.get_secret_value(),
+            aws_access_key_id=_reveal(self.s3_access_key), aws_secret_access_key=_reveal(self.s3_secret_key),
             config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
         )
 
@@ -67,14 +73,17 @@ class Settings(BaseModel):
 
     def s3_env(self) -> dict[str, str]:
         """Environment with the S3 credentials, for processes that must reach S3 directly."""
-        env = {
-            "AWS_ACCESS_KEY_ID": self.s3_access_key.get_secret_value(),
-            "AWS_SECRET_ACCESS_KEY": self.s3_secret_key.get_secret_value(),
-            "AWS_DEFAULT_REGION": self.s3_region,
-        }
+        env = {"AWS_DEFAULT_REGION": self.s3_region}
+        if self.s3_access_key is not None:
+            env["AWS_ACCESS_KEY_ID"] = _reveal(self.s3_access_key)
+            env["AWS_SECRET_ACCESS_KEY"] = _reveal(self.s3_secret_key)
         if self.s3_endpoint:
             env["AWS_ENDPOINT_URL_S3"] = env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint
         return env
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret is not None else None
 
 
 def compound_home() -> Path:
@@ -115,8 +124,8 @@ def write_settings(settings: Settings, home: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     path = home / SETTINGS_FILE
     data = settings.model_dump(mode="json")
-    data["s3_access_key"] = settings.s3_access_key.get_secret_value()
-    data["s3_secret_key"] = settings.s3_secret_key.get_secret_value()
+    data["s3_access_key"] = _reveal(settings.s3_access_key)
+    data["s3_secret_key"] = _reveal(settings.s3_secret_key)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
