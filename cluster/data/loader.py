@@ -1,0 +1,275 @@
+"""Streaming a split of WebDataset shards to every rank: equal steps per rank and exact resume.
+
+How one epoch is laid out (all of it computed from the manifest, before a byte is read):
+
+- The split's shards are shuffled with a seed for the epoch and dealt to `world_size × workers`
+  *slots*, each to the slot holding the fewest samples so far. Slot `rank × workers + w` is read
+  by DataLoader worker `w` of `rank`.
+- A slot's samples, in shard order, are cut into blocks of `shuffle_buffer` samples and each
+  block is permuted with a seed for (epoch, slot, block). That is the seeded shuffle buffer,
+  and it makes position p of a slot a pure function of the manifest and the seed.
+- Every slot yields the same number of batches: the longest slot's, rounded up. Shorter slots
+  pad with replays of their own samples whose loss weight is 0. So every rank runs the same
+  number of steps (DDP never hangs) and every sample is trained on exactly once per epoch.
+- A DataLoader hands out its workers' batches round-robin, so after a rank has consumed `step`
+  batches, worker w has produced ceil((step - w) / workers) of them. The loader state is
+  therefore just (epoch, step); resuming regenerates each slot's order and skips what was used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import webdataset
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+
+from cluster.data.manifest import ShardInfo, ShardManifest
+from cluster.data.s3 import ShardReadError, register_s3_opener
+from cluster.data.transforms import AugmentSpec, batch_mixer, eval_transform, train_transform
+from infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SHARD_ATTEMPTS = 3
+
+
+class LoaderState(BaseModel):
+    """Where a rank is in the data: goes into every checkpoint."""
+
+    model_config = ConfigDict(frozen=True)
+
+    epoch: int = Field(default=0, ge=0)
+    step: int = Field(default=0, ge=0, description="batches this rank has consumed in the epoch")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which shards each slot reads in one epoch, and how many batches every slot yields."""
+
+    slots: tuple[tuple[ShardInfo, ...], ...]
+    batches_per_slot: int
+
+    def slot_samples(self, slot: int) -> int:
+        return sum(shard.samples for shard in self.slots[slot])
+
+
+def plan_epoch(
+    shards: tuple[ShardInfo, ...], *, epoch: int, seed: int, num_slots: int, batch_size: int, shuffle: bool,
+) -> EpochPlan:
+    if len(shards) < num_slots:
+        raise ValueError(
+            f"the split has {len(shards)} shards but ranks × loader workers = {num_slots}: every worker of "
+            "every rank needs at least one shard. Write smaller shards (compound data shards --shard-size) "
+            "or use fewer loader workers."
+        )
+    order = list(range(len(shards)))
+    if shuffle:
+        random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    slots: list[list[ShardInfo]] = [[] for _ in range(num_slots)]
+    totals = [0] * num_slots
+    for index in order:
+        lightest = totals.index(min(totals))
+        slots[lightest].append(shards[index])
+        totals[lightest] += shards[index].samples
+    return EpochPlan(tuple(tuple(s) for s in slots), max(math.ceil(t / batch_size) for t in totals))
+
+
+class _SlotStream(IterableDataset):
+    """Inside one DataLoader worker: the batches of its slot, from a given batch on."""
+
+    def __init__(self, loader: ShardLoader, plan: EpochPlan, epoch: int, start_step: int) -> None:
+        self.loader, self.plan, self.epoch, self.start_step = loader, plan, epoch, start_step
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        loader = self.loader
+        if loader.settings is not None:
+            register_s3_opener(loader.settings)  # each worker process makes its own boto3 client
+        slot = loader.rank * workers + worker
+        first_batch = max(0, math.ceil((self.start_step - worker) / workers))
+        positions = self._positions(slot, first_batch * loader.batch_size)
+        for batch_index in range(first_batch, self.plan.batches_per_slot):
+            samples = list(itertools.islice(positions, loader.batch_size))
+            yield loader.collate(samples, seed=f"{loader.seed}:{self.epoch}:{slot}:{batch_index}")
+
+    def _positions(self, slot: int, start: int) -> Iterator[tuple[dict, float]]:
+        """(raw sample, loss weight) for positions start.. of the slot, padding included."""
+        real = self.plan.slot_samples(slot)
+        total = self.plan.batches_per_slot * self.loader.batch_size
+        if start < real:
+            yield from ((sample, 1.0) for sample in self._shuffled(slot, start))
+        position = max(start, real)
+        while position < total:  # padding: the slot's own samples again, never trained on
+            replay = itertools.islice(self._shuffled(slot, (position - real) % real), total - position)
+            for sample in replay:
+                yield sample, 0.0
+                position += 1
+
+    def _shuffled(self, slot: int, start: int) -> Iterator[dict]:
+        """The slot's samples from position `start`, in seeded block-shuffled order."""
+        buffer = self.loader.shuffle_buffer if self.loader.shuffle else 1
+        block = start // buffer
+        stream = self._read(self.plan.slots[slot], skip=block * buffer)
+        skip = start - block * buffer
+        while chunk := list(itertools.islice(stream, buffer)):
+            if self.loader.shuffle:
+                random.Random(f"block:{self.loader.seed}:{self.epoch}:{slot}:{block}").shuffle(chunk)
+            yield from chunk[skip:]
+            skip, block = 0, block + 1
+
+    def _read(self, shards: tuple[ShardInfo, ...], skip: int) -> Iterator[dict]:
+        """Raw samples of `shards` in order, the first `skip` passed over without decoding."""
+        for shard in shards:
+            if skip >= shard.samples:
+                skip -= shard.samples
+                continue
+            yield from read_shard(shard, skip=skip)
+            skip = 0
+
+
+def read_shard(shard: ShardInfo, *, skip: int = 0) -> Iterator[dict]:
+    """A shard's raw samples (from `skip` on), checked against the manifest's count and sha256.
+
+    Transient failures are retried inside the S3 reader; a shard that reads as corrupt or
+    truncated is re-read up to SHARD_ATTEMPTS times, then fails naming the shard.
+    """
+    yielded = 0
+    for attempt in range(1, SHARD_ATTEMPTS + 1):
+        digest = hashlib.sha256()
+        try:
+            with webdataset.gopen(shard.url) as stream:
+                hashing = _HashingReader(stream, digest)
+                files = ({**f, "__url__": shard.url} for f in webdataset.tariterators.tar_file_iterator(hashing))
+                count = 0
+                for sample in webdataset.tariterators.group_by_keys(files):
+                    if count >= skip + yielded:
+                        yield sample
+                        yielded += 1
+                    count += 1
+                hashing.read_to_end()
+        except ShardReadError:
+            raise
+        except Exception as error:  # noqa: BLE001 - tar and stream errors all mean "this shard did not read"
+            problem = f"is corrupt or truncated ({type(error).__name__}: {error})"
+        else:
+            if count == shard.samples and digest.hexdigest() == shard.sha256:
+                return
+            problem = (f"holds {count} samples with sha256 {digest.hexdigest()[:12]}…, but the manifest says "
+                       f"{shard.samples} samples with sha256 {shard.sha256[:12]}…")
+        if attempt < SHARD_ATTEMPTS:
+            log.warning("shard %s %s; reading it again (attempt %d)", shard.url, problem, attempt + 1)
+    raise ShardReadError(f"shard {shard.url} {problem}")
+
+
+class _HashingReader:
+    """A read-through wrapper that feeds everything read into a hash."""
+
+    def __init__(self, stream, digest) -> None:
+        self.stream, self.digest = stream, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def read_to_end(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+class ShardLoader:
+    """One rank's view of a split: `for batch in loader` runs the rest of the current epoch.
+
+    A batch is a dict: images (B, 3, R, R) float, labels (B,) long — or (B, classes) soft targets
+    with MixUp/CutMix —, weights (B,) float (0 for padding and for samples that failed to decode),
+    keys (the B sample keys) and bad_keys (those that failed to decode: skipped, counted, logged).
+    """
+
+    def __init__(
+        self, manifest: ShardManifest, split: str, *, batch_size: int, resolution: int,
+        settings: Settings | None = None, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+        seed: int = 0, train: bool = True, augment: AugmentSpec | None = None, shuffle_buffer: int = 1000,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if batch_size < 1 or shuffle_buffer < 1:
+            raise ValueError("batch_size and shuffle_buffer must be >= 1")
+        self.shards = manifest.split(split).shards
+        self.num_classes = len(manifest.classes)
+        self.settings, self.rank, self.world_size = settings, rank, world_size
+        self.num_workers, self.batch_size, self.seed = num_workers, batch_size, seed
+        self.shuffle, self.shuffle_buffer = train, shuffle_buffer
+        augment = augment or AugmentSpec()
+        self.transform = train_transform(resolution, augment) if train else eval_transform(resolution)
+        self.mixer = batch_mixer(augment, self.num_classes) if train else None
+        self.resolution = resolution
+        self.state = LoaderState()
+        self.steps_per_epoch = self._plan(0).batches_per_slot * max(1, num_workers)
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(self.shards, epoch=epoch, seed=self.seed, num_slots=self.world_size * max(1, self.num_workers),
+                          batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def state_dict(self) -> dict:
+        return self.state.model_dump()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = LoaderState.model_validate(state)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, start = self.state.epoch, self.state.step
+        plan = self._plan(epoch)
+        batches = DataLoader(
+            _SlotStream(self, plan, epoch, start), batch_size=None, num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.num_workers else None,
+        )
+        for batch in batches:
+            self.state = LoaderState(epoch=epoch, step=self.state.step + 1)
+            yield batch
+        self.state = LoaderState(epoch=epoch + 1, step=0)
+
+    def collate(self, samples: list[tuple[dict, float]], *, seed: str) -> dict:
+        """Decode, transform and stack one batch; augmentation is seeded by the batch's place."""
+        images, labels, weights, keys, bad = [], [], [], [], []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big"))
+            for raw, weight in samples:
+                image, label = self._decode(raw)
+                if image is None:
+                    image, label, weight = torch.zeros(3, self.resolution, self.resolution), 0, 0.0
+                    bad.append(raw["__key__"])
+                else:
+                    image = self.transform(image)
+                images.append(image)
+                labels.append(label)
+                weights.append(weight)
+                keys.append(raw["__key__"])
+            batch_images, batch_labels = torch.stack(images), torch.tensor(labels)
+            if self.mixer is not None:
+                batch_images, batch_labels = self.mixer(batch_images, batch_labels)
+        return {"images": batch_images, "labels": batch_labels,
+                "weights": torch.tensor(weights), "keys": keys, "bad_keys": bad}
+
+    def _decode(self, raw: dict) -> tuple[torch.Tensor | None, int]:
+        data = next((raw[ext] for ext in ("jpg", "jpeg", "png") if ext in raw), None)
+        try:
+            if data is None or "cls" not in raw:
+                raise ValueError("no image or no label")
+            label = int(raw["cls"])
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB), label
+        except (RuntimeError, ValueError) as error:
+            log.warning("skipping sample %s from %s: %s", raw["__key__"], raw.get("__url__"), error)
+            return None, 0
