@@ -13,7 +13,8 @@ How one epoch is laid out (all of it computed from the manifest, before a byte i
   number of steps (DDP never hangs) and every sample is trained on exactly once per epoch.
 - A DataLoader hands out its workers' batches round-robin, so after a rank has consumed `step`
   batches, worker w has produced ceil((step - w) / workers) of them. The loader state is
-  therefore just (epoch, step); resuming regenerates each slot's order and skips what was used.
+  therefore just (epoch, step); resuming regenerates each slot's order, skips what was used, and
+  rotates which worker reads which slot so the round-robin picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -95,8 +96,11 @@ class _SlotStream(IterableDataset):
         loader = self.loader
         if loader.settings is not None:
             register_s3_opener(loader.settings)  # each worker process makes its own boto3 client
-        slot = loader.rank * workers + worker
-        first_batch = max(0, math.ceil((self.start_step - worker) / workers))
+        # A fresh DataLoader starts its round-robin at worker 0, so on resume worker 0 takes over
+        # the slot whose batch is due next.
+        slot_worker = (worker + self.start_step) % workers
+        slot = loader.rank * workers + slot_worker
+        first_batch = max(0, math.ceil((self.start_step - slot_worker) / workers))
         positions = self._positions(slot, first_batch * loader.batch_size)
         for batch_index in range(first_batch, self.plan.batches_per_slot):
             samples = list(itertools.islice(positions, loader.batch_size))
