@@ -12,10 +12,12 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
-# Until the end-to-end job exists, the demo brings up the local stack, shows the model family
-# and a verified ONNX export. `make down` stops the stack.
+# Until the end-to-end job exists, the demo brings up the local stack, writes the digits dataset
+# as shards to its S3 store, shows the model family and a verified ONNX export.
+# `make down` stops the stack.
 demo: $(STAMP)
 	$(BIN)/compound up
+	$(BIN)/compound data shards sklearn:digits s3://shards/digits/ --image-size 64 --shard-size 1 --overwrite
 	$(BIN)/compound model list
 	$(BIN)/compound model export efficientnet_b0 --out out/efficientnet_b0.onnx
 
@@ -30,6 +32,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_effnet.py
+	$(BIN)/python tests/benchmarks/bench_loader.py
 
 # Re-pin every transitive dependency after changing pyproject.toml.
 lock: $(STAMP)

@@ -1,0 +1,117 @@
+"""Images/s streamed from the local S3 store against the same tars read from local disk.
+
+Both go through the same ShardLoader (same decode, augmentation, batch size and workers); only
+the shard URLs differ. Epochs alternate between the two and the ratio is the median over pairs.
+Also prints how many img/s an EfficientNet-B0 training step consumes at the same resolution,
+to show whether the loader would be the bottleneck.
+
+Starts its own local stack in a temporary state dir on free ports, and stops it at the end.
+
+    python tests/benchmarks/bench_loader.py [--resolution 64 --batch 32 --workers 2 --epochs 5]
+
+Bar (issue 4): S3 / local >= 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import effnet
+from cluster.data.loader import ShardLoader
+from cluster.data.manifest import ShardManifest, SplitInfo
+from cluster.data.s3 import register_s3_opener, split_s3_url
+from cluster.data.sources import DigitsSource
+from cluster.data.writer import write_shards
+from infra.settings import Settings
+from infra.stack import Stack, StackPorts
+
+
+def local_copy(manifest: ShardManifest, settings: Settings, directory: Path) -> ShardManifest:
+    """The same manifest with every train shard downloaded to `directory`."""
+    client = settings.s3_client()
+    shards = []
+    for shard in manifest.split("train").shards:
+        bucket, key = split_s3_url(shard.url)
+        path = directory / Path(key).name
+        client.download_file(bucket, key, str(path))
+        shards.append(shard.model_copy(update={"url": str(path)}))
+    return manifest.model_copy(update={"splits": {"train": SplitInfo(shards=tuple(shards))}})
+
+
+def images_per_second(loader: ShardLoader) -> float:
+    start = time.perf_counter()
+    images = sum(int(batch["weights"].sum()) for batch in loader)
+    return images / (time.perf_counter() - start)
+
+
+def training_images_per_second(resolution: int, batch: int, steps: int = 5) -> float:
+    model = effnet.build("efficientnet_b0", num_classes=10).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images, labels = torch.randn(batch, 3, resolution, resolution), torch.randint(0, 10, (batch,))
+    times = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:  # the first step warms up
+            times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--shard-mb", type=float, default=1.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+
+    home = Path(tempfile.mkdtemp(prefix="cbench", dir="/tmp"))
+    stack = Stack(home)
+    try:
+        settings, _ = stack.up(StackPorts.free())
+        register_s3_opener(settings)
+        source = DigitsSource(image_size=args.resolution, val_fraction=0.2, seed=0)
+        manifest, _ = write_shards(source, "s3://shards/bench/", settings=settings,
+                                   shard_bytes=int(args.shard_mb * 2**20))
+        local = local_copy(manifest, settings, home)
+        train = manifest.split("train")
+        print(f"digits at {args.resolution}px: {train.samples} train images in {len(train.shards)} shards "
+              f"({sum(s.bytes for s in train.shards) / 2**20:.1f} MB), batch {args.batch}, "
+              f"{args.workers} loader workers, train augmentation, {args.epochs} alternating epochs each")
+
+        options = {"batch_size": args.batch, "resolution": args.resolution, "num_workers": args.workers,
+                   "settings": settings, "seed": 0}
+        s3_rates, local_rates = [], []
+        for _ in range(args.epochs):
+            s3_rates.append(images_per_second(ShardLoader(manifest, "train", **options)))
+            local_rates.append(images_per_second(ShardLoader(local, "train", **options)))
+        ratio = statistics.median(s / d for s, d in zip(s3_rates, local_rates, strict=True))
+        consumed = training_images_per_second(args.resolution, args.batch)
+
+        print(f"{'streamed from S3':32}{statistics.median(s3_rates):>10.0f} img/s")
+        print(f"{'read from local disk':32}{statistics.median(local_rates):>10.0f} img/s")
+        print(f"{'S3 / local':32}{ratio:>10.2f}      bar >= 0.8  {'met' if ratio >= 0.8 else 'MISSED'}")
+        print(f"{'B0 training step consumes':32}{consumed:>10.0f} img/s"
+              f"  -> the loader {'keeps up' if statistics.median(s3_rates) >= consumed else 'is the bottleneck'}")
+    finally:
+        stack.down()
+        shutil.rmtree(stack.ray_dir, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
