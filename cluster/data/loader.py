@@ -218,11 +218,16 @@ class ShardLoader:
         self.mixer = batch_mixer(augment, self.num_classes) if train else None
         self.resolution = resolution
         self.state = LoaderState()
-        self.steps_per_epoch = self._plan(0).batches_per_slot * max(1, num_workers)
+        self._plan(0)  # fail now, not in a worker, if the split cannot feed every slot
 
     def _plan(self, epoch: int) -> EpochPlan:
         return plan_epoch(self.shards, epoch=epoch, seed=self.seed, num_slots=self.world_size * max(1, self.num_workers),
                           batch_size=self.batch_size, shuffle=self.shuffle)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches every rank gets in the current epoch (the same on all ranks; may vary by epoch)."""
+        return self._plan(self.state.epoch).batches_per_slot * max(1, self.num_workers)
 
     def state_dict(self) -> dict:
         return self.state.model_dump()

@@ -150,8 +150,9 @@ def test_every_sample_once_and_equal_steps_on_every_rank(digits, settings: Setti
     per_rank = []
     for rank in range(world_size):
         loader = _loader(manifest, settings, rank=rank, world_size=world_size, num_workers=workers)
+        steps = loader.steps_per_epoch
         batches = list(loader)
-        assert len(batches) == loader.steps_per_epoch
+        assert len(batches) == steps
         assert all(b["images"].shape == (16, 3, RESOLUTION, RESOLUTION) for b in batches)
         per_rank.append(batches)
     assert len({len(b) for b in per_rank}) == 1  # DDP never waits on a rank with fewer steps
@@ -184,8 +185,9 @@ def test_mid_epoch_resume_sees_the_rest_exactly_once_in_the_same_order(
 
     resumed = _loader(manifest, settings, num_workers=workers, augment=augment)
     resumed.load_state_dict(state)
+    steps = resumed.steps_per_epoch
     after = list(resumed)
-    assert len(before) + len(after) == resumed.steps_per_epoch
+    assert len(before) + len(after) == steps == len(uninterrupted)
     assert _real_keys(before + after) == _real_keys(uninterrupted)
     assert sorted(_real_keys(before + after)) == sorted(manifest_keys(manifest))
     torch.testing.assert_close(after[0]["images"], uninterrupted[stop_after]["images"])  # same augmentation too
