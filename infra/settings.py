@@ -126,9 +126,14 @@ def write_settings(settings: Settings, home: Path) -> Path:
     data = settings.model_dump(mode="json")
     data["s3_access_key"] = _reveal(settings.s3_access_key)
     data["s3_secret_key"] = _reveal(settings.s3_secret_key)
-    tmp = path.with_suffix(".tmp")
+    write_private(path, json.dumps(data, indent=2))
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, replacing any old one whole."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(text)
     os.replace(tmp, path)
-    return path

@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from infra.settings import RAY_CLIENT_ENV, SETTINGS_FILE, Settings, write_settings
+from infra.settings import RAY_CLIENT_ENV, SETTINGS_FILE, Settings, write_private, write_settings
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class Stack:
         if not (self.home / "ray").is_symlink():
             (self.home / "ray").symlink_to(self.ray_dir)
         self.home.chmod(0o700)  # keys, the admin password and the data are the owner's alone
-        _write_private(self.home / "s3" / "s3.json", _seaweed_identities(settings))
+        write_private(self.home / "s3" / "s3.json", _seaweed_identities(settings))
         (self.home / "ports.json").write_text(ports.model_dump_json(indent=2))
 
         started: list[Service] = []
@@ -378,8 +378,3 @@ def _seaweed_identities(settings: Settings) -> str:
     }
     return json.dumps({"identities": [identity]}, indent=2)
 
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)

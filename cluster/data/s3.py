@@ -13,9 +13,9 @@ import os
 import time
 from urllib.parse import urlparse
 
-from webdataset.gopen import gopen_schemes
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
+from webdataset.gopen import gopen_schemes
 
 from infra.settings import Settings
 
@@ -38,7 +38,7 @@ def split_s3_url(url: str) -> tuple[str, str]:
 
 
 _settings: Settings | None = None
-_clients: dict[int, object] = {}
+_clients: dict[tuple[int, int], object] = {}
 
 
 def s3_client(settings: Settings | None = None):

@@ -31,6 +31,6 @@ def test_onnxruntime_matches_pytorch(padding: str, size: int, tmp_path: Path) ->
 
 def test_failed_export_leaves_no_file(tmp_path: Path) -> None:
     model = build("efficientnet_b0")
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):
         export_onnx(model, tmp_path / "b0.onnx", resolution=-1)
     assert list(tmp_path.iterdir()) == []

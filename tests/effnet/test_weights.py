@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 from effnet import VARIANTS, build
-from tests.effnet.helpers import assert_close_relative, with_realistic_bn_stats
 from effnet.weights import WeightsMismatchError, load_checkpoint, load_reference_weights, save_checkpoint
+from tests.effnet.helpers import assert_close_relative, with_realistic_bn_stats
 
 OTHER_SIZE = 97  # odd on purpose: exercises padding at every stride
 

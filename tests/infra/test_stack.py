@@ -1,6 +1,5 @@
 """The local stack against its real processes: SeaweedFS, the MLflow server and a Ray head."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -179,4 +178,3 @@ def test_status_exits_non_zero_when_the_stack_is_down(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _no_ambient_mlflow_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert "COMPOUND_S3_SECRET_KEY" not in os.environ
