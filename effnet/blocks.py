@@ -36,5 +36,6 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.se(self.depthwise(self.expand(x))))
         if self.has_residual:
-            out = drop_path(out, self.drop_path_rate, self.training) + x
+            out = drop_path(out, self.drop_path_rate, self.training)
+            out += x  # in place: nothing keeps the projection's BatchNorm output for backward
         return out
