@@ -8,7 +8,10 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 
+from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cluster.data.s3 import split_s3_url
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "compound.shards/1"
@@ -74,10 +77,6 @@ def dataset_id(manifest_bytes: bytes) -> str:
 
 def load_manifest(url: str, client) -> tuple[ShardManifest, str]:
     """The manifest at `url` (s3://bucket/prefix/manifest.json or the prefix) and the dataset id."""
-    from botocore.exceptions import ClientError
-
-    from cluster.data.s3 import split_s3_url
-
     if not url.endswith(".json"):
         url = url.rstrip("/") + "/" + MANIFEST_NAME
     bucket, key = split_s3_url(url)
@@ -97,10 +96,6 @@ def verify_shards(manifest: ShardManifest, split: str, client) -> None:
     A HEAD per shard: the writer stores each shard's sha256 in its object metadata. The bytes
     themselves are hashed again while they stream, shard by shard.
     """
-    from botocore.exceptions import ClientError
-
-    from cluster.data.s3 import split_s3_url
-
     for shard in manifest.split(split).shards:
         if "://" not in shard.url:
             continue  # a local copy; checked while it is read
