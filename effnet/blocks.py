@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from effnet.layers import ConvBnAct, SqueezeExcite, drop_path
+from effnet.layers import ConvBnAct, SqueezeExcite, add_drop_path
 from effnet.specs import SQUEEZE_RATIO, EfficientNetSpec, round_channels
 
 
@@ -36,6 +36,6 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.se(self.depthwise(self.expand(x))))
         if self.has_residual:
-            out = drop_path(out, self.drop_path_rate, self.training)
-            out += x  # in place: nothing keeps the projection's BatchNorm output for backward
+            # In place is safe: nothing keeps the projection's BatchNorm output for backward.
+            out = add_drop_path(x, out, self.drop_path_rate, self.training)
         return out

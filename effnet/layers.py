@@ -130,10 +130,15 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(scale)
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole samples of a residual branch with probability `rate`."""
+def add_drop_path(residual: torch.Tensor, branch: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """residual + stochastic depth(branch): whole samples of the branch are zeroed with probability
+    `rate` and the survivors scaled by 1 / (1 - rate).
+
+    One fused `addcmul` in training (a single pass and buffer, where mask-then-add takes two); in
+    eval the branch, which nothing keeps for backward, takes the residual in place.
+    """
     if not training or rate == 0.0:
-        return x
+        return branch.add_(residual)
     keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
+    mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep).div_(keep)
+    return torch.addcmul(residual, branch, mask)

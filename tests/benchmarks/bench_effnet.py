@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=32)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to compile)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effnet.layers import MemoryEfficientSwish, SameConv2d, Swish, _SwishFunction, drop_path, make_conv, same_padding
+from effnet.layers import (
+    MemoryEfficientSwish,
+    SameConv2d,
+    Swish,
+    _SwishFunction,
+    add_drop_path,
+    make_conv,
+    same_padding,
+)
 
 
 def test_memory_efficient_swish_passes_gradcheck() -> None:
@@ -70,10 +78,20 @@ def test_make_conv_uses_static_padding_where_conventions_agree() -> None:
 
 
 def test_drop_path_drops_whole_samples_and_keeps_expectation() -> None:
-    x = torch.ones(4000, 3, 2, 2)
-    out = drop_path(x, 0.25, training=True)
+    residual, branch = torch.full((4000, 3, 2, 2), 10.0), torch.ones(4000, 3, 2, 2)
+    out = add_drop_path(residual, branch.clone(), 0.25, training=True) - residual
     per_sample = out.flatten(1)
     assert per_sample.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
     assert torch.all(per_sample.min(1).values == per_sample.max(1).values)  # whole samples only
     assert abs(out.mean().item() - 1.0) < 0.05
-    assert drop_path(x, 0.25, training=False) is x
+    assert torch.equal(add_drop_path(residual, branch.clone(), 0.25, training=False), residual + branch)
+
+
+def test_drop_path_gradients_flow_to_both_inputs() -> None:
+    residual = torch.randn(6, 2, 3, 3, requires_grad=True)
+    branch = torch.randn(6, 2, 3, 3, requires_grad=True)
+    add_drop_path(residual, branch, 0.5, training=True).sum().backward()
+    assert torch.equal(residual.grad, torch.ones_like(residual))
+    per_sample = branch.grad.flatten(1)
+    assert set(per_sample[:, 0].tolist()) <= {0.0, 2.0}
+    assert torch.all(per_sample.min(1).values == per_sample.max(1).values)

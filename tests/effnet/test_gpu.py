@@ -1,0 +1,38 @@
+"""The same model on an NVIDIA GPU: channels_last, bf16/fp16 autocast. Skipped without CUDA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effnet import build
+from effnet.layers import _SwishFunction
+from tests.effnet.helpers import with_realistic_bn_stats
+
+pytestmark = pytest.mark.gpu
+
+
+def test_memory_efficient_swish_gradcheck_on_cuda() -> None:
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(_SwishFunction.apply, (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_channels_last_autocast_matches_fp32(dtype: torch.dtype) -> None:
+    model = with_realistic_bn_stats(build("efficientnet_b0", num_classes=10), 64)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    model = model.cuda().to(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        actual = model(x.cuda().contiguous(memory_format=torch.channels_last)).float().cpu()
+    scale = expected.abs().max().item()
+    assert (actual - expected).abs().max().item() / scale < 5e-2
+
+
+def test_training_step_under_autocast_gives_finite_gradients() -> None:
+    model = build("efficientnet_b0", num_classes=10).cuda().to(memory_format=torch.channels_last).train()
+    x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), torch.randint(0, 10, (8,), device="cuda"))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
