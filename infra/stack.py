@@ -41,6 +41,7 @@ GRPC_OFFSET = 10_000  # SeaweedFS serves gRPC at each HTTP port + 10000
 STARTUP_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 45.0  # Ray drains its node before it exits
 LOG_TAIL_LINES = 25
+SERVICE_NAMES = ("s3", "mlflow", "ray")  # start order: the store first
 
 
 class StackError(RuntimeError):
@@ -201,9 +202,9 @@ class Stack:
     # -- lifecycle ---------------------------------------------------------------------------------
     def up(self, ports: StackPorts | None = None, timeout_s: float = STARTUP_TIMEOUT_S) -> tuple[Settings, list[str]]:
         """Start whatever is not running; returns the settings and the names of the services started."""
-        ports = ports or self.saved_ports() or StackPorts()
         saved = self.saved_ports()
-        running = {s.name for s in self.status() if s.pid is not None}
+        ports = ports or saved or StackPorts()
+        running = {name for name in SERVICE_NAMES if self._process(name) is not None}
         if running and saved is not None and saved != ports:
             raise StackError(
                 f"the stack in {self.home} is running ({', '.join(sorted(running))}) on other ports; "
@@ -243,7 +244,7 @@ class Stack:
     def down(self) -> list[str]:
         """Stop the services this state dir's `up` started; returns the names stopped."""
         stopped = []
-        for name in ("ray", "mlflow", "s3"):  # clients first, the store last
+        for name in reversed(SERVICE_NAMES):  # clients first, the store last
             if self._stop(name):
                 stopped.append(name)
         return stopped
@@ -254,7 +255,7 @@ class Stack:
         urls = {}
         if ports is not None:
             urls = {s.name: (s.health_url, s.healthy_statuses) for s in self.services(self.settings_for(ports), ports)}
-        for name in ("s3", "mlflow", "ray"):
+        for name in SERVICE_NAMES:
             process = self._process(name)
             healthy = process is not None and name in urls and _answers(*urls[name])
             result.append(ServiceStatus(name, process.pid if process else None, healthy, self.log_file(name)))
