@@ -96,10 +96,13 @@ def make_conv(
     )
 
 
-class ConvBnAct(nn.Sequential):
+class ConvBnAct(nn.Module):
     """conv → BatchNorm → optional swish; the conv has no bias because BatchNorm follows.
 
-    Padding convention and BatchNorm eps/momentum come from the model's spec.
+    Padding convention and BatchNorm eps/momentum come from the model's spec. In training the
+    BatchNorm and swish run as one memory-efficient step (`batch_norm_swish`); `bn` and `act` stay
+    ordinary modules, so state dicts, `SyncBatchNorm` conversion and BatchNorm utilities see the
+    usual layers (a converted `SyncBatchNorm` runs unfused).
     """
 
     def __init__(
@@ -111,12 +114,78 @@ class ConvBnAct(nn.Sequential):
             in_channels, out_channels, kernel_size, stride=stride, groups=groups, padding=spec.padding
         )
         self.bn = nn.BatchNorm2d(out_channels, eps=spec.bn_eps, momentum=spec.bn_momentum)
-        if activation:
-            self.act = MemoryEfficientSwish()
+        self.act = MemoryEfficientSwish() if activation else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.act is None:
+            return self.bn(x)
+        if _can_fuse(self.bn):
+            return batch_norm_swish(x, self.bn)
+        return self.act(self.bn(x))
+
+
+def _can_fuse(bn: nn.Module) -> bool:
+    return (
+        type(bn) is nn.BatchNorm2d and bn.training and bn.affine
+        and torch.is_grad_enabled() and not _is_tracing()
+    )
+
+
+class _BatchNormSwishFunction(torch.autograd.Function):
+    """swish(batch_norm(x)) with batch statistics, keeping only `x` and the statistics for backward.
+
+    Run as two layers, BatchNorm keeps its input and swish keeps BatchNorm's output: two
+    activations per layer. Here backward recomputes the normalised output from `x` in one
+    multiply-add pass, so the forward swish runs in place and the second activation never exists.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None, momentum: float, eps: float,
+    ) -> torch.Tensor:
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
+        return F.silu(out, inplace=True)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        # BatchNorm's output again, per channel c: y = x * scale[c] + shift[c]   (N, C, H, W)
+        scale = invstd * weight
+        shift = bias - mean * scale
+        per_channel = (1, -1) + (1,) * (x.ndim - 2)
+        y = torch.addcmul(shift.to(x.dtype).view(per_channel), x, scale.to(x.dtype).view(per_channel))
+        grad_y = torch.ops.aten.silu_backward.grad_input(grad_output, y, grad_input=y)  # y is not needed after
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3])
+        )
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def batch_norm_swish(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """`swish(bn(x))` for an affine BatchNorm in training mode, updating its running statistics
+    exactly as `bn(x)` would, while keeping one activation for backward instead of two."""
+    momentum = bn.momentum
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d defines it
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return _BatchNormSwishFunction.apply(
+        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum or 0.0, bn.eps
+    )
 
 
 class SqueezeExcite(nn.Module):
-    """Channel attention: global pool → reduce → swish → expand → sigmoid gate."""
+    """Channel attention: global pool → reduce → swish → expand → sigmoid gate.
+
+    `reduce` and `expand` are 1x1 convs, as in the reference checkpoints, but on a pooled
+    (N, C) vector they run as plain matrix products: a conv call on a 1x1 image costs many times more.
+    """
 
     def __init__(self, channels: int, squeeze_channels: int) -> None:
         super().__init__()
@@ -125,9 +194,19 @@ class SqueezeExcite(nn.Module):
         self.expand = nn.Conv2d(squeeze_channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = F.adaptive_avg_pool2d(x, 1)  # (N, C, 1, 1)
-        scale = self.expand(self.act(self.reduce(scale)))
-        return x * torch.sigmoid(scale)
+        scale = spatial_mean(x)  # (N, C)
+        scale = F.linear(scale, self.reduce.weight.flatten(1), self.reduce.bias)
+        scale = F.linear(self.act(scale), self.expand.weight.flatten(1), self.expand.bias)
+        return x * torch.sigmoid(scale)[..., None, None]
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) → (N, C) average over H and W.
+
+    Written as sum × 1/(H·W) so that backward hands out a broadcast view of the (N, C) gradient
+    instead of a full-size tensor: `mean` would allocate and fill one (N, C, H, W) buffer.
+    """
+    return x.sum((-2, -1)) * (1.0 / (x.shape[-2] * x.shape[-1]))
 
 
 def add_drop_path(residual: torch.Tensor, branch: torch.Tensor, rate: float, training: bool) -> torch.Tensor:

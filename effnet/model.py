@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from effnet.blocks import MBConv
-from effnet.layers import ConvBnAct
+from effnet.layers import ConvBnAct, spatial_mean
 from effnet.specs import B0_STAGES, HEAD_CHANNELS, IMAGE_CHANNELS, STEM_CHANNELS, EfficientNetSpec, get_spec
 
 STEM_STRIDE = 2
@@ -53,7 +53,6 @@ class EfficientNet(nn.Module):
 
         self.num_features = spec.channels(HEAD_CHANNELS)
         self.head = ConvBnAct(in_channels, self.num_features, 1, spec=spec)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(spec.dropout)
         self.classifier = nn.Linear(self.num_features, spec.num_classes)
         self.frozen_through = -2  # no stage frozen (-1 would be the stem alone)
@@ -68,7 +67,7 @@ class EfficientNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images → (N, num_classes) logits."""
-        x = self.pool(self.forward_features(x)).flatten(1)
+        x = spatial_mean(self.forward_features(x))
         return self.classifier(self.dropout(x))
 
     def feature_maps(self, x: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -5,14 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from effnet.layers import (
+    ConvBnAct,
     MemoryEfficientSwish,
     SameConv2d,
     Swish,
+    _BatchNormSwishFunction,
     _SwishFunction,
     add_drop_path,
     make_conv,
     same_padding,
 )
+from effnet.specs import get_spec
 
 
 def test_memory_efficient_swish_passes_gradcheck() -> None:
@@ -52,6 +56,80 @@ def test_memory_efficient_swish_uses_plain_form_without_grad() -> None:
         y = MemoryEfficientSwish()(x)
     assert y.grad_fn is None
     assert MemoryEfficientSwish()(x).grad_fn.name() == "_SwishFunctionBackward"
+
+
+def _unfused(layer: ConvBnAct, x: torch.Tensor) -> torch.Tensor:
+    return layer.act(layer.bn(layer.conv(x)))
+
+
+def _conv_bn_swish(momentum: float | None = 0.1) -> ConvBnAct:
+    layer = ConvBnAct(6, 8, 3, stride=2, spec=get_spec("efficientnet_b0")).train()
+    torch.nn.init.uniform_(layer.bn.weight, 0.5, 1.5)
+    torch.nn.init.uniform_(layer.bn.bias, -0.5, 0.5)
+    layer.bn.momentum = momentum
+    return layer
+
+
+def test_batch_norm_swish_passes_gradcheck() -> None:
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    fn = lambda *t: _BatchNormSwishFunction.apply(*t, None, None, 0.1, 1e-5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_training_step_equals_separate_layers(momentum: float | None, memory_format: torch.memory_format) -> None:
+    fused = _conv_bn_swish(momentum)
+    reference = copy.deepcopy(fused)
+    x = torch.randn(4, 6, 9, 9).contiguous(memory_format=memory_format).requires_grad_()
+    for _ in range(2):  # the second step checks the running statistics' update rule too
+        out, expected = fused(x), _unfused(reference, x)
+        grad = torch.randn_like(out)
+        torch.testing.assert_close(out, expected)
+        actual_grads = torch.autograd.grad(out, [x, *fused.parameters()], grad)
+        expected_grads = torch.autograd.grad(expected, [x, *reference.parameters()], grad)
+        for actual, wanted in zip(actual_grads, expected_grads, strict=True):
+            torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-5)
+    assert out.grad_fn.name() == "_BatchNormSwishFunctionBackward"
+    for name, buffer in reference.bn.named_buffers():
+        torch.testing.assert_close(getattr(fused.bn, name), buffer)
+
+
+def test_fused_layer_keeps_one_activation_for_backward() -> None:
+    layer = _conv_bn_swish()
+    x = torch.randn(4, 6, 16, 16)
+    conv_out_bytes = 4 * 8 * 8 * 8 * 4  # (N, C, H/2, W/2) float32
+    # Both forms keep the conv's input and weight and BatchNorm's per-channel statistics besides.
+    fixed = x.numel() * 4 + sum(p.numel() * 4 for p in layer.parameters())
+    fused = _saved_tensor_bytes(layer, x) - fixed
+    separate = _saved_tensor_bytes(lambda t: _unfused(layer, t), x) - fixed
+    assert conv_out_bytes <= fused < conv_out_bytes + 256
+    assert separate >= 2 * conv_out_bytes
+
+
+def test_fused_layer_under_bf16_autocast_tracks_fp32() -> None:
+    layer = _conv_bn_swish()
+    x = torch.randn(4, 6, 9, 9)
+    expected = torch.autograd.grad(layer(x).square().sum(), layer.conv.weight)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    actual = torch.autograd.grad(out.float().square().sum(), layer.conv.weight)[0]
+    assert (actual - expected).abs().max() / expected.abs().max() < 5e-2
+
+
+def test_sync_batchnorm_conversion_keeps_the_swish() -> None:
+    layer = _conv_bn_swish()
+    layer(torch.randn(4, 6, 9, 9))  # some running statistics
+    layer.eval()
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(layer)).eval()
+    assert isinstance(converted.bn, torch.nn.SyncBatchNorm)
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), layer(x))
+        assert converted(x).min() < 0  # swish, not identity: negative inputs give small negatives
 
 
 @pytest.mark.parametrize("size", [1, 7, 8, 32, 33, 97, 224, 225])

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from effnet import VARIANTS, build
@@ -28,6 +29,25 @@ def test_torchvision_weights_give_torchvision_logits(name: str, tmp_path: Path) 
     ours = load_reference_weights(build(name), tmp_path / "tv.pth")
     _assert_same_logits(ours, reference, resolution)
     _assert_same_logits(ours, reference, OTHER_SIZE)
+
+
+def test_training_step_gives_torchvision_loss_gradients_and_statistics(tmp_path: Path) -> None:
+    reference = torchvision.models.efficientnet_b0(dropout=0.0, stochastic_depth_prob=0.0).train()
+    torch.save(reference.state_dict(), tmp_path / "tv.pth")
+    ours = load_reference_weights(build("efficientnet_b0", dropout=0.0, drop_path_rate=0.0), tmp_path / "tv.pth")
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 1000, (4,))
+    losses = []
+    for model in (ours.train(), reference):
+        losses.append(F.cross_entropy(model(x), y))
+        losses[-1].backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    # torchvision's gradients and updated BatchNorm statistics, translated to our names by the loader.
+    torch.save({**reference.state_dict(), **{k: p.grad for k, p in reference.named_parameters()}}, tmp_path / "g.pth")
+    expected = load_reference_weights(build("efficientnet_b0"), tmp_path / "g.pth").state_dict()
+    actual = {**ours.state_dict(), **{k: p.grad for k, p in ours.named_parameters()}}
+    for key, value in expected.items():
+        error = (actual[key].float() - value.float()).abs().max().item()
+        assert error <= 1e-3 * value.float().abs().max().item() + 1e-6, key  # + float rounding near 0
 
 
 @pytest.mark.parametrize(
