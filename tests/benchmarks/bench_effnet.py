@@ -1,4 +1,4 @@
-"""Our EfficientNet-B0 against torchvision's, side by side in one process.
+"""Our EfficientNet (B0 by default) against torchvision's, side by side in one process.
 
 Same batch, resolution and thread count for both; timings interleave the two models round by
 round (alternating which goes first) and the ratio is the median of the per-round ratios, so drift
@@ -6,7 +6,7 @@ on a shared machine cancels out; the quartiles of those ratios show how noisy th
 step is measured from the CPU allocator's events (torch.profiler), counting what the step itself
 allocates on top of the weights.
 
-    python tests/benchmarks/bench_effnet.py [--resolution 128 --batch 32 --threads 2]
+    python tests/benchmarks/bench_effnet.py [--model efficientnet_b0 --resolution 128 --batch 32 --threads 2]
 
 Bar (issue 2): training throughput >= 1.0x and peak memory <= 1.0x of torchvision's.
 """
@@ -90,6 +90,7 @@ def peak_step_bytes(fn: Callable[[], None]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="efficientnet_b0", choices=list(effnet.VARIANTS))
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -102,8 +103,8 @@ def main() -> None:
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, args.resolution, args.resolution)
     labels = torch.randint(0, NUM_CLASSES, (args.batch,))
-    models = {"ours": effnet.build("efficientnet_b0"), "torchvision": torchvision.models.efficientnet_b0()}
-    print(f"EfficientNet-B0, {args.resolution}px, batch {args.batch}, {torch.get_num_threads()} threads, "
+    models = {"ours": effnet.build(args.model), "torchvision": getattr(torchvision.models, args.model)()}
+    print(f"{args.model}, {args.resolution}px, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, median of {args.rounds} interleaved rounds")
 
     train = {name: make_train_step(m, images, labels) for name, m in models.items()}
@@ -125,11 +126,11 @@ def main() -> None:
           f"{ratio:>10.3f}  {'':16} <= 1.0  {'met' if ratio <= 1.0 else 'MISSED'}")
     throughput_row("inference img/s", infer_s, bar=None)
 
-    print("\nOur B0, variations (ratio against eager, contiguous):")
-    variants = {"eager": effnet.build("efficientnet_b0"),
-                "channels_last": effnet.build("efficientnet_b0").to(memory_format=torch.channels_last)}
+    print(f"\nOur {args.model}, variations (ratio against eager, contiguous):")
+    variants = {"eager": effnet.build(args.model),
+                "channels_last": effnet.build(args.model).to(memory_format=torch.channels_last)}
     if not args.no_compile:
-        variants["torch.compile"] = torch.compile(effnet.build("efficientnet_b0"))
+        variants["torch.compile"] = torch.compile(effnet.build(args.model))
     inputs = {name: images.contiguous(memory_format=torch.channels_last) if name == "channels_last" else images
               for name in variants}
     start = time.perf_counter()
