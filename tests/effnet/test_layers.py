@@ -129,7 +129,7 @@ def test_sync_batchnorm_conversion_keeps_the_swish() -> None:
     x = torch.randn(2, 6, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), layer(x))
-        assert converted(x).min() < 0  # swish, not identity: negative inputs give small negatives
+        assert converted(x).min() >= -0.279  # swish's minimum: the activation is still applied
 
 
 @pytest.mark.parametrize("size", [1, 7, 8, 32, 33, 97, 224, 225])
