@@ -223,8 +223,9 @@ def _onnxruntime_difference(net, path: Path, resolution: int) -> tuple[float, fl
     import torch
 
     from effnet.export import INPUT_NAME
+    from effnet.specs import IMAGE_CHANNELS
 
-    images = torch.randn(1, 3, resolution, resolution)
+    images = torch.randn(1, IMAGE_CHANNELS, resolution, resolution)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (onnx_logits,) = session.run(None, {INPUT_NAME: images.numpy()})
     with torch.no_grad():

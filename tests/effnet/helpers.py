@@ -1,4 +1,4 @@
-"""Shared by the effnet tests: random weights that still give non-trivial eval-mode outputs."""
+"""Shared by the effnet tests: realistic BatchNorm statistics, relative closeness, unfused reference layers."""
 
 import torch
 
@@ -18,3 +18,8 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, tol: flo
     """Equal within `tol` of the largest reference logit (random-weight logits can be large)."""
     scale = max(expected.abs().max().item(), 1.0)
     torch.testing.assert_close(actual / scale, expected / scale, rtol=0, atol=tol)
+
+
+def separate_layers(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A `ConvBnAct` run as its three layers one after another, never fused: the reference."""
+    return layer.act(layer.bn(layer.conv(x)))

@@ -17,6 +17,7 @@ from effnet.layers import (
     same_padding,
 )
 from effnet.specs import get_spec
+from tests.effnet.helpers import separate_layers
 
 
 def test_memory_efficient_swish_passes_gradcheck() -> None:
@@ -58,10 +59,6 @@ def test_memory_efficient_swish_uses_plain_form_without_grad() -> None:
     assert MemoryEfficientSwish()(x).grad_fn.name() == "_SwishFunctionBackward"
 
 
-def _unfused(layer: ConvBnAct, x: torch.Tensor) -> torch.Tensor:
-    return layer.act(layer.bn(layer.conv(x)))
-
-
 def _conv_bn_swish(momentum: float | None = 0.1) -> ConvBnAct:
     layer = ConvBnAct(6, 8, 3, stride=2, spec=get_spec("efficientnet_b0")).train()
     torch.nn.init.uniform_(layer.bn.weight, 0.5, 1.5)
@@ -85,7 +82,7 @@ def test_fused_training_step_equals_separate_layers(momentum: float | None, memo
     reference = copy.deepcopy(fused)
     x = torch.randn(4, 6, 9, 9).contiguous(memory_format=memory_format).requires_grad_()
     for _ in range(2):  # the second step checks the running statistics' update rule too
-        out, expected = fused(x), _unfused(reference, x)
+        out, expected = fused(x), separate_layers(reference, x)
         grad = torch.randn_like(out)
         torch.testing.assert_close(out, expected)
         actual_grads = torch.autograd.grad(out, [x, *fused.parameters()], grad)
@@ -104,7 +101,7 @@ def test_fused_layer_keeps_one_activation_for_backward() -> None:
     # Both forms keep the conv's input and weight and BatchNorm's per-channel statistics besides.
     fixed = x.numel() * 4 + sum(p.numel() * 4 for p in layer.parameters())
     fused = _saved_tensor_bytes(layer, x) - fixed
-    separate = _saved_tensor_bytes(lambda t: _unfused(layer, t), x) - fixed
+    separate = _saved_tensor_bytes(lambda t: separate_layers(layer, t), x) - fixed
     assert conv_out_bytes <= fused < conv_out_bytes + 256
     assert separate >= 2 * conv_out_bytes
 
