@@ -36,6 +36,8 @@ class Settings(BaseModel):
     s3_access_key: SecretStr | None = None
     s3_secret_key: SecretStr | None = None
     s3_region: str = "us-east-1"
+    # How long a shard read keeps retrying through a store outage before the job fails.
+    s3_retry_window_s: float = Field(default=180.0, gt=0)
     mlflow_tracking_uri: str
     ray_address: str = Field(description="GCS address of the Ray head, host:port")
     ray_dashboard_url: str = Field(description="Ray dashboard and job server, http://host:port")
@@ -98,12 +100,10 @@ def _env_name(field: str) -> str:
 def load_settings(home: Path | None = None) -> Settings:
     """The settings file of `home` (default: `compound_home()`), overridden by `COMPOUND_*` variables."""
     path = (home or compound_home()) / SETTINGS_FILE
-    values: dict[str, object] = {}
-    if path.is_file():
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path} is not valid JSON ({error}); run `compound up` to rewrite it") from None
+    try:
+        values = read_settings_file(path)
+    except ConfigError as error:
+        raise ConfigError(f"{error}; run `compound up` to rewrite it") from None
     for field in Settings.model_fields:
         if (value := os.environ.get(_env_name(field))) is not None:
             values[field] = value
@@ -117,6 +117,26 @@ def load_settings(home: Path | None = None) -> Settings:
                 + ", ".join(_env_name(f) for f in missing)
             ) from None
         raise ConfigError(f"invalid settings ({path} and COMPOUND_* variables): {error}") from None
+
+
+def read_settings_file(path: Path) -> dict[str, object]:
+    """The raw values of a settings file, unvalidated; empty if there is no file.
+
+    The one reader of the file: `load_settings` validates what it returns, and `compound up`
+    takes the S3 keys from it (and can recover from a `ConfigError` here).
+    """
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_bytes())
+    except OSError as error:
+        raise ConfigError(f"{path} cannot be read ({error.strerror})") from None
+    except ValueError as error:  # bad JSON, or bytes that are not text at all
+        raise ConfigError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        found = "null" if values is None else type(values).__name__
+        raise ConfigError(f"{path} holds a JSON {found}, not an object of settings")
+    return values
 
 
 def write_settings(settings: Settings, home: Path) -> Path:

@@ -32,7 +32,9 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from infra.settings import RAY_CLIENT_ENV, SETTINGS_FILE, Settings, write_private, write_settings
+from infra.settings import (
+    RAY_CLIENT_ENV, SETTINGS_FILE, ConfigError, Settings, read_settings_file, write_private, write_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ STARTUP_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 45.0  # Ray drains its node before it exits
 LOG_TAIL_LINES = 25
 SERVICE_NAMES = ("s3", "mlflow", "ray")  # start order: the store first
+SEAWEED_IDENTITY = "compound"  # the one identity of SeaweedFS's s3.json, holding our S3 keys
 
 
 class StackError(RuntimeError):
@@ -131,18 +134,39 @@ class Stack:
         path = self.home / "ports.json"
         return StackPorts.model_validate_json(path.read_text()) if path.is_file() else None
 
+    @property
+    def _identity_file(self) -> Path:
+        return self.home / "s3" / "s3.json"
+
     def settings_for(self, ports: StackPorts) -> Settings:
         """Endpoints for `ports`, with the S3 keys this state dir already has (or new ones)."""
-        existing = self.home / SETTINGS_FILE
-        keys = json.loads(existing.read_text()) if existing.is_file() else {}
+        access_key, secret_key = self._s3_keys()
         return Settings(
             s3_endpoint=f"http://{HOST}:{ports.s3}",
-            s3_access_key=SecretStr(keys.get("s3_access_key") or "compound-" + secrets.token_hex(8)),
-            s3_secret_key=SecretStr(keys.get("s3_secret_key") or secrets.token_urlsafe(32)),
+            s3_access_key=SecretStr(access_key),
+            s3_secret_key=SecretStr(secret_key),
             mlflow_tracking_uri=f"http://{HOST}:{ports.mlflow}",
             ray_address=f"{HOST}:{ports.ray}",
             ray_dashboard_url=f"http://{HOST}:{ports.ray_dashboard}",
         )
+
+    def _s3_keys(self) -> tuple[str, str]:
+        """The keys of the settings file; else those SeaweedFS holds in its own identity file, so a
+        damaged settings file locks no one out of the data already stored; else new ones."""
+        path = self.home / SETTINGS_FILE
+        try:
+            values = read_settings_file(path)
+            if keys := _key_pair(values.get("s3_access_key"), values.get("s3_secret_key")):
+                return keys
+            problem = f"{path} holds no S3 keys" if path.is_file() else None
+        except ConfigError as error:
+            problem = str(error)
+        keys = _seaweed_keys(self._identity_file)
+        if problem is not None:
+            recovery = (f"the S3 keys come from {self._identity_file}" if keys
+                        else f"{self._identity_file} has no S3 keys either, so new ones are generated")
+            log.warning("%s; %s, and `compound up` rewrites the settings file", problem, recovery)
+        return keys or ("compound-" + secrets.token_hex(8), secrets.token_urlsafe(32))
 
     def services(self, settings: Settings, ports: StackPorts) -> list[Service]:
         bin_dir = Path(sysconfig.get_path("scripts"))
@@ -157,7 +181,7 @@ class Stack:
             name="s3",
             command=[
                 str(bin_dir / "weed"), "mini", f"-dir={s3_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
-                "-master.telemetry=false", f"-s3.config={s3_dir / 's3.json'}", f"-bucket={','.join(settings.buckets)}",
+                "-master.telemetry=false", f"-s3.config={self._identity_file}",
                 f"-s3.port={ports.s3}", f"-s3.port.grpc={ports.s3 + GRPC_OFFSET}",
                 f"-master.port={ports.weed_master}", f"-master.port.grpc={ports.weed_master + GRPC_OFFSET}",
                 f"-volume.port={ports.weed_volume}", f"-volume.port.grpc={ports.weed_volume + GRPC_OFFSET}",
@@ -222,7 +246,7 @@ class Stack:
         if not (self.home / "ray").is_symlink():
             (self.home / "ray").symlink_to(self.ray_dir)
         self.home.chmod(0o700)  # keys, the admin password and the data are the owner's alone
-        write_private(self.home / "s3" / "s3.json", _seaweed_identities(settings))
+        write_private(self._identity_file, _seaweed_identities(settings))
         (self.home / "ports.json").write_text(ports.model_dump_json(indent=2))
 
         started: list[Service] = []
@@ -233,7 +257,7 @@ class Stack:
             deadline = time.monotonic() + timeout_s
             for service in services:
                 self._wait_healthy(service, deadline)
-            _wait_for_buckets(settings, deadline)
+            self._create_buckets(settings, deadline)
         except BaseException:
             for service in reversed(started):  # leave nothing half-started behind
                 self._stop(service.name)
@@ -298,6 +322,19 @@ class Stack:
             time.sleep(0.25)
         log.debug("%s is up", service.name)
 
+    def _create_buckets(self, settings: Settings, deadline: float) -> None:
+        """Create the missing buckets through the S3 API, retrying while the store warms up.
+
+        `weed -bucket` once left a bucket uncreated for a whole start-up (404 throughout); asking
+        the API ourselves retries what is transient and says what went wrong if it never works.
+        """
+        client = settings.s3_client()
+        for bucket in settings.buckets:
+            while (error := _create_bucket(client, bucket)) is not None:
+                if not _is_transient(error) or time.monotonic() > deadline:
+                    raise StackError(f"could not create the S3 bucket {bucket!r}: {error}\n{self._log_tail('s3')}")
+                time.sleep(0.25)
+
     def _stop(self, name: str) -> bool:
         process = self._process(name)
         if process is None:
@@ -354,25 +391,51 @@ def _answers(url: str, statuses: tuple[int, ...]) -> bool:
         return False
 
 
-def _wait_for_buckets(settings: Settings, deadline: float) -> None:
-    """SeaweedFS creates the buckets just after its S3 port opens."""
+def _create_bucket(client, bucket: str) -> Exception | None:  # client: a botocore S3 client
+    """Create `bucket` unless it exists; returns the error if that failed."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.create_bucket(Bucket=bucket)
+    except ClientError as error:
+        return None if error.response["Error"]["Code"] in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"} else error
+    except BotoCoreError as error:  # connection refused or reset, timeouts
+        return error
+    log.info("created S3 bucket %r", bucket)
+    return None
+
+
+def _is_transient(error: Exception) -> bool:
+    """Worth retrying: no connection yet, or a 5xx, which is how SeaweedFS answers while its filer
+    is not reachable yet (InternalError, ServiceUnavailable). A 4xx such as InvalidAccessKeyId
+    will not pass by waiting: a running store keeps the keys it started with."""
     from botocore.exceptions import ClientError
 
-    client = settings.s3_client()
-    for bucket in settings.buckets:
-        while True:
-            try:
-                client.head_bucket(Bucket=bucket)
-                break
-            except ClientError as error:
-                if time.monotonic() > deadline:
-                    raise StackError(f"S3 bucket {bucket!r} was not created: {error}") from None
-                time.sleep(0.25)
+    if not isinstance(error, ClientError):
+        return True
+    return error.response["ResponseMetadata"].get("HTTPStatusCode", 500) >= 500
+
+
+def _key_pair(access_key: object, secret_key: object) -> tuple[str, str] | None:
+    if isinstance(access_key, str) and isinstance(secret_key, str) and access_key and secret_key:
+        return access_key, secret_key
+    return None
+
+
+def _seaweed_keys(identity_file: Path) -> tuple[str, str] | None:
+    """Our keys in SeaweedFS's identity file (as `_seaweed_identities` wrote it), if it is readable."""
+    try:
+        identities = json.loads(identity_file.read_bytes())["identities"]
+        ours = next(i for i in identities if i["name"] == SEAWEED_IDENTITY)
+        credentials = ours["credentials"][0]
+        return _key_pair(credentials["accessKey"], credentials["secretKey"])
+    except (OSError, ValueError, LookupError, TypeError, StopIteration):  # missing or damaged too
+        return None
 
 
 def _seaweed_identities(settings: Settings) -> str:
     identity = {
-        "name": "compound",
+        "name": SEAWEED_IDENTITY,
         "credentials": [{"accessKey": settings.s3_access_key.get_secret_value(),
                          "secretKey": settings.s3_secret_key.get_secret_value()}],
         "actions": ["Admin", "Read", "List", "Tagging", "Write"],

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster.storage import S3Access
 from infra.settings import Settings, load_settings
 from infra.stack import Stack, StackPorts
+from jobs.connect import s3_access
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -47,3 +49,9 @@ def stack(stack_home: Path) -> Iterator[Stack]:
 @pytest.fixture(scope="session")
 def settings(stack: Stack) -> Settings:
     return load_settings(stack.home)
+
+
+@pytest.fixture(scope="session")
+def s3(settings: Settings) -> S3Access:
+    """What workers receive: the stack's S3 store as an `S3Access`."""
+    return s3_access(settings)

@@ -3,8 +3,8 @@
 How one epoch is laid out (all of it computed from the manifest, before a byte is read):
 
 - The split's shards are shuffled with a seed for the epoch and dealt to `world_size × workers`
-  *slots*, each to the slot holding the fewest samples so far. Slot `rank × workers + w` is read
-  by DataLoader worker `w` of `rank`.
+  *slots* (workers: DataLoader workers per rank, `loader_workers`), each to the slot holding the
+  fewest samples so far. Slot `rank × workers + w` is read by DataLoader worker `w` of `rank`.
 - A slot's samples, in shard order, are cut into blocks of `shuffle_buffer` samples and each
   block is permuted with a seed for (epoch, slot, block). That is the seeded shuffle buffer,
   and it makes position p of a slot a pure function of the manifest and the seed.
@@ -19,6 +19,7 @@ How one epoch is laid out (all of it computed from the manifest, before a byte i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -28,15 +29,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import webdataset
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
 from cluster.data.manifest import ShardInfo, ShardManifest
-from cluster.data.s3 import ShardReadError, register_s3_opener
+from cluster.data.s3 import ShardReadError, open_shard
+from cluster.data.samples import image_of, tar_samples
 from cluster.data.transforms import AugmentSpec, batch_mixer, eval_transform, train_transform
-from infra.settings import Settings
+from cluster.storage import S3Access
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +85,45 @@ def plan_epoch(
     return EpochPlan(tuple(tuple(s) for s in slots), max(math.ceil(t / batch_size) for t in totals))
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One rank's batch. B = batch size, R = resolution."""
+
+    images: torch.Tensor  # (B, 3, R, R) float, normalised
+    labels: torch.Tensor  # (B,) long, or (B, classes) soft targets after MixUp/CutMix
+    weights: torch.Tensor  # (B,) float: 0 for padding and for samples that failed to decode
+    keys: tuple[str, ...]  # the B sample keys
+    bad_keys: tuple[str, ...]  # those that failed to decode: skipped, counted, logged
+
+    @property
+    def real_samples(self) -> int:
+        """Samples that count: neither padding nor undecodable."""
+        return int((self.weights > 0).sum())
+
+    def real_keys(self) -> list[str]:
+        return [key for key, weight in zip(self.keys, self.weights.tolist(), strict=True) if weight > 0]
+
+    def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
+        return dataclasses.replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory(),
+                                   weights=self.weights.pin_memory())
+
+    def to(self, device: torch.device, *, memory_format: torch.memory_format = torch.contiguous_format) -> Batch:
+        return dataclasses.replace(
+            self, images=self.images.to(device, non_blocking=True, memory_format=memory_format),
+            labels=self.labels.to(device, non_blocking=True), weights=self.weights.to(device, non_blocking=True),
+        )
+
+
 class _SlotStream(IterableDataset):
     """Inside one DataLoader worker: the batches of its slot, from a given batch on."""
 
     def __init__(self, loader: ShardLoader, plan: EpochPlan, epoch: int, start_step: int) -> None:
         self.loader, self.plan, self.epoch, self.start_step = loader, plan, epoch, start_step
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         loader = self.loader
-        if loader.settings is not None:
-            register_s3_opener(loader.settings)  # each worker process makes its own boto3 client
         # A fresh DataLoader starts its round-robin at worker 0, so on resume worker 0 takes over
         # the slot whose batch is due next.
         slot_worker = (worker + self.start_step) % workers
@@ -137,11 +165,11 @@ class _SlotStream(IterableDataset):
             if skip >= shard.samples:
                 skip -= shard.samples
                 continue
-            yield from read_shard(shard, skip=skip)
+            yield from read_shard(shard, access=self.loader.s3, skip=skip)
             skip = 0
 
 
-def read_shard(shard: ShardInfo, *, skip: int = 0) -> Iterator[dict]:
+def read_shard(shard: ShardInfo, *, access: S3Access | None, skip: int = 0) -> Iterator[dict]:
     """A shard's raw samples (from `skip` on), checked against the manifest's count and sha256.
 
     Transient failures are retried inside the S3 reader; a shard that reads as corrupt or
@@ -151,11 +179,10 @@ def read_shard(shard: ShardInfo, *, skip: int = 0) -> Iterator[dict]:
     for attempt in range(1, SHARD_ATTEMPTS + 1):
         digest = hashlib.sha256()
         try:
-            with webdataset.gopen(shard.url) as stream:
+            with open_shard(shard.url, access) as stream:
                 hashing = _HashingReader(stream, digest)
-                files = ({**f, "__url__": shard.url} for f in webdataset.tariterators.tar_file_iterator(hashing))
                 count = 0
-                for sample in webdataset.tariterators.group_by_keys(files):
+                for sample in tar_samples(hashing, shard.url):
                     if count >= skip + yielded:
                         yield sample
                         yielded += 1
@@ -192,17 +219,17 @@ class _HashingReader:
 
 
 class ShardLoader:
-    """One rank's view of a split: `for batch in loader` runs the rest of the current epoch.
+    """One rank's view of a split: `for batch in loader` runs the rest of the current epoch as `Batch`es.
 
-    A batch is a dict: images (B, 3, R, R) float, labels (B,) long — or (B, classes) soft targets
-    with MixUp/CutMix —, weights (B,) float (0 for padding and for samples that failed to decode),
-    keys (the B sample keys) and bad_keys (those that failed to decode: skipped, counted, logged).
+    `shuffle` deals shards and samples in a seeded random order (training) or keeps the manifest's
+    order (evaluation); `augment` is the training augmentation, or None for the evaluation
+    transform (resize, center crop). `loader_workers` are DataLoader worker processes of this rank.
     """
 
     def __init__(
-        self, manifest: ShardManifest, split: str, *, batch_size: int, resolution: int,
-        settings: Settings | None = None, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-        seed: int = 0, train: bool = True, augment: AugmentSpec | None = None, shuffle_buffer: int = 1000,
+        self, manifest: ShardManifest, split: str, *, batch_size: int, resolution: int, s3: S3Access | None = None,
+        rank: int = 0, world_size: int = 1, loader_workers: int = 0, seed: int = 0, shuffle: bool = True,
+        augment: AugmentSpec | None = None, shuffle_buffer: int = 1000,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
@@ -210,24 +237,27 @@ class ShardLoader:
             raise ValueError("batch_size and shuffle_buffer must be >= 1")
         self.shards = manifest.split(split).shards
         self.num_classes = len(manifest.classes)
-        self.settings, self.rank, self.world_size = settings, rank, world_size
-        self.num_workers, self.batch_size, self.seed = num_workers, batch_size, seed
-        self.shuffle, self.shuffle_buffer = train, shuffle_buffer
-        augment = augment or AugmentSpec()
-        self.transform = train_transform(resolution, augment) if train else eval_transform(resolution)
-        self.mixer = batch_mixer(augment, self.num_classes) if train else None
+        self.s3, self.rank, self.world_size = s3, rank, world_size
+        self.loader_workers, self.batch_size, self.seed = loader_workers, batch_size, seed
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.transform = train_transform(resolution, augment) if augment is not None else eval_transform(resolution)
+        self.mixer = batch_mixer(augment, self.num_classes) if augment is not None else None
         self.resolution = resolution
         self.state = LoaderState()
         self._plan(0)  # fail now, not in a worker, if the split cannot feed every slot
 
     def _plan(self, epoch: int) -> EpochPlan:
-        return plan_epoch(self.shards, epoch=epoch, seed=self.seed, num_slots=self.world_size * max(1, self.num_workers),
+        return plan_epoch(self.shards, epoch=epoch, seed=self.seed, num_slots=self.world_size * self._workers,
                           batch_size=self.batch_size, shuffle=self.shuffle)
+
+    @property
+    def _workers(self) -> int:
+        return max(1, self.loader_workers)
 
     @property
     def steps_per_epoch(self) -> int:
         """Batches every rank gets in the current epoch (the same on all ranks; may vary by epoch)."""
-        return self._plan(self.state.epoch).batches_per_slot * max(1, self.num_workers)
+        return self._plan(self.state.epoch).batches_per_slot * self._workers
 
     def state_dict(self) -> dict:
         return self.state.model_dump()
@@ -238,19 +268,20 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         epoch, start = self.state.epoch, self.state.step
         plan = self._plan(epoch)
         batches = DataLoader(
-            _SlotStream(self, plan, epoch, start), batch_size=None, num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.num_workers else None,
+            _SlotStream(self, plan, epoch, start), batch_size=None, num_workers=self.loader_workers,
+            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.loader_workers else None,
+            persistent_workers=False,
         )
         for batch in batches:
             self.state = LoaderState(epoch=epoch, step=self.state.step + 1)
             yield batch
         self.state = LoaderState(epoch=epoch + 1, step=0)
 
-    def collate(self, samples: list[tuple[dict, float]], *, seed: str) -> dict:
+    def collate(self, samples: list[tuple[dict, float]], *, seed: str) -> Batch:
         """Decode, transform and stack one batch; augmentation is seeded by the batch's place."""
         images, labels, weights, keys, bad = [], [], [], [], []
         with torch.random.fork_rng(devices=[]):
@@ -269,16 +300,16 @@ class ShardLoader:
             batch_images, batch_labels = torch.stack(images), torch.tensor(labels)
             if self.mixer is not None:
                 batch_images, batch_labels = self.mixer(batch_images, batch_labels)
-        return {"images": batch_images, "labels": batch_labels,
-                "weights": torch.tensor(weights), "keys": keys, "bad_keys": bad}
+        return Batch(batch_images, batch_labels, torch.tensor(weights), tuple(keys), tuple(bad))
 
     def _decode(self, raw: dict) -> tuple[torch.Tensor | None, int]:
-        data = next((raw[ext] for ext in ("jpg", "jpeg", "png") if ext in raw), None)
+        image = image_of(raw)
         try:
-            if data is None or "cls" not in raw:
+            if image is None or "cls" not in raw:
                 raise ValueError("no image or no label")
             label = int(raw["cls"])
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB), label
+            data = torch.frombuffer(bytearray(image[1]), dtype=torch.uint8)
+            return decode_image(data, mode=ImageReadMode.RGB), label
         except (RuntimeError, ValueError) as error:
             log.warning("skipping sample %s from %s: %s", raw["__key__"], raw.get("__url__"), error)
             return None, 0

@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cluster.data.s3 import split_s3_url
+from cluster.storage import S3Access, s3_error_code, split_s3_url
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "compound.shards/1"
@@ -75,22 +75,26 @@ def dataset_id(manifest_bytes: bytes) -> str:
     return hashlib.sha256(manifest_bytes).hexdigest()
 
 
-def load_manifest(url: str, client) -> tuple[ShardManifest, str]:
+def load_manifest(url: str, *, s3: S3Access) -> tuple[ShardManifest, str]:
     """The manifest at `url` (s3://bucket/prefix/manifest.json or the prefix) and the dataset id."""
     if not url.endswith(".json"):
         url = url.rstrip("/") + "/" + MANIFEST_NAME
     bucket, key = split_s3_url(url)
     try:
-        data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code")
+        data = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except BotoCoreError as error:
         raise ManifestError(
-            f"no dataset at {url} ({code}): write one with `compound data shards SOURCE s3://bucket/prefix/`"
+            f"could not reach the S3 store {s3.endpoint or '(AWS)'} to read {url}: {error}. "
+            "Is the stack up (`compound stack status`)?"
+        ) from None
+    except ClientError as error:
+        raise ManifestError(
+            f"no dataset at {url} ({s3_error_code(error)}): write one with `compound data shards SOURCE s3://bucket/prefix/`"
         ) from None
     return ShardManifest.from_bytes(data, url), dataset_id(data)
 
 
-def verify_shards(manifest: ShardManifest, split: str, client) -> None:
+def verify_shards(manifest: ShardManifest, split: str, *, s3: S3Access) -> None:
     """Before training: every shard of `split` exists with the manifest's size and sha256.
 
     A HEAD per shard: the writer stores each shard's sha256 in its object metadata. The bytes
@@ -101,9 +105,9 @@ def verify_shards(manifest: ShardManifest, split: str, client) -> None:
             continue  # a local copy; checked while it is read
         bucket, key = split_s3_url(shard.url)
         try:
-            head = client.head_object(Bucket=bucket, Key=key)
+            head = s3.client().head_object(Bucket=bucket, Key=key)
         except ClientError as error:
-            raise ManifestError(f"shard {shard.url} is missing ({error.response['Error'].get('Code')})") from None
+            raise ManifestError(f"shard {shard.url} is missing ({s3_error_code(error)})") from None
         stored = head.get("Metadata", {}).get("sha256")
         if head["ContentLength"] != shard.bytes or stored != shard.sha256:
             raise ManifestError(

@@ -1,76 +1,74 @@
-"""Reading and writing shards on S3 with boto3, and the `s3://` opener registered with WebDataset.
+"""Streaming shards from S3 through an outage: a ranged-retry reader, and the `s3://` opener for WebDataset.
 
 WebDataset dispatches URLs through `webdataset.gopen.gopen_schemes`; registering an `s3` entry is
-its supported hook. The opener streams with boto3 and survives 5xx answers and connection resets
-by reopening the object at the byte where the stream broke (a ranged GET), with backoff.
+its supported hook (`register_s3_opener`). Our own loader opens shards with `open_shard` and an
+explicit `S3Access`, so one process can read from two stores.
+
+The reader survives 5xx answers, connection resets and a stopped store by reopening the object at
+the byte where the stream broke (a ranged GET). It retries with capped exponential backoff and
+full jitter (so many readers do not hammer a store that is coming back) for as long as the access
+object's `retry_window_s`, counted from the first failure of the outage, then fails naming the
+shard and the window.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import logging
-import os
+import random
 import time
-from urllib.parse import urlparse
 
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from webdataset.gopen import gopen_schemes
 
-from infra.settings import Settings
+from cluster.storage import S3Access, is_not_found, split_s3_url
 
 log = logging.getLogger(__name__)
 
-READ_ATTEMPTS = 5
-BACKOFF_S = 0.2  # doubled after every failed attempt
+BACKOFF_FIRST_S = 0.2
+BACKOFF_CAP_S = 10.0
+READ_BUFFER_BYTES = 1 << 20
 MULTIPART = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=4)
 
 
 class ShardReadError(IOError):
-    """A shard could not be read after retries; the message names it."""
+    """A shard could not be read within the retry window; the message names it."""
 
 
-def split_s3_url(url: str) -> tuple[str, str]:
-    parsed = urlparse(url)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"not an S3 URL: {url!r} (expected s3://bucket/key)")
-    return parsed.netloc, parsed.path.lstrip("/")
+def open_shard(url: str, access: S3Access | None) -> io.BufferedIOBase:
+    """A shard's bytes: streamed from S3 for s3:// URLs (with `access`), else a local file."""
+    if url.startswith("s3://"):
+        if access is None:
+            raise ValueError(f"reading {url} needs S3 access; pass an S3Access")
+        return io.BufferedReader(RetryingS3Reader(access, url), buffer_size=READ_BUFFER_BYTES)
+    return open(url, "rb")
 
 
-_settings: Settings | None = None
-_clients: dict[tuple[int, int], object] = {}
+def register_s3_opener(access: S3Access) -> None:
+    """Make `webdataset.gopen("s3://…")` stream through the retrying reader with `access`."""
+    gopen_schemes["s3"] = functools.partial(_gopen_s3, access=access)
 
 
-def s3_client(settings: Settings | None = None):
-    """One boto3 client per process (clients must not cross a fork into DataLoader workers)."""
-    settings = settings or _settings
-    if settings is None:
-        raise RuntimeError("call register_s3_opener(settings) before reading s3:// URLs")
-    key = (os.getpid(), id(settings))
-    if key not in _clients:
-        _clients[key] = settings.s3_client()
-    return _clients[key]
-
-
-def register_s3_opener(settings: Settings) -> None:
-    """Make `webdataset.gopen("s3://…")` stream through boto3 with these settings."""
-    global _settings
-    _settings = settings
-    gopen_schemes["s3"] = open_s3
-
-
-def open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> io.BufferedReader:
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, *, access: S3Access, **_: object) -> io.BufferedReader:
     if mode != "rb":
         raise ValueError(f"the s3 opener only reads; got mode {mode!r} for {url}")
-    return io.BufferedReader(RetryingS3Reader(s3_client(), url), buffer_size=max(bufsize, 1 << 20))
+    return io.BufferedReader(RetryingS3Reader(access, url), buffer_size=max(bufsize, READ_BUFFER_BYTES))
+
+
+def backoff_s(attempt: int) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, first × 2^attempt)]."""
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2**attempt))
 
 
 class RetryingS3Reader(io.RawIOBase):
     """A read-only stream of one S3 object that resumes after errors with a ranged GET."""
 
-    def __init__(self, client, url: str) -> None:
+    def __init__(self, access: S3Access, url: str) -> None:
         super().__init__()
-        self.client, self.url = client, url
+        self.access, self.url = access, url
         self.bucket, self.key = split_s3_url(url)
         self.position = 0
         self.size: int | None = None
@@ -80,7 +78,9 @@ class RetryingS3Reader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        for attempt in range(READ_ATTEMPTS):
+        outage_started: float | None = None
+        attempt = 0
+        while True:
             try:
                 if self._body is None:
                     self._open()
@@ -91,40 +91,37 @@ class RetryingS3Reader(io.RawIOBase):
                     raise ConnectionResetError(f"stream ended at byte {self.position} of {self.size}")
                 buffer[: len(data)] = data
                 self.position += len(data)
+                if outage_started is not None:
+                    log.info("reading %s again after %.0f s", self.url, time.monotonic() - outage_started)
                 return len(data)
-            except ClientError as error:
-                if error.response.get("Error", {}).get("Code") in {"NoSuchKey", "NoSuchBucket", "404"}:
-                    if attempt == READ_ATTEMPTS - 1:
-                        raise ShardReadError(f"shard {self.url} does not exist") from None
-                elif attempt == READ_ATTEMPTS - 1:
-                    raise ShardReadError(f"could not read shard {self.url}: {error}") from error
-                self._retry_later(attempt, error)
-            except (BotoCoreError, OSError) as error:
-                if attempt == READ_ATTEMPTS - 1:
-                    raise ShardReadError(
-                        f"could not read shard {self.url} after {READ_ATTEMPTS} attempts: {error}"
-                    ) from error
-                self._retry_later(attempt, error)
-        raise AssertionError("unreachable")
+            except (ClientError, BotoCoreError, OSError) as error:
+                now = time.monotonic()
+                outage_started = outage_started if outage_started is not None else now
+                if now - outage_started >= self.access.retry_window_s:
+                    raise ShardReadError(self._failure(error)) from error
+                log.warning("reading %s at byte %d failed (%s); retrying", self.url, self.position, error)
+                self._close_body()
+                time.sleep(backoff_s(attempt))
+                attempt += 1
+
+    def _failure(self, error: Exception) -> str:
+        window = f"{self.access.retry_window_s:.0f} s"
+        if isinstance(error, ClientError) and is_not_found(error):
+            return f"shard {self.url} does not exist (still missing after retrying for {window})"
+        return (f"could not read shard {self.url} at byte {self.position}: the store did not answer for {window} "
+                f"(the retry window, settings s3_retry_window_s); last error: {error}")
 
     def _open(self) -> None:
         extra = {"Range": f"bytes={self.position}-"} if self.position else {}
-        response = self.client.get_object(Bucket=self.bucket, Key=self.key, **extra)
+        response = self.access.client().get_object(Bucket=self.bucket, Key=self.key, **extra)
         if self.size is None:
             self.size = int(response["ContentLength"])
         self._body = response["Body"]
 
-    def _retry_later(self, attempt: int, error: Exception) -> None:
-        log.warning("reading %s at byte %d failed (%s); retrying", self.url, self.position, error)
-        self._close_body()
-        time.sleep(BACKOFF_S * 2**attempt)
-
     def _close_body(self) -> None:
         if self._body is not None:
-            try:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close; it is dropped anyway
                 self._body.close()
-            except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped anyway
-                pass
             self._body = None
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """Where shard writer samples come from: an image folder, scikit-learn's digits, existing WebDataset tars.
 
 Every source yields `Sample`s with a stable key and a split assigned from a hash of that key, so
-the train/val split is deterministic for a given seed and does not depend on reading order.
+the train/val split is deterministic for a given seed and does not depend on reading order. An
+image that cannot be used comes out as a `Skipped` in its place, so the writer can count it.
 """
 
 from __future__ import annotations
@@ -9,20 +10,17 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
-import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import webdataset
 from PIL import Image, UnidentifiedImageError
 
-log = logging.getLogger(__name__)
+from cluster.data.samples import IMAGE_SUFFIXES, image_of, tar_samples
 
 DIGITS_SOURCE = "sklearn:digits"
 SPLITS = ("train", "val")
-IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")  # WebDataset keys may not hold dots
 
 
@@ -35,6 +33,14 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """An image the source could not use (undecodable, or no label)."""
+
+    key: str
+    reason: str
+
+
 @dataclass
 class Source:
     """A named collection of labelled images with a seeded train/val split."""
@@ -43,7 +49,6 @@ class Source:
     classes: tuple[str, ...]
     val_fraction: float
     seed: int
-    skipped: list[str] = field(default_factory=list)  # keys of images that could not be decoded
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -53,7 +58,7 @@ class Source:
         digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
         return "val" if int.from_bytes(digest[:8], "big") / 2**64 < self.val_fraction else "train"
 
-    def samples(self) -> Iterator[Sample]:
+    def samples(self) -> Iterator[Sample | Skipped]:
         raise NotImplementedError
 
 
@@ -78,7 +83,7 @@ class ImageFolderSource(Source):
         super().__init__(name=str(root), classes=classes, val_fraction=val_fraction, seed=seed)
         self.root = root
 
-    def samples(self) -> Iterator[Sample]:
+    def samples(self) -> Iterator[Sample | Skipped]:
         for label, name in enumerate(self.classes):
             for path in sorted((self.root / name).iterdir()):
                 image_format = IMAGE_SUFFIXES.get(path.suffix.lower())
@@ -87,8 +92,7 @@ class ImageFolderSource(Source):
                 key = _KEY_UNSAFE.sub("_", f"{name}/{path.stem}")
                 data = path.read_bytes()
                 if not _decodable(data):
-                    log.warning("skipping %s: not a decodable image", path)
-                    self.skipped.append(key)
+                    yield Skipped(key, f"{path} is not a decodable image")
                     continue
                 yield Sample(key, data, image_format, label, {"path": f"{name}/{path.name}"})
 
@@ -103,7 +107,7 @@ class DigitsSource(Source):
                          val_fraction=val_fraction, seed=seed)
         self.image_size = image_size
 
-    def samples(self) -> Iterator[Sample]:
+    def samples(self) -> Iterator[Sample | Skipped]:
         import numpy as np
         from sklearn.datasets import load_digits
 
@@ -133,19 +137,17 @@ class TarSource(Source):
     def _raw_samples(self) -> Iterator[dict]:
         for path in self.paths:
             with open(path, "rb") as stream:
-                files = ({**f, "__url__": path} for f in webdataset.tariterators.tar_file_iterator(stream))
-                yield from webdataset.tariterators.group_by_keys(files)
+                yield from tar_samples(stream, path)
 
-    def samples(self) -> Iterator[Sample]:
+    def samples(self) -> Iterator[Sample | Skipped]:
         for raw in self._raw_samples():
             key = _KEY_UNSAFE.sub("_", raw["__key__"])
-            image_ext = next((ext for ext in ("jpg", "jpeg", "png") if ext in raw), None)
-            if image_ext is None or "cls" not in raw or not _decodable(raw[image_ext]):
-                log.warning("skipping %s in %s: no decodable image or no label", raw["__key__"], raw["__url__"])
-                self.skipped.append(key)
+            image = image_of(raw)
+            if image is None or "cls" not in raw or not _decodable(image[1]):
+                yield Skipped(key, f"{raw['__key__']} in {raw['__url__']} has no decodable image or no label")
                 continue
-            yield Sample(key, raw[image_ext], IMAGE_SUFFIXES[f".{image_ext}"], int(raw["cls"]),
-                         {"source": raw["__url__"]})
+            extension, data = image
+            yield Sample(key, data, IMAGE_SUFFIXES[f".{extension}"], int(raw["cls"]), {"source": raw["__url__"]})
 
 
 def open_source(spec: str, *, image_size: int, val_fraction: float, seed: int) -> Source:

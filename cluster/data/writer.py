@@ -10,6 +10,7 @@ import hashlib
 import logging
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,9 +18,9 @@ import webdataset
 from botocore.exceptions import ClientError
 
 from cluster.data.manifest import MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
-from cluster.data.s3 import MULTIPART, split_s3_url
-from cluster.data.sources import SPLITS, Sample, Source
-from infra.settings import Settings
+from cluster.data.s3 import MULTIPART
+from cluster.data.sources import SPLITS, Sample, Skipped, Source
+from cluster.storage import S3Access, s3_error_code, split_s3_url
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,15 @@ DEFAULT_SHARD_BYTES = 64 * 2**20
 
 class DatasetExistsError(FileExistsError):
     """The destination prefix already holds objects and overwriting was not asked for."""
+
+
+@dataclass(frozen=True)
+class WrittenDataset:
+    """What `write_shards` made: the manifest, its URL, and the images it had to skip."""
+
+    manifest: ShardManifest
+    url: str
+    skipped: tuple[Skipped, ...]
 
 
 class _SplitWriter:
@@ -62,12 +72,13 @@ class _SplitWriter:
 
 
 def write_shards(
-    source: Source, dest: str, *, settings: Settings, shard_bytes: int = DEFAULT_SHARD_BYTES,
+    source: Source, dest: str, *, s3: S3Access, shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False, on_sample: Callable[[], None] | None = None,
-) -> tuple[ShardManifest, str]:
-    """Write `source` as WebDataset shards under `dest` (s3://bucket/prefix/); returns the manifest and its URL."""
+) -> WrittenDataset:
+    """Write `source` as WebDataset shards under `dest` (s3://bucket/prefix/)."""
     bucket, prefix = split_s3_url(dest.rstrip("/") + "/")
-    client = settings.s3_client()
+    client = s3.client()
+    skipped: list[Skipped] = []
     _check_destination(client, bucket, prefix, overwrite)
     uploaded: list[str] = []
 
@@ -85,6 +96,10 @@ def write_shards(
             writers = {split: _SplitWriter(split, Path(workdir), upload, shard_bytes) for split in SPLITS}
             formats = set()
             for sample in source.samples():
+                if isinstance(sample, Skipped):
+                    log.warning("skipping %s", sample.reason)
+                    skipped.append(sample)
+                    continue
                 writers[source.split_of(sample.key)].write(sample)
                 formats.add(sample.image_format)
                 if on_sample is not None:
@@ -105,9 +120,10 @@ def write_shards(
         for key in uploaded:
             client.delete_object(Bucket=bucket, Key=key)
         raise
-    if source.skipped:
-        log.warning("skipped %d undecodable or unlabelled images: %s", len(source.skipped), ", ".join(source.skipped[:10]))
-    return manifest, f"s3://{bucket}/{prefix}{MANIFEST_NAME}"
+    if skipped:
+        log.warning("skipped %d undecodable or unlabelled images: %s", len(skipped),
+                    ", ".join(s.key for s in skipped[:10]))
+    return WrittenDataset(manifest, f"s3://{bucket}/{prefix}{MANIFEST_NAME}", tuple(skipped))
 
 
 def _check_destination(client, bucket: str, prefix: str, overwrite: bool) -> None:
@@ -115,7 +131,7 @@ def _check_destination(client, bucket: str, prefix: str, overwrite: bool) -> Non
         client.head_bucket(Bucket=bucket)
     except ClientError as error:
         raise ValueError(
-            f"bucket {bucket!r} does not exist or is not accessible ({error.response['Error'].get('Code')}); "
+            f"bucket {bucket!r} does not exist or is not accessible ({s3_error_code(error)}); "
             "create it first or write to one of the stack's buckets (e.g. s3://shards/...)"
         ) from None
     existing = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)

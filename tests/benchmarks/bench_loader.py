@@ -28,16 +28,17 @@ import torch.nn.functional as F
 import effnet
 from cluster.data.loader import ShardLoader
 from cluster.data.manifest import ShardManifest, SplitInfo
-from cluster.data.s3 import register_s3_opener, split_s3_url
 from cluster.data.sources import DigitsSource
+from cluster.data.transforms import AugmentSpec
 from cluster.data.writer import write_shards
-from infra.settings import Settings
+from cluster.storage import S3Access, split_s3_url
 from infra.stack import Stack, StackPorts
+from jobs.connect import s3_access
 
 
-def local_copy(manifest: ShardManifest, settings: Settings, directory: Path) -> ShardManifest:
+def local_copy(manifest: ShardManifest, s3: S3Access, directory: Path) -> ShardManifest:
     """The same manifest with every train shard downloaded to `directory`."""
-    client = settings.s3_client()
+    client = s3.client()
     shards = []
     for shard in manifest.split("train").shards:
         bucket, key = split_s3_url(shard.url)
@@ -49,7 +50,7 @@ def local_copy(manifest: ShardManifest, settings: Settings, directory: Path) -> 
 
 def images_per_second(loader: ShardLoader) -> float:
     start = time.perf_counter()
-    images = sum(int(batch["weights"].sum()) for batch in loader)
+    images = sum(batch.real_samples for batch in loader)
     return images / (time.perf_counter() - start)
 
 
@@ -83,18 +84,17 @@ def main() -> None:
     stack = Stack(home)
     try:
         settings, _ = stack.up(StackPorts.free())
-        register_s3_opener(settings)
+        s3 = s3_access(settings)
         source = DigitsSource(image_size=args.resolution, val_fraction=0.2, seed=0)
-        manifest, _ = write_shards(source, "s3://shards/bench/", settings=settings,
-                                   shard_bytes=int(args.shard_mb * 2**20))
-        local = local_copy(manifest, settings, home)
+        manifest = write_shards(source, "s3://shards/bench/", s3=s3, shard_bytes=int(args.shard_mb * 2**20)).manifest
+        local = local_copy(manifest, s3, home)
         train = manifest.split("train")
         print(f"digits at {args.resolution}px: {train.samples} train images in {len(train.shards)} shards "
               f"({sum(s.bytes for s in train.shards) / 2**20:.1f} MB), batch {args.batch}, "
               f"{args.workers} loader workers, train augmentation, {args.epochs} alternating epochs each")
 
-        options = {"batch_size": args.batch, "resolution": args.resolution, "num_workers": args.workers,
-                   "settings": settings, "seed": 0}
+        options = {"batch_size": args.batch, "resolution": args.resolution, "loader_workers": args.workers,
+                   "s3": s3, "seed": 0, "augment": AugmentSpec()}
         s3_rates, local_rates = [], []
         for _ in range(args.epochs):
             s3_rates.append(images_per_second(ShardLoader(manifest, "train", **options)))

@@ -13,14 +13,13 @@ import webdataset
 from click.testing import CliRunner
 from PIL import Image
 
-from cluster.data import s3 as s3io
-from cluster.data.loader import ShardLoader, read_shard
+from cluster.data.loader import Batch, ShardLoader, read_shard
 from cluster.data.manifest import ManifestError, ShardManifest, SplitInfo, dataset_id, load_manifest, verify_shards
-from cluster.data.s3 import RetryingS3Reader, ShardReadError, register_s3_opener, split_s3_url
+from cluster.data.s3 import RetryingS3Reader, ShardReadError
 from cluster.data.sources import DigitsSource, ImageFolderSource, TarSource
 from cluster.data.transforms import AugmentSpec
 from cluster.data.writer import DatasetExistsError, write_shards
-from infra.settings import Settings
+from cluster.storage import S3Access, split_s3_url
 from jobs.cli import cli
 
 SHARD_BYTES = 20_000  # a few samples per shard: many shards from a small dataset
@@ -32,30 +31,31 @@ def _prefix(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def digits(settings: Settings) -> tuple[ShardManifest, str]:
-    register_s3_opener(settings)
+def digits(s3: S3Access) -> tuple[ShardManifest, str]:
     source = DigitsSource(image_size=RESOLUTION, val_fraction=0.2, seed=0)
-    return write_shards(source, _prefix("digits"), settings=settings, shard_bytes=SHARD_BYTES)
+    written = write_shards(source, _prefix("digits"), s3=s3, shard_bytes=SHARD_BYTES)
+    return written.manifest, written.url
 
 
-def _loader(manifest: ShardManifest, settings: Settings, **options) -> ShardLoader:
-    defaults = {"batch_size": 16, "resolution": RESOLUTION, "settings": settings, "seed": 7, "shuffle_buffer": 40}
+def _loader(manifest: ShardManifest, s3: S3Access, **options) -> ShardLoader:
+    defaults = {"batch_size": 16, "resolution": RESOLUTION, "s3": s3, "seed": 7, "shuffle_buffer": 40,
+                "augment": AugmentSpec()}
     return ShardLoader(manifest, "train", **{**defaults, **options})
 
 
-def _real_keys(batches: list[dict]) -> list[str]:
-    return [k for b in batches for k, w in zip(b["keys"], b["weights"].tolist(), strict=True) if w > 0]
+def _real_keys(batches: list[Batch]) -> list[str]:
+    return [k for b in batches for k in b.real_keys()]
 
 
 # --- writer -----------------------------------------------------------------------------------------
 
-def test_writer_uploads_shards_and_a_manifest_that_matches_them(digits, settings: Settings) -> None:
+def test_writer_uploads_shards_and_a_manifest_that_matches_them(digits, s3: S3Access) -> None:
     manifest, url = digits
     assert manifest.classes == tuple(str(d) for d in range(10))
     assert manifest.source == "sklearn:digits"
     assert sum(split.samples for split in manifest.splits.values()) == 1797
     assert 0.15 < manifest.split("val").samples / 1797 < 0.25
-    client = settings.s3_client()
+    client = s3.client()
     shard = manifest.split("train").shards[3]
     bucket, key = split_s3_url(shard.url)
     body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -64,7 +64,7 @@ def test_writer_uploads_shards_and_a_manifest_that_matches_them(digits, settings
         names = tar.getnames()
     assert len([n for n in names if n.endswith(".png")]) == shard.samples
     assert {n.rsplit(".", 1)[1] for n in names} == {"png", "cls", "json"}
-    loaded, identity = load_manifest(url, client)
+    loaded, identity = load_manifest(url, s3=s3)
     assert loaded == manifest
     manifest_bytes = client.get_object(Bucket=bucket, Key=url.split(f"s3://{bucket}/")[1])["Body"].read()
     assert identity == dataset_id(manifest_bytes) == hashlib.sha256(manifest_bytes).hexdigest()
@@ -79,42 +79,42 @@ def test_split_is_deterministic_for_a_seed() -> None:
     assert [first.split_of(k) for k in keys] != [other.split_of(k) for k in keys]
 
 
-def test_writer_refuses_an_existing_dataset_unless_told(settings: Settings) -> None:
+def test_writer_refuses_an_existing_dataset_unless_told(s3: S3Access) -> None:
     dest = _prefix("exists")
     source = DigitsSource(image_size=8, val_fraction=0.5, seed=0)
-    manifest, url = write_shards(source, dest, settings=settings, shard_bytes=400_000)
+    written = write_shards(source, dest, s3=s3, shard_bytes=400_000)
     with pytest.raises(DatasetExistsError, match="pass --overwrite"):
-        write_shards(source, dest, settings=settings, shard_bytes=400_000)
-    assert load_manifest(url, settings.s3_client())[0] == manifest  # untouched
-    replaced, _ = write_shards(DigitsSource(image_size=8, val_fraction=0.2, seed=1), dest, settings=settings,
-                               shard_bytes=400_000, overwrite=True)
-    assert load_manifest(url, settings.s3_client())[0] == replaced != manifest
+        write_shards(source, dest, s3=s3, shard_bytes=400_000)
+    assert load_manifest(written.url, s3=s3)[0] == written.manifest  # untouched
+    replaced = write_shards(DigitsSource(image_size=8, val_fraction=0.2, seed=1), dest, s3=s3,
+                            shard_bytes=400_000, overwrite=True)
+    assert load_manifest(written.url, s3=s3)[0] == replaced.manifest != written.manifest
 
 
-def test_missing_bucket_is_a_clear_error_and_writes_nothing(stack, settings: Settings) -> None:
+def test_missing_bucket_is_a_clear_error_and_writes_nothing(stack, s3: S3Access) -> None:
     with pytest.raises(ValueError, match="bucket 'no-such-bucket' does not exist"):
-        write_shards(DigitsSource(image_size=8, val_fraction=0.2, seed=0), "s3://no-such-bucket/x/", settings=settings)
+        write_shards(DigitsSource(image_size=8, val_fraction=0.2, seed=0), "s3://no-such-bucket/x/", s3=s3)
     result = CliRunner().invoke(cli, ["data", "shards", "sklearn:digits", "s3://no-such-bucket/x/",
                                       "--home", str(stack.home)])
     assert result.exit_code == 1 and "bucket 'no-such-bucket' does not exist" in result.output
-    assert "no-such-bucket" not in {b["Name"] for b in settings.s3_client().list_buckets()["Buckets"]}
+    assert "no-such-bucket" not in {b["Name"] for b in s3.client().list_buckets()["Buckets"]}
 
 
-def test_image_folder_skips_corrupt_images_and_counts_them(settings: Settings, tmp_path: Path) -> None:
+def test_image_folder_skips_corrupt_images_and_counts_them(s3: S3Access, tmp_path: Path) -> None:
     for name, color in (("cat", (200, 10, 10)), ("dog", (10, 200, 10))):
         (tmp_path / name).mkdir()
         for i in range(6):
             Image.new("RGB", (20, 24), color).save(tmp_path / name / f"{i}.jpg")
     (tmp_path / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     source = ImageFolderSource(tmp_path, val_fraction=0.0, seed=0)
-    manifest, _ = write_shards(source, _prefix("folder"), settings=settings)
-    assert manifest.classes == ("cat", "dog")
-    assert manifest.split("train").samples == 12
-    assert source.skipped == ["dog_broken"]
-    assert manifest.image_format == "jpg"
+    written = write_shards(source, _prefix("folder"), s3=s3)
+    assert written.manifest.classes == ("cat", "dog")
+    assert written.manifest.split("train").samples == 12
+    assert [s.key for s in written.skipped] == ["dog_broken"]
+    assert written.manifest.image_format == "jpg"
 
 
-def test_existing_webdataset_tars_are_resharded(settings: Settings, tmp_path: Path) -> None:
+def test_existing_webdataset_tars_are_resharded(s3: S3Access, tmp_path: Path) -> None:
     with webdataset.TarWriter(str(tmp_path / "old-0.tar")) as tar:
         for i in range(10):
             buffer = io.BytesIO()
@@ -122,13 +122,13 @@ def test_existing_webdataset_tars_are_resharded(settings: Settings, tmp_path: Pa
             tar.write({"__key__": f"sample{i}", "png": buffer.getvalue(), "cls": i % 3})
         tar.write({"__key__": "nolabel", "png": buffer.getvalue()})
     source = TarSource([str(tmp_path / "*.tar")], val_fraction=0.0, seed=0)
-    manifest, _ = write_shards(source, _prefix("tars"), settings=settings)
-    assert manifest.classes == ("0", "1", "2")
-    assert manifest.split("train").samples == 10
-    assert source.skipped == ["nolabel"]
+    written = write_shards(source, _prefix("tars"), s3=s3)
+    assert written.manifest.classes == ("0", "1", "2")
+    assert written.manifest.split("train").samples == 10
+    assert [s.key for s in written.skipped] == ["nolabel"]
 
 
-def test_cli_writes_a_dataset_and_rejects_bad_sources(stack, settings: Settings, tmp_path: Path) -> None:
+def test_cli_writes_a_dataset_and_rejects_bad_sources(stack, s3: S3Access, tmp_path: Path) -> None:
     dest = _prefix("cli")
     args = ["data", "shards", "sklearn:digits", dest, "--image-size", "8", "--shard-size", "0.1",
             "--home", str(stack.home)]
@@ -144,92 +144,92 @@ def test_cli_writes_a_dataset_and_rejects_bad_sources(stack, settings: Settings,
 # --- loader -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("world_size", "workers"), [(1, 0), (2, 2)])
-def test_every_sample_once_and_equal_steps_on_every_rank(digits, settings: Settings, world_size: int,
+def test_every_sample_once_and_equal_steps_on_every_rank(digits, s3: S3Access, world_size: int,
                                                          workers: int) -> None:
     manifest, _ = digits
     per_rank = []
     for rank in range(world_size):
-        loader = _loader(manifest, settings, rank=rank, world_size=world_size, num_workers=workers)
+        loader = _loader(manifest, s3, rank=rank, world_size=world_size, loader_workers=workers)
         steps = loader.steps_per_epoch
         batches = list(loader)
         assert len(batches) == steps
-        assert all(b["images"].shape == (16, 3, RESOLUTION, RESOLUTION) for b in batches)
+        assert all(b.images.shape == (16, 3, RESOLUTION, RESOLUTION) for b in batches)
         per_rank.append(batches)
     assert len({len(b) for b in per_rank}) == 1  # DDP never waits on a rank with fewer steps
     keys = [k for batches in per_rank for k in _real_keys(batches)]
     assert len(keys) == len(set(keys)) == manifest.split("train").samples
-    padding = sum((b["weights"] == 0).sum().item() for batches in per_rank for b in batches)
+    padding = sum((b.weights == 0).sum().item() for batches in per_rank for b in batches)
     assert padding < 16 * world_size * max(1, workers) * 2  # padding stays within a batch or two per slot
 
 
-def test_epochs_shuffle_differently_but_reproducibly(digits, settings: Settings) -> None:
+def test_epochs_shuffle_differently_but_reproducibly(digits, s3: S3Access) -> None:
     manifest, _ = digits
-    loader = _loader(manifest, settings)
+    loader = _loader(manifest, s3)
     first, second = _real_keys(list(loader)), _real_keys(list(loader))
     assert sorted(first) == sorted(second) and first != second
-    assert _real_keys(list(_loader(manifest, settings))) == first
+    assert _real_keys(list(_loader(manifest, s3))) == first
 
 
 @pytest.mark.parametrize(("workers", "stop_after"), [(0, 17), (2, 9), (2, 10)])
 def test_mid_epoch_resume_sees_the_rest_exactly_once_in_the_same_order(
-    digits, settings: Settings, workers: int, stop_after: int,
+    digits, s3: S3Access, workers: int, stop_after: int,
 ) -> None:
     manifest, _ = digits
     augment = AugmentSpec(policy="randaugment", random_erasing=0.25)
-    uninterrupted = list(_loader(manifest, settings, num_workers=workers, augment=augment))
+    uninterrupted = list(_loader(manifest, s3, loader_workers=workers, augment=augment))
 
-    interrupted = _loader(manifest, settings, num_workers=workers, augment=augment)
+    interrupted = _loader(manifest, s3, loader_workers=workers, augment=augment)
     before = list(itertools.islice(iter(interrupted), stop_after))
     state = interrupted.state_dict()
     assert state == {"epoch": 0, "step": stop_after}
 
-    resumed = _loader(manifest, settings, num_workers=workers, augment=augment)
+    resumed = _loader(manifest, s3, loader_workers=workers, augment=augment)
     resumed.load_state_dict(state)
     steps = resumed.steps_per_epoch
     after = list(resumed)
     assert len(before) + len(after) == steps == len(uninterrupted)
     assert _real_keys(before + after) == _real_keys(uninterrupted)
-    assert sorted(_real_keys(before + after)) == sorted(manifest_keys(manifest))
-    torch.testing.assert_close(after[0]["images"], uninterrupted[stop_after]["images"])  # same augmentation too
+    assert sorted(_real_keys(before + after)) == sorted(manifest_keys(manifest, s3))
+    torch.testing.assert_close(after[0].images, uninterrupted[stop_after].images)  # same augmentation too
     assert resumed.state_dict() == {"epoch": 1, "step": 0}
 
 
-def manifest_keys(manifest: ShardManifest) -> list[str]:
-    return [s["__key__"] for shard in manifest.split("train").shards for s in read_shard(shard)]
+def manifest_keys(manifest: ShardManifest, s3: S3Access) -> list[str]:
+    return [s["__key__"] for shard in manifest.split("train").shards for s in read_shard(shard, access=s3)]
 
 
-def test_fewer_shards_than_slots_is_a_clear_error(settings: Settings) -> None:
-    manifest, _ = write_shards(DigitsSource(image_size=8, val_fraction=0.2, seed=0), _prefix("few"),
-                               settings=settings, shard_bytes=10**9)
+def test_fewer_shards_than_slots_is_a_clear_error(s3: S3Access) -> None:
+    manifest = write_shards(DigitsSource(image_size=8, val_fraction=0.2, seed=0), _prefix("few"),
+                            s3=s3, shard_bytes=10**9).manifest
     with pytest.raises(ValueError, match=r"1 shards but ranks × loader workers = 4"):
-        ShardLoader(manifest, "train", batch_size=8, resolution=8, world_size=2, num_workers=2, settings=settings)
+        ShardLoader(manifest, "train", batch_size=8, resolution=8, world_size=2, loader_workers=2, s3=s3)
 
 
-def test_eval_loader_keeps_order_and_uses_eval_transform(digits, settings: Settings) -> None:
+def test_eval_loader_keeps_order_and_uses_eval_transform(digits, s3: S3Access) -> None:
     manifest, _ = digits
-    loader = ShardLoader(manifest, "val", batch_size=32, resolution=RESOLUTION, settings=settings, train=False)
+    loader = ShardLoader(manifest, "val", batch_size=32, resolution=RESOLUTION, s3=s3, shuffle=False)
     batches = list(loader)
     keys = _real_keys(batches)
-    assert keys == [s["__key__"] for shard in manifest.split("val").shards for s in read_shard(shard)]
+    assert keys == [s["__key__"] for shard in manifest.split("val").shards for s in read_shard(shard, access=s3)]
 
 
-def test_mixup_cutmix_give_soft_labels(digits, settings: Settings) -> None:
+def test_mixup_cutmix_give_soft_labels(digits, s3: S3Access) -> None:
     manifest, _ = digits
-    loader = _loader(manifest, settings, augment=AugmentSpec(mixup_alpha=0.2, cutmix_alpha=1.0))
+    loader = _loader(manifest, s3, augment=AugmentSpec(mixup_alpha=0.2, cutmix_alpha=1.0))
     batch = next(iter(loader))
-    assert batch["labels"].shape == (16, 10)
-    torch.testing.assert_close(batch["labels"].sum(1), torch.ones(16))
+    assert batch.labels.shape == (16, 10)
+    torch.testing.assert_close(batch.labels.sum(1), torch.ones(16))
 
 
 # --- bad data ---------------------------------------------------------------------------------------
 
-def _upload(settings: Settings, url: str, body: bytes, sha256: str | None = None) -> None:
+def _upload(s3: S3Access, url: str, body: bytes, sha256: str | None = None) -> None:
     bucket, key = split_s3_url(url)
-    settings.s3_client().put_object(Bucket=bucket, Key=key, Body=body,
+    s3.client().put_object(Bucket=bucket, Key=key, Body=body,
                                     Metadata={"sha256": sha256 or hashlib.sha256(body).hexdigest()})
 
 
-def test_undecodable_image_and_missing_label_are_skipped_and_counted(settings: Settings, tmp_path: Path) -> None:
+def test_undecodable_image_and_missing_label_are_skipped_and_counted(s3: S3Access, tmp_path: Path) -> None:
     path = tmp_path / "bad.tar"
     with webdataset.TarWriter(str(path)) as tar:
         for i in range(6):
@@ -240,56 +240,56 @@ def test_undecodable_image_and_missing_label_are_skipped_and_counted(settings: S
         tar.write({"__key__": "unlabelled", "png": buffer.getvalue()})
     body = path.read_bytes()
     url = _prefix("bad") + "train-000000.tar"
-    _upload(settings, url, body)
+    _upload(s3, url, body)
     manifest = ShardManifest.model_validate({
         "source": "test", "created": "2026-11-23T00:00:00Z", "classes": ["0", "1", "2"], "image_format": "png",
         "splits": {"train": {"shards": [{"url": url, "samples": 8, "bytes": len(body),
                                          "sha256": hashlib.sha256(body).hexdigest()}]}},
     })
-    batches = list(ShardLoader(manifest, "train", batch_size=4, resolution=8, settings=settings))
+    batches = list(ShardLoader(manifest, "train", batch_size=4, resolution=8, s3=s3))
     assert len(batches) == 2
-    assert sorted(k for b in batches for k in b["bad_keys"]) == ["garbled", "unlabelled"]
+    assert sorted(k for b in batches for k in b.bad_keys) == ["garbled", "unlabelled"]
     assert sorted(_real_keys(batches)) == [f"good{i}" for i in range(6)]
 
 
-def test_missing_shard_fails_naming_it_after_retries(digits, settings: Settings, monkeypatch) -> None:
-    monkeypatch.setattr(s3io, "BACKOFF_S", 0.01)
+def test_missing_shard_fails_naming_it_after_the_retry_window(digits, s3: S3Access) -> None:
     manifest, _ = digits
+    impatient = s3.model_copy(update={"retry_window_s": 0.5})
     gone = manifest.split("train").shards[0].model_copy(update={"url": _prefix("gone") + "train-000000.tar"})
     with pytest.raises(ShardReadError, match=rf"shard {gone.url} does not exist"):
-        list(read_shard(gone))
+        list(read_shard(gone, access=impatient))
     with pytest.raises(ManifestError, match=rf"shard {gone.url} is missing"):
         verify_shards(manifest.model_copy(update={"splits": {"train": SplitInfo(shards=(gone,))}}), "train",
-                      settings.s3_client())
+                      s3=s3)
 
 
-def test_truncated_or_altered_shard_fails_before_training_and_while_streaming(digits, settings: Settings) -> None:
+def test_truncated_or_altered_shard_fails_before_training_and_while_streaming(digits, s3: S3Access) -> None:
     manifest, _ = digits
     original = manifest.split("train").shards[1]
     bucket, key = split_s3_url(original.url)
-    body = settings.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     copy = original.model_copy(update={"url": _prefix("altered") + "train-000001.tar"})
     one_shard = manifest.model_copy(update={"splits": {"train": SplitInfo(shards=(copy,))}})
 
-    _upload(settings, copy.url, body[: len(body) // 2])  # truncated
+    _upload(s3, copy.url, body[: len(body) // 2])  # truncated
     with pytest.raises(ManifestError, match=rf"shard {copy.url} does not match the manifest"):
-        verify_shards(one_shard, "train", settings.s3_client())
+        verify_shards(one_shard, "train", s3=s3)
     with pytest.raises(ShardReadError, match=rf"shard {copy.url} (is corrupt or truncated|holds)"):
-        list(read_shard(copy))
+        list(read_shard(copy, access=s3))
 
     altered = bytearray(body)
     altered[600] ^= 0xFF  # inside the first image; same size, and metadata that claims the old hash
-    _upload(settings, copy.url, bytes(altered), sha256=original.sha256)
-    verify_shards(one_shard, "train", settings.s3_client())  # a HEAD cannot see it ...
+    _upload(s3, copy.url, bytes(altered), sha256=original.sha256)
+    verify_shards(one_shard, "train", s3=s3)  # a HEAD cannot see it ...
     with pytest.raises(ShardReadError, match=rf"shard {copy.url} holds .* but the manifest says"):
-        list(read_shard(copy))  # ... the hash of the streamed bytes does
+        list(read_shard(copy, access=s3))  # ... the hash of the streamed bytes does
 
 
-def test_reader_resumes_after_a_connection_reset(digits, settings: Settings, monkeypatch) -> None:
+def test_reader_resumes_after_a_connection_reset(digits, s3: S3Access, monkeypatch) -> None:
     # A reset mid-stream cannot be caused on loopback on demand: the body is made to break once.
     manifest, _ = digits
     shard = manifest.split("train").shards[2]
-    client = settings.s3_client()
+    client = s3.client()
     real_get = client.get_object
     calls = []
 
@@ -313,8 +313,19 @@ def test_reader_resumes_after_a_connection_reset(digits, settings: Settings, mon
         return {**response, "Body": BreaksOnce(response["Body"])}
 
     monkeypatch.setattr(client, "get_object", get_object)
-    monkeypatch.setattr(s3io, "BACKOFF_S", 0.01)
-    reader = io.BufferedReader(RetryingS3Reader(client, shard.url))
+    reader = io.BufferedReader(RetryingS3Reader(s3, shard.url))
     data = reader.read()
     assert hashlib.sha256(data).hexdigest() == shard.sha256
     assert calls[0] is None and calls[1].startswith("bytes=") and calls[1] != "bytes=0-"
+
+
+def test_unreachable_store_fails_after_the_retry_window_naming_shard_and_window(digits) -> None:
+    manifest, _ = digits
+    from infra.stack import StackPorts
+
+    nowhere = S3Access(endpoint=f"http://127.0.0.1:{StackPorts.free().s3}", access_key="k", secret_key="s",
+                       retry_window_s=1.5)
+    shard = manifest.split("train").shards[0]
+    with pytest.raises(ShardReadError, match=rf"could not read shard {shard.url} at byte 0: the store did not "
+                                             r"answer for 2 s \(the retry window"):
+        list(read_shard(shard, access=nowhere))

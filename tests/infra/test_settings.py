@@ -58,6 +58,17 @@ def test_malformed_file_is_named(tmp_path: Path) -> None:
         load_settings(tmp_path)
 
 
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"[1, 2]", "holds a JSON list, not an object"),
+    (b"null", "holds a JSON null, not an object"),
+    (b"\x80\x81 not text", "is not valid JSON"),
+])
+def test_file_that_is_no_settings_object_is_named(tmp_path: Path, content: bytes, problem: str) -> None:
+    (tmp_path / "settings.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"settings\.json {problem}.*run `compound up` to rewrite it"):
+        load_settings(tmp_path)
+
+
 def test_home_defaults_and_follows_compound_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert compound_home() == Path("~/.compound").expanduser()
     monkeypatch.setenv("COMPOUND_HOME", str(tmp_path))

@@ -1,10 +1,13 @@
 """The local stack against its real processes: SeaweedFS, the MLflow server and a Ray head."""
 
+import json
+import logging
 import shutil
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -17,7 +20,7 @@ from botocore.exceptions import ClientError
 from click.testing import CliRunner
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from infra.settings import Settings
+from infra.settings import Settings, load_settings, write_private
 from infra.stack import Stack, StackError, StackPorts
 from jobs.cli import cli
 
@@ -167,6 +170,61 @@ def test_data_survives_down_and_up(stack: Stack, settings: Settings, tmp_path: P
     assert client.get_run(run.info.run_id).data.metrics["accuracy"] == 0.9
     downloaded = client.download_artifacts(run.info.run_id, "model.txt", str(tmp_path / "back"))
     assert Path(downloaded).read_text() == "weights"
+
+
+@pytest.fixture
+def settings_file(stack: Stack) -> Iterator[Path]:
+    """The running stack's settings file, put back as it was should a test leave it damaged."""
+    path = stack.home / "settings.json"
+    original = path.read_bytes()
+    yield path
+    write_private(path, original.decode())
+
+
+DAMAGED_SETTINGS = {
+    "bad JSON": '{"s3_endpoint": "http://127.0.0.1:8333", ',
+    "not an object": "[]",
+    "keys missing": json.dumps({"s3_endpoint": "http://127.0.0.1:8333", "mlflow_tracking_uri": "http://x"}),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_SETTINGS.values(), ids=DAMAGED_SETTINGS.keys())
+def test_up_rewrites_a_damaged_settings_file_with_the_keys_the_store_has(
+    stack: Stack, settings: Settings, settings_file: Path, damage: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings_file.write_text(damage)
+    with caplog.at_level(logging.WARNING, logger="infra.stack"):
+        _, started = stack.up()
+    assert started == []
+    assert f"{settings_file} " in caplog.text and "the S3 keys come from" in caplog.text
+    recovered = load_settings(stack.home)
+    assert (recovered.s3_access_key, recovered.s3_secret_key) == (settings.s3_access_key, settings.s3_secret_key)
+    key = f"recovered/{uuid.uuid4().hex}"
+    recovered.s3_client().put_object(Bucket=recovered.shards_bucket, Key=key, Body=b"still mine")
+    assert settings.s3_client().get_object(Bucket=settings.shards_bucket, Key=key)["Body"].read() == b"still mine"
+
+
+def test_compound_up_says_what_is_wrong_with_the_settings_file(
+    stack: Stack, settings: Settings, settings_file: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings_file.write_text("{not json")
+    result = CliRunner().invoke(cli, ["up", "--home", str(stack.home)])
+    assert result.exit_code == 0, result.output
+    assert result.exception is None and "Traceback" not in result.output
+    assert f"{settings_file} is not valid JSON" in caplog.text + result.output
+    assert load_settings(stack.home).s3_secret_key == settings.s3_secret_key
+
+
+def test_new_keys_only_when_neither_file_has_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    stopped = Stack(tmp_path)
+    (tmp_path / "settings.json").write_text("[]")
+    assert stopped.settings_for(StackPorts()).s3_access_key.get_secret_value().startswith("compound-")
+    assert "has no S3 keys either, so new ones are generated" in caplog.text
+    (tmp_path / "s3").mkdir()
+    identity = {"name": "compound", "credentials": [{"accessKey": "AK", "secretKey": "SK"}], "actions": ["Admin"]}
+    (tmp_path / "s3" / "s3.json").write_text(json.dumps({"identities": [identity]}))
+    recovered = stopped.settings_for(StackPorts())
+    assert (recovered.s3_access_key.get_secret_value(), recovered.s3_secret_key.get_secret_value()) == ("AK", "SK")
 
 
 def test_status_exits_non_zero_when_the_stack_is_down(tmp_path: Path) -> None:

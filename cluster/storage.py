@@ -1,0 +1,89 @@
+"""S3 access for workers: a small, frozen, picklable description of one store.
+
+`jobs/` builds an `S3Access` from the stack's settings and hands it to every process that reads
+shards or writes checkpoints; nothing in `cluster/` reads settings or environment itself, so one
+process can talk to two stores. Keys are `SecretStr`: they never print.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from urllib.parse import urlparse
+
+from botocore.exceptions import ClientError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
+# pyarrow's AWS standard strategy backs off exponentially up to 20 s a try: 12 tries ride out a
+# couple of minutes of store outage while Ray uploads a checkpoint.
+FILESYSTEM_RETRY_ATTEMPTS = 12
+
+
+class S3Access(BaseModel):
+    """Endpoint, region and keys of one S3 store, and how long reads retry through an outage."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    endpoint: str = Field(default="", description="S3 API URL, e.g. http://127.0.0.1:8333; empty for AWS S3")
+    region: str = "us-east-1"
+    # Both or neither: without keys boto3 and pyarrow use AWS's default chain (instance role, IRSA, env).
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    retry_window_s: float = Field(default=180.0, gt=0, description="how long a read retries before failing")
+
+    @model_validator(mode="after")
+    def _keys_come_in_pairs(self) -> S3Access:
+        if (self.access_key is None) != (self.secret_key is None):
+            raise ValueError("set both access_key and secret_key, or neither (to use AWS's default credentials)")
+        return self
+
+    def client(self):  # -> botocore S3 client
+        """This process's boto3 client for the store (clients must not cross a fork)."""
+        return _client(self, os.getpid())
+
+    def filesystem(self):  # -> pyarrow.fs.S3FileSystem
+        """A pyarrow filesystem for the store: what Ray Train writes checkpoints through."""
+        from pyarrow.fs import AwsStandardS3RetryStrategy, S3FileSystem
+
+        options = {}
+        if self.endpoint:
+            parsed = urlparse(self.endpoint)
+            options = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
+        return S3FileSystem(
+            access_key=_reveal(self.access_key), secret_key=_reveal(self.secret_key), region=self.region,
+            retry_strategy=AwsStandardS3RetryStrategy(max_attempts=FILESYSTEM_RETRY_ATTEMPTS), **options,
+        )
+
+
+@functools.cache
+def _client(access: S3Access, pid: int):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=access.endpoint or None, region_name=access.region,
+        aws_access_key_id=_reveal(access.access_key), aws_secret_access_key=_reveal(access.secret_key),
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+    )
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret is not None else None
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """s3://bucket/key → (bucket, key)."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an S3 URL: {url!r} (expected s3://bucket/key)")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def s3_error_code(error: ClientError) -> str:
+    """The S3 error code of a failed request (e.g. 'NoSuchKey', '404', 'AccessDenied')."""
+    return str(error.response.get("Error", {}).get("Code", "unknown"))
+
+
+def is_not_found(error: ClientError) -> bool:
+    return s3_error_code(error) in NOT_FOUND_CODES

@@ -1,0 +1,58 @@
+"""`compound data …`: datasets as WebDataset shards on S3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from jobs.cli.common import console, home_option
+
+
+@click.group()
+def data() -> None:
+    """Datasets as WebDataset shards on S3."""
+
+
+@data.command("shards")
+@click.argument("source")
+@click.argument("dest")
+@click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True,
+              help="Side of the RGB images made from the 8x8 digits (sklearn:digits only).")
+@click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--shard-size", "shard_mb", type=click.FloatRange(min=0.001), default=64.0, show_default=True,
+              help="Target shard size in MB.")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already at DEST.")
+@home_option
+def data_shards(source: str, dest: str, image_size: int, val_fraction: float, seed: int, shard_mb: float,
+                overwrite: bool, home: Path | None) -> None:
+    """Write SOURCE as WebDataset shards and a manifest under DEST (s3://bucket/prefix/).
+
+    SOURCE is `sklearn:digits` (the embedded demo data), an image folder with one sub-folder per
+    class, or existing WebDataset tars (a .tar path, a glob, or a comma-separated list).
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from cluster.data.sources import open_source
+    from cluster.data.writer import write_shards
+    from infra.settings import ConfigError, load_settings
+    from jobs.connect import s3_access
+
+    try:
+        settings = load_settings(home)
+        dataset = open_source(source, image_size=image_size, val_fraction=val_fraction, seed=seed)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed} samples"),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task(f"sharding {dataset.name}")
+            written = write_shards(
+                dataset, dest, s3=s3_access(settings), shard_bytes=int(shard_mb * 2**20), overwrite=overwrite,
+                on_sample=lambda: progress.advance(task),
+            )
+    except (ValueError, ConfigError, FileExistsError) as error:
+        raise click.ClickException(str(error)) from None
+    for name, split in written.manifest.splits.items():
+        console.print(f"{name}: {split.samples} samples in {len(split.shards)} shards")
+    if written.skipped:
+        console.print(f"skipped {len(written.skipped)} undecodable or unlabelled images (see the log)")
+    console.print(f"manifest: {written.url}")
