@@ -105,7 +105,7 @@ def round_channels(channels: float, width_mult: float, divisor: int = CHANNEL_DI
 
 def round_repeats(repeats: int, depth_mult: float) -> int:
     """Scale a stage's block count by `depth_mult`, rounding up."""
-    return int(math.ceil(repeats * depth_mult))
+    return math.ceil(repeats * depth_mult)
 
 
 def get_spec(name: str) -> EfficientNetSpec:

@@ -14,29 +14,93 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from effnet.model import EfficientNet
-from effnet.specs import EfficientNetSpec
+from effnet.model import EfficientNet, build
+from effnet.specs import EfficientNetSpec, get_spec
 
 CHECKPOINT_FORMAT = "compound.effnet/1"
 StateDict = dict[str, torch.Tensor]
+CLASSIFIER_WEIGHT = "classifier.weight"  # (num_classes, features) in our layout, whatever the source
 
 
 class WeightsMismatchError(ValueError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
+class NumClassesMismatchError(WeightsMismatchError):
+    """The weights file's classifier has `in_file` classes but a model with `asked` classes was wanted.
+
+    `compound` tells a compound checkpoint (which knows its own head) from a reference state dict;
+    the fields let a caller such as the CLI phrase the fix in its own terms (flags, not arguments).
+    """
+
+    def __init__(self, path: Path, *, in_file: int, asked: int, compound: bool) -> None:
+        self.path, self.in_file, self.asked, self.compound = path, in_file, asked, compound
+        if compound:
+            fix = f"leave num_classes out to use the checkpoint's, or pass num_classes={in_file}"
+        else:
+            fix = f"pass num_classes={in_file}, or load_reference_weights(..., new_head=True) for a new head"
+        super().__init__(f"{path} holds a classifier for {in_file} classes, not the {asked} asked for; {fix}")
+
+
 def read_state_dict(path: str | Path) -> StateDict:
-    """A state dict from a `.safetensors` file or a `torch.save`d one (read with weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {path}")
-    if path.suffix == ".safetensors":
+    """A state dict from a safetensors file or a `torch.save`d one (read with weights_only).
+
+    The format is told by content, not by suffix: `.pth`, `.pt`, `.bin` and `.safetensors` are
+    all used for both in the wild.
+    """
+    path = _existing(path)
+    if _safetensors_metadata(path) is not None:
         return safetensors.torch.load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):  # training scripts often nest the weights
-        if isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    return dict(state)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load on foreign bytes raises anything from EOFError to KeyError
+        raise ValueError(
+            f"{path} is neither a safetensors file nor a torch.save file that weights_only can read ({error}); "
+            "pass an EfficientNet state dict or a compound checkpoint"
+        ) from error
+    if isinstance(state, Mapping):
+        for wrapper in ("state_dict", "model"):  # training scripts often nest the weights
+            if isinstance(state.get(wrapper), Mapping):
+                state = state[wrapper]
+        return dict(state)
+    raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict; pass an EfficientNet state dict")
+
+
+def is_compound_checkpoint(path: str | Path) -> bool:
+    """Whether `path` was written by `save_checkpoint`, judged by its metadata, not its suffix."""
+    metadata = _safetensors_metadata(_existing(path))
+    return metadata is not None and metadata.get("format") == CHECKPOINT_FORMAT
+
+
+def load_weights(path: str | Path, variant: str, *, num_classes: int | None = None) -> EfficientNet:
+    """`variant` with the weights in `path`, in any format we accept, told apart by content.
+
+    - A compound checkpoint (`save_checkpoint`) rebuilds its own model from the spec it carries:
+      it must hold `variant`, and `num_classes`, if given, must be the checkpoint's.
+    - Anything else is a torchvision or timm state dict (safetensors, or torch.save as `.pth`,
+      `.pt`, `.bin`) loaded into `build(variant, num_classes=...)`, 1000 classes by default; a
+      classifier of another size raises naming the file's number of classes.
+    """
+    path = _existing(path)
+    get_spec(variant)  # an unknown variant raises listing the valid ones before any file is read
+    if is_compound_checkpoint(path):
+        model = load_checkpoint(path)
+        spec = model.spec
+        if spec.name != variant:
+            raise WeightsMismatchError(
+                f"{path} is a compound checkpoint of {spec.name}, not {variant}; ask for {spec.name} instead"
+            )
+        if num_classes is not None and num_classes != spec.num_classes:
+            raise NumClassesMismatchError(path, in_file=spec.num_classes, asked=num_classes, compound=True)
+        return model
+    model = build(variant) if num_classes is None else build(variant, num_classes=num_classes)
+    state = _translated(read_state_dict(path))
+    classifier = state.get(CLASSIFIER_WEIGHT)
+    if classifier is not None and classifier.ndim == 2 and classifier.shape[0] != model.spec.num_classes:
+        raise NumClassesMismatchError(path, in_file=classifier.shape[0], asked=model.spec.num_classes, compound=False)
+    _check_fits(model, state, source=str(path))
+    model.load_state_dict(state)
+    return model
 
 
 def load_reference_weights(model: EfficientNet, path: str | Path, *, new_head: bool = False) -> EfficientNet:
@@ -46,9 +110,7 @@ def load_reference_weights(model: EfficientNet, path: str | Path, *, new_head: b
     (freshly initialised) head for its `num_classes`: the usual start of transfer learning.
     A checkpoint that does not fit raises naming the missing, unexpected and mis-shaped keys.
     """
-    state = read_state_dict(path)
-    translate = _translator(state)
-    state = {translate(key): value for key, value in state.items()}
+    state = _translated(read_state_dict(path))
     if new_head:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     _check_fits(model, state, source=str(path), ignore_prefix="classifier." if new_head else None)
@@ -56,33 +118,56 @@ def load_reference_weights(model: EfficientNet, path: str | Path, *, new_head: b
     return model
 
 
-def save_checkpoint(model: EfficientNet, path: str | Path) -> Path:
-    """Save weights with the full spec in the file's metadata, so the file alone rebuilds the model."""
+def save_checkpoint(model: EfficientNet, path: str | Path, *, state: StateDict | None = None) -> Path:
+    """Save weights with the full spec in the file's metadata, so the file alone rebuilds the model.
+
+    `state` replaces the model's own state dict, e.g. weights gathered from ZeRO-3 shards.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": CHECKPOINT_FORMAT, "spec": json.dumps(dataclasses.asdict(model.spec))}
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in (state if state is not None else model.state_dict()).items()}
     safetensors.torch.save_file(state, path, metadata=metadata)
     return path
 
 
 def load_checkpoint(path: str | Path) -> EfficientNet:
     """Rebuild a model saved by `save_checkpoint`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    with safetensors.safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") != CHECKPOINT_FORMAT:
+    path = _existing(path)
+    metadata = _safetensors_metadata(path)
+    if metadata is None or metadata.get("format") != CHECKPOINT_FORMAT:
+        found = "not a safetensors file" if metadata is None else f"format {metadata.get('format')!r}"
         raise WeightsMismatchError(
-            f"{path} is not a compound checkpoint (format {metadata.get('format')!r}); "
-            "for torchvision or timm weights use load_reference_weights()"
+            f"{path} is not a compound checkpoint ({found}); "
+            "for torchvision or timm weights use load_weights() or load_reference_weights()"
         )
     model = EfficientNet(EfficientNetSpec(**json.loads(metadata["spec"])))
     state = safetensors.torch.load_file(path)
     _check_fits(model, state, source=str(path))
     model.load_state_dict(state)
     return model
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    return path
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str] | None:
+    """The file's safetensors metadata ({} when it has none), or None when it is not safetensors at all."""
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except safetensors.SafetensorError:  # e.g. a torch.save zip: its first 8 bytes are no header length
+        return None
+
+
+def _translated(state: StateDict) -> StateDict:
+    """`state` with its keys in our layout, whichever of torchvision's, timm's or ours it came in."""
+    translate = _translator(state)
+    return {translate(key): value for key, value in state.items()}
 
 
 def _check_fits(model: EfficientNet, state: StateDict, *, source: str, ignore_prefix: str | None = None) -> None:

@@ -33,7 +33,13 @@ import psutil
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from infra.settings import (
-    RAY_CLIENT_ENV, SETTINGS_FILE, ConfigError, Settings, read_settings_file, write_private, write_settings,
+    RAY_CLIENT_ENV,
+    SETTINGS_FILE,
+    ConfigError,
+    Settings,
+    read_settings_file,
+    write_private,
+    write_settings,
 )
 
 log = logging.getLogger(__name__)

@@ -257,7 +257,10 @@ class ShardLoader:
     @property
     def steps_per_epoch(self) -> int:
         """Batches every rank gets in the current epoch (the same on all ranks; may vary by epoch)."""
-        return self._plan(self.state.epoch).batches_per_slot * self._workers
+        return self.steps_in_epoch(self.state.epoch)
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self._plan(epoch).batches_per_slot * self._workers
 
     def state_dict(self) -> dict:
         return self.state.model_dump()

@@ -26,6 +26,7 @@ class AugmentSpec(BaseModel):
     crop_scale: tuple[float, float] = (0.08, 1.0)
     horizontal_flip: bool = True
     policy: Literal["none", "randaugment", "autoaugment"] = "none"
+    randaugment_magnitude: int = Field(default=9, ge=0, le=30, description="RandAugment's magnitude (of 31 bins)")
     random_erasing: float = Field(default=0.0, ge=0.0, le=1.0, description="probability per image")
     mixup_alpha: float = Field(default=0.0, ge=0.0)
     cutmix_alpha: float = Field(default=0.0, ge=0.0)
@@ -40,7 +41,7 @@ def train_transform(resolution: int, augment: AugmentSpec) -> Transform:
     if augment.horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
     if augment.policy == "randaugment":
-        steps.append(v2.RandAugment())
+        steps.append(v2.RandAugment(magnitude=augment.randaugment_magnitude))
     elif augment.policy == "autoaugment":
         steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

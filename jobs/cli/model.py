@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
 from jobs.cli.common import console
+
+if TYPE_CHECKING:
+    from effnet.weights import NumClassesMismatchError
 
 ONNX_TOLERANCE = 1e-4  # exported logits may differ from PyTorch's by this much of the largest
 
@@ -37,26 +41,29 @@ def list_models() -> None:
               help="Where to write the .onnx file.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A compound checkpoint, or a torchvision/timm state dict for VARIANT.")
-@click.option("--num-classes", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--num-classes", type=click.IntRange(min=1),
+              help="Classifier size; default: a compound checkpoint's own, else 1000.")
 @click.option("--resolution", type=click.IntRange(min=32), help="Input size; default: the variant's.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run the file in onnxruntime and compare with PyTorch.")
-def export(variant: str, out_path: Path, weights: Path | None, num_classes: int, resolution: int | None,
+def export(variant: str, out_path: Path, weights: Path | None, num_classes: int | None, resolution: int | None,
            check: bool) -> None:
-    """Export VARIANT (e.g. efficientnet_b0) to ONNX at a fixed input size."""
+    """Export VARIANT (e.g. efficientnet_b0) to ONNX at a fixed input size.
+
+    --weights may be a compound checkpoint or a torchvision/timm state dict, in safetensors or
+    torch.save form under any suffix: the file's content decides which.
+    """
     from effnet import build
     from effnet.export import export_onnx
-    from effnet.weights import load_checkpoint, load_reference_weights
+    from effnet.weights import NumClassesMismatchError, load_weights
 
     try:
-        if weights is not None and weights.suffix == ".safetensors":
-            net = load_checkpoint(weights)
-            if net.spec.name != variant:
-                raise ValueError(f"{weights} holds {net.spec.name}, not {variant}")
+        if weights is None:
+            net = build(variant) if num_classes is None else build(variant, num_classes=num_classes)
         else:
-            net = build(variant, num_classes=num_classes)
-            if weights is not None:
-                load_reference_weights(net, weights)
+            net = load_weights(weights, variant, num_classes=num_classes)
+    except NumClassesMismatchError as error:
+        raise click.ClickException(_num_classes_fix(error, given=num_classes is not None)) from None
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     resolution = resolution or net.spec.resolution
@@ -75,6 +82,15 @@ def export(variant: str, out_path: Path, weights: Path | None, num_classes: int,
                 f"onnxruntime disagrees with PyTorch by {relative:.1e} of the largest logit (> {ONNX_TOLERANCE}); "
                 f"{path} was removed"
             )
+
+
+def _num_classes_fix(error: NumClassesMismatchError, *, given: bool) -> str:
+    """The library's error phrased with this command's flags."""
+    asked = f"--num-classes {error.asked}" if given else f"the default {error.asked}"
+    if error.compound:
+        return (f"{error.path} is a compound checkpoint for {error.in_file} classes, not {asked}; "
+                f"leave out --num-classes or pass --num-classes {error.in_file}")
+    return f"{error.path} has a classifier for {error.in_file} classes, not {asked}; pass --num-classes {error.in_file}"
 
 
 def _onnxruntime_difference(net, path: Path, resolution: int) -> tuple[float, float]:

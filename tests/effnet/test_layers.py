@@ -71,7 +71,7 @@ def test_batch_norm_swish_passes_gradcheck() -> None:
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(3, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    fn = lambda *t: _BatchNormSwishFunction.apply(*t, None, None, 0.1, 1e-5)  # noqa: E731
+    fn = lambda *t: _BatchNormSwishFunction.apply(*t, None, None, 0.1, 1e-5)
     assert torch.autograd.gradcheck(fn, (x, weight, bias))
 
 

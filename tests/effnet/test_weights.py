@@ -1,15 +1,25 @@
 """Parity with the reference implementations: same weights in, same logits out."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
 import torchvision
 
 from effnet import VARIANTS, build
-from effnet.weights import WeightsMismatchError, load_checkpoint, load_reference_weights, save_checkpoint
+from effnet.weights import (
+    NumClassesMismatchError,
+    WeightsMismatchError,
+    is_compound_checkpoint,
+    load_checkpoint,
+    load_reference_weights,
+    load_weights,
+    save_checkpoint,
+)
 from tests.effnet.helpers import assert_close_relative, with_realistic_bn_stats
 
 OTHER_SIZE = 97  # odd on purpose: exercises padding at every stride
@@ -109,8 +119,75 @@ def test_own_checkpoint_round_trip_rebuilds_the_model(tmp_path: Path) -> None:
 
 
 def test_foreign_safetensors_is_not_taken_for_a_checkpoint(tmp_path: Path) -> None:
-    import safetensors.torch
-
     safetensors.torch.save_file({"w": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(WeightsMismatchError, match="not a compound checkpoint"):
         load_checkpoint(tmp_path / "other.safetensors")
+
+
+# --- load_weights: any accepted file, told apart by content --------------------------------------
+
+
+def _save_torch(state: dict[str, torch.Tensor], path: Path) -> None:
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize(
+    ("filename", "save"),
+    [
+        ("tv.safetensors", safetensors.torch.save_file),
+        ("tv.pth", safetensors.torch.save_file),  # safetensors content under a torch suffix
+        ("tv.bin", _save_torch),
+    ],
+)
+def test_reference_state_dict_in_any_container_loads_by_content(
+    filename: str, save: Callable[[dict[str, torch.Tensor], Path], None], tmp_path: Path
+) -> None:
+    reference = torchvision.models.efficientnet_b0()
+    save(reference.state_dict(), tmp_path / filename)
+    assert not is_compound_checkpoint(tmp_path / filename)
+    model = load_weights(tmp_path / filename, "efficientnet_b0")
+    assert model.spec.num_classes == 1000
+    assert torch.equal(model.stem.conv.weight, reference.features[0][0].weight)
+    assert torch.equal(model.classifier.weight, reference.classifier[1].weight)
+
+
+def test_compound_checkpoint_under_a_pth_name_rebuilds_its_own_model(tmp_path: Path) -> None:
+    model = build("efficientnet_b0", num_classes=7, padding="same").eval()
+    path = save_checkpoint(model, tmp_path / "model.safetensors").rename(tmp_path / "model.pth")
+    assert is_compound_checkpoint(path)
+    for num_classes in (None, 7):
+        restored = load_weights(path, "efficientnet_b0", num_classes=num_classes)
+        assert restored.spec == model.spec
+        assert torch.equal(restored.classifier.weight, model.classifier.weight)
+
+
+def test_compound_checkpoint_refuses_another_variant_or_num_classes(tmp_path: Path) -> None:
+    path = save_checkpoint(build("efficientnet_b0", num_classes=7), tmp_path / "model.safetensors")
+    with pytest.raises(WeightsMismatchError, match="compound checkpoint of efficientnet_b0, not efficientnet_b1"):
+        load_weights(path, "efficientnet_b1")
+    with pytest.raises(NumClassesMismatchError, match=r"7 classes, not the 10 asked for.*num_classes=7") as caught:
+        load_weights(path, "efficientnet_b0", num_classes=10)
+    assert (caught.value.in_file, caught.value.asked, caught.value.compound) == (7, 10, True)
+
+
+def test_reference_state_dict_with_another_head_names_its_num_classes(tmp_path: Path) -> None:
+    reference = torchvision.models.efficientnet_b0(num_classes=10)
+    torch.save(reference.state_dict(), tmp_path / "tv10.pth")
+    with pytest.raises(NumClassesMismatchError, match=r"10 classes, not the 1000 asked for; pass num_classes=10"):
+        load_weights(tmp_path / "tv10.pth", "efficientnet_b0")
+    model = load_weights(tmp_path / "tv10.pth", "efficientnet_b0", num_classes=10)
+    assert torch.equal(model.classifier.weight, reference.classifier[1].weight)
+
+
+def test_files_that_are_not_weights_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "notes.pth").write_bytes(b"not weights at all")
+    assert not is_compound_checkpoint(tmp_path / "notes.pth")
+    with pytest.raises(ValueError, match="neither a safetensors file nor a torch.save file"):
+        load_weights(tmp_path / "notes.pth", "efficientnet_b0")
+    torch.save(torchvision.models.efficientnet_b0().state_dict(), tmp_path / "tv.pth")
+    with pytest.raises(WeightsMismatchError, match=r"not a compound checkpoint \(not a safetensors file\)"):
+        load_checkpoint(tmp_path / "tv.pth")
+    with pytest.raises(ValueError, match="unknown EfficientNet variant 'efficientnet_b9'"):
+        load_weights(tmp_path / "tv.pth", "efficientnet_b9")
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        load_weights(tmp_path / "nope.safetensors", "efficientnet_b0")

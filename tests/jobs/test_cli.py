@@ -37,12 +37,51 @@ def test_mismatched_weights_exit_non_zero_and_write_nothing(tmp_path: Path) -> N
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_torchvision_safetensors_exports_through_the_cli(tmp_path: Path) -> None:
+    import safetensors.torch
+    import torchvision
+
+    safetensors.torch.save_file(torchvision.models.efficientnet_b0().state_dict(), tmp_path / "tv.safetensors")
+    out = tmp_path / "b0.onnx"
+    result = CliRunner().invoke(
+        cli,
+        ["model", "export", "efficientnet_b0", "--weights", str(tmp_path / "tv.safetensors"),
+         "--resolution", "64", "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    onnx.checker.check_model(str(out))
+
+
+def test_num_classes_mismatches_exit_non_zero_naming_the_flag_and_write_nothing(tmp_path: Path) -> None:
+    import torch
+    import torchvision
+
+    from effnet import build
+    from effnet.weights import save_checkpoint
+
+    save_checkpoint(build("efficientnet_b0", num_classes=7), tmp_path / "ckpt.safetensors")
+    torch.save(torchvision.models.efficientnet_b0(num_classes=10).state_dict(), tmp_path / "tv10.pth")
+    out = tmp_path / "x.onnx"
+    export = ["model", "export", "efficientnet_b0", "--resolution", "64", "--out", str(out), "--weights"]
+
+    result = CliRunner().invoke(cli, [*export, str(tmp_path / "ckpt.safetensors"), "--num-classes", "10"])
+    assert result.exit_code == 1
+    assert "compound checkpoint for 7 classes, not --num-classes 10" in result.output
+    assert "leave out --num-classes or pass --num-classes 7" in result.output
+
+    result = CliRunner().invoke(cli, [*export, str(tmp_path / "tv10.pth")])
+    assert result.exit_code == 1
+    assert "classifier for 10 classes, not the default 1000; pass --num-classes 10" in result.output
+    assert "load_reference_weights" not in result.output and "num_classes=" not in result.output
+    assert not out.exists()
+
+
 def test_console_script_exports_a_checked_onnx_file(tmp_path: Path) -> None:
     out = tmp_path / "b0.onnx"
     compound = Path(sys.executable).with_name("compound")
     result = subprocess.run(
         [str(compound), "model", "export", "efficientnet_b0", "--resolution", "64", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        check=False, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "× largest |logit|" in result.stdout

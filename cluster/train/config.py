@@ -1,0 +1,178 @@
+"""The training sections of a job spec: model, optimisation, precision, strategy, scaling,
+checkpoints and failures. Each is a frozen pydantic model validated on construction; `jobs/spec.py`
+assembles them (with the data and tracking sections) into a job spec.
+
+Defaults that depend on the model (resolution, dropout, drop-path rate) are filled in when the
+section is read, so a validated spec prints every value a run will use.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.data.spec import DataSpec
+from effnet import VARIANTS
+from effnet.specs import B0_STAGES
+
+# The other architectures of the seed articles, trainable as teachers: torchvision builds them.
+TORCHVISION_CLASSIFIERS = ("resnet50", "resnext50_32x4d", "densenet121", "mobilenet_v3_large")
+TORCHVISION_RESOLUTION = 224
+EFFICIENTNET_DROP_PATH_RATE = 0.2  # the reference recipe's stochastic depth
+MODEL_NAMES = (*VARIANTS, *TORCHVISION_CLASSIFIERS)
+JOB_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"  # a Ray submission id, a storage folder and an MLflow tag
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Section):
+    """What to train: an EfficientNet variant or a torchvision classifier, and how."""
+
+    arch: str = Field(default="efficientnet_b0", description=f"one of {', '.join(MODEL_NAMES)}")
+    num_classes: int | None = Field(default=None, ge=2, description="default: the dataset's classes")
+    resolution: int | None = Field(default=None, ge=16, le=2048, description="input side; default: the model's")
+    dropout: float | None = Field(default=None, ge=0, lt=1, description="before the classifier; default: the model's")
+    drop_path_rate: float | None = Field(default=None, ge=0, lt=1, description="stochastic depth (EfficientNet)")
+    pretrained: str | None = Field(default=None, description="a local weights file (compound, torchvision or timm)")
+    freeze_through_stage: int | None = Field(default=None, ge=-1, lt=len(B0_STAGES),
+                                             description="freeze the stem (-1) and stages 0..k (EfficientNet)")
+    activation_checkpointing: bool = Field(default=False, description="recompute each stage in backward (EfficientNet)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_defaults(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        arch = values.get("arch", cls.model_fields["arch"].default)
+        if arch in VARIANTS:
+            variant = VARIANTS[arch]
+            defaults = {"resolution": variant.resolution, "dropout": variant.dropout,
+                        "drop_path_rate": EFFICIENTNET_DROP_PATH_RATE}
+        elif arch in TORCHVISION_CLASSIFIERS:
+            defaults = {"resolution": TORCHVISION_RESOLUTION}
+        else:
+            return values
+        return {**values, **{key: value for key, value in defaults.items() if values.get(key) is None}}
+
+    @model_validator(mode="after")
+    def _known_arch_and_options(self) -> ModelSpec:
+        if self.arch not in MODEL_NAMES:
+            raise ValueError(f"arch {self.arch!r} is not a model compound trains; choose one of {', '.join(MODEL_NAMES)}")
+        if not self.is_efficientnet:
+            given = [name for name in ("dropout", "drop_path_rate", "freeze_through_stage")
+                     if getattr(self, name) is not None] + (["activation_checkpointing"] if self.activation_checkpointing else [])
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to EfficientNet variants only, not {self.arch}; remove them")
+        return self
+
+    @property
+    def is_efficientnet(self) -> bool:
+        return self.arch in VARIANTS
+
+
+class OptimSpec(_Section):
+    """Optimiser, learning-rate schedule (linear warm-up, then cosine to a floor) and regularisation."""
+
+    optimizer: Literal["adamw", "sgd", "rmsprop"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0, le=10, description="peak learning rate")
+    lr_reference_batch: int | None = Field(
+        default=None, ge=1, description="scale lr by global batch / this (the linear scaling rule); unset: no scaling")
+    final_lr_fraction: float = Field(default=0.01, ge=0, le=1, description="the cosine ends at lr × this")
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    warmup_steps: int | None = Field(default=None, ge=0, description="instead of warmup_epochs")
+    weight_decay: float = Field(default=0.05, ge=0, description="not applied to norms and biases")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd and rmsprop")
+    nesterov: bool = Field(default=True, description="sgd, when momentum > 0")
+    rmsprop_decay: float = Field(default=0.9, gt=0, lt=1)
+    eps: float | None = Field(default=None, gt=0, description="default: 1e-8 (adamw), 1e-3 (rmsprop, as the paper)")
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    ema_decay: float | None = Field(default=None, gt=0, lt=1, description="keep an EMA of the weights, e.g. 0.9998")
+    grad_clip_norm: float | None = Field(default=None, gt=0)
+    grad_accumulation: int = Field(default=1, ge=1, le=1024, description="micro-batches per optimiser step")
+    epochs: int = Field(default=10, ge=1, le=100_000)
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> OptimSpec:
+        if self.warmup_steps is not None and self.warmup_epochs:
+            raise ValueError("give warmup_epochs or warmup_steps, not both")
+        return self
+
+
+class PrecisionSpec(_Section):
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="fp16 needs GPUs")
+    channels_last: bool = True
+
+
+class DDPStrategy(_Section):
+    name: Literal["ddp"] = "ddp"
+
+
+class DeepSpeedStrategy(_Section):
+    name: Literal["deepspeed"]
+    zero_stage: Literal[1, 2, 3] = 2
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="expert override: merged into the DeepSpeed config generated from the spec")
+
+
+Strategy = Annotated[DDPStrategy | DeepSpeedStrategy, Field(discriminator="name")]
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(default=2, ge=1, le=4096)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, gt=0, description="with use_gpu")
+    memory_per_worker_gb: float | None = Field(default=None, gt=0)
+
+
+class CheckpointSpec(_Section):
+    every_steps: int | None = Field(default=None, ge=1, description="also checkpoint every N steps")
+    at_epoch_end: bool = True
+    keep: int = Field(default=2, ge=1, description="checkpoints kept in storage")
+    storage: str | None = Field(default=None, pattern=r"^s3://[^/]+(/.*)?$",
+                                description="s3://bucket/prefix; default: the stack's checkpoints bucket")
+
+
+class FailureSpec(_Section):
+    max_failures: int = Field(default=3, ge=0, description="worker-group restarts before the job fails")
+
+
+class TrainingSpec(_Section):
+    """Everything a training run needs: what the workers and the trainer read."""
+
+    name: str = Field(pattern=JOB_NAME_PATTERN, description="the job's identity: storage folder, Ray and MLflow")
+    model: ModelSpec = ModelSpec()
+    data: DataSpec
+    optim: OptimSpec = OptimSpec()
+    precision: PrecisionSpec = PrecisionSpec()
+    strategy: Strategy = DDPStrategy()
+    scaling: ScalingSpec = ScalingSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    failure: FailureSpec = FailureSpec()
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> TrainingSpec:
+        if self.precision.dtype == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("precision.dtype fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16 or fp32")
+        deepspeed = isinstance(self.strategy, DeepSpeedStrategy)
+        if deepspeed and self.strategy.zero_stage == 3 and self.optim.ema_decay is not None:
+            raise ValueError("optim.ema_decay is not supported with ZeRO stage 3 (each rank holds a shard of the "
+                             "weights); use zero_stage 1 or 2, or drop ema_decay")
+        every = self.checkpoint.every_steps
+        if every is not None and every % self.optim.grad_accumulation:
+            raise ValueError(f"checkpoint.every_steps ({every}) must be a multiple of optim.grad_accumulation "
+                             f"({self.optim.grad_accumulation}): checkpoints fall on optimiser steps")
+        return self
+
+    @property
+    def global_batch(self) -> int:
+        return self.data.batch_size * self.scaling.num_workers * self.optim.grad_accumulation
+
+    @property
+    def peak_lr(self) -> float:
+        reference = self.optim.lr_reference_batch
+        return self.optim.lr * (self.global_batch / reference if reference else 1.0)

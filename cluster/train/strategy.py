@@ -1,0 +1,234 @@
+"""DDP or DeepSpeed behind one small interface: a micro-step (forward + backward), an optimiser step,
+and saving or loading the model and optimiser state.
+
+The loop owns gradient accumulation: it says which micro-step syncs (the last before an optimiser
+step), so both strategies take the same steps. The learning rate is set before every optimiser
+step from the pure schedule, so neither keeps a scheduler of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cluster.data.loader import Batch
+from cluster.train.config import DeepSpeedStrategy, OptimSpec, TrainingSpec
+from cluster.train.models import parameter_groups
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINING_STATE_FILE = "training.pt"
+DEEPSPEED_TAG = "deepspeed"
+ADAMW_EPS, RMSPROP_EPS = 1e-8, 1e-3  # RMSprop's as in the EfficientNet paper
+
+LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
+
+
+def make_optimizer(model: nn.Module, optim: OptimSpec) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, optim.weight_decay)
+    if optim.optimizer == "sgd":
+        nesterov = optim.nesterov and optim.momentum > 0  # Nesterov needs momentum to look ahead with
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=nesterov)
+    if optim.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=optim.lr, alpha=optim.rmsprop_decay, momentum=optim.momentum,
+                                   eps=optim.eps or RMSPROP_EPS)
+    return torch.optim.AdamW(groups, lr=optim.lr, eps=optim.eps or ADAMW_EPS)
+
+
+class WeightEMA:
+    """An exponential moving average of a model's weights, kept in fp32 whatever the model runs in."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(module).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        ema = list(self.module.parameters())
+        torch._foreach_lerp_(ema, [p.detach().float() for p in module.parameters()], 1.0 - self.decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), module.buffers(), strict=True):
+            ema_buffer.copy_(buffer)  # BatchNorm statistics follow the model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
+class Strategy:
+    """What the loop needs from DDP or DeepSpeed."""
+
+    module: nn.Module  # the unwrapped model: evaluation, EMA and exported weights read it
+    optimizer: torch.optim.Optimizer
+
+    def micro_step(self, batch: Batch, loss_fn: LossFn, *, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; gradients are all-reduced only when `sync`."""
+        raise NotImplementedError
+
+    def optimizer_step(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
+
+    def save(self, directory: Path, *, rank: int) -> None:
+        raise NotImplementedError
+
+    def load(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights (called on every rank; complete on rank 0)."""
+        return self.module.state_dict()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
+class DDP(Strategy):
+    """PyTorch DistributedDataParallel over the process group Ray Train set up (gloo or nccl)."""
+
+    def __init__(self, module: nn.Module, spec: TrainingSpec, device: torch.device) -> None:
+        if spec.precision.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module, self.device = module, device
+        self.dtype = DTYPES[spec.precision.dtype]
+        self.accumulation = spec.optim.grad_accumulation
+        self.clip = spec.optim.grad_clip_norm
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        # Gradients as views of DDP's buckets: no copy into them, and no stride mismatch for the
+        # channels_last 1x1 convolutions (whose weights are laid out alike in both formats).
+        self.model = (nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                                          gradient_as_bucket_view=True)
+                      if distributed else module)
+        self.optimizer = make_optimizer(module, spec.optim)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=spec.precision.dtype == "fp16")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def micro_step(self, batch: Batch, loss_fn: LossFn, *, sync: bool) -> torch.Tensor:
+        no_sync = self.model.no_sync if not sync and self.model is not self.module else contextlib.nullcontext
+        with no_sync():
+            with self.autocast():
+                logits = self.model(batch.images)
+            loss = loss_fn(logits.float(), batch)
+            self.scaler.scale(loss / self.accumulation).backward()
+        return loss.detach()
+
+    def optimizer_step(self, lr: float) -> None:
+        self.set_lr(lr)
+        if self.clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=False)  # the gradients are DDP's bucket views: keep them
+
+    def save(self, directory: Path, *, rank: int) -> None:
+        if rank == 0:  # the replicas are identical
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict()}
+            torch.save(state, directory / TRAINING_STATE_FILE)
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / TRAINING_STATE_FILE, map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def deepspeed_config(spec: TrainingSpec) -> dict[str, Any]:
+    """The DeepSpeed config for a spec: generated from its sections, then the expert override merged in."""
+    assert isinstance(spec.strategy, DeepSpeedStrategy)
+    generated = {
+        "train_micro_batch_size_per_gpu": spec.data.batch_size,
+        "gradient_accumulation_steps": spec.optim.grad_accumulation,
+        "train_batch_size": spec.global_batch,
+        # The loop decides which micro-step ends an accumulation (and flushes a partial one at the end of an
+        # epoch), exactly as with DDP.
+        "managed_gradient_accumulation": False,
+        "zero_optimization": {"stage": spec.strategy.zero_stage},
+        "gradient_clipping": spec.optim.grad_clip_norm or 0.0,
+        "bf16": {"enabled": spec.precision.dtype == "bf16"},
+        "fp16": {"enabled": spec.precision.dtype == "fp16"},
+        # BatchNorm needs its running statistics in the parameters' dtype; DeepSpeed casts only parameters.
+        **({"data_types": {"buffer_dtype": spec.precision.dtype}} if spec.precision.dtype != "fp32" else {}),
+        "zero_allow_untested_optimizer": True,  # torch optimisers: nothing of DeepSpeed's to compile
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(generated, spec.strategy.config)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+class DeepSpeed(Strategy):
+    """A DeepSpeed engine (ZeRO stage 1, 2 or 3) over Ray's process group, with a torch optimiser.
+
+    The weights stay in the default memory format: DeepSpeed flattens parameters into contiguous
+    buffers. Convolutions still run channels_last when the input is (the loop feeds it so).
+    """
+
+    def __init__(self, module: nn.Module, spec: TrainingSpec, device: torch.device) -> None:
+        import deepspeed
+
+        self.device = device
+        self.dtype = DTYPES[spec.precision.dtype]
+        self.accumulation = spec.optim.grad_accumulation
+        self.config = deepspeed_config(spec)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=make_optimizer(module, spec.optim), config=self.config,
+            dist_init_required=False,
+        )
+        self.module = self.engine.module
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed runs the model in its own precision
+
+    def micro_step(self, batch: Batch, loss_fn: LossFn, *, sync: bool) -> torch.Tensor:
+        logits = self.engine(batch.images.to(self.dtype))
+        loss = loss_fn(logits.float(), batch)
+        self.engine.backward(loss / self.accumulation, scale_wrt_gas=False)
+        return loss.detach()
+
+    def optimizer_step(self, lr: float) -> None:
+        self.set_lr(lr)
+        self.engine.step()
+
+    def save(self, directory: Path, *, rank: int) -> None:
+        self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, save_latest=False)  # every rank its shard
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.engine.zero_optimization_partition_weights():  # ZeRO-3: each rank holds a shard
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                return {name: tensor.detach().clone() for name, tensor in self.module.state_dict().items()}
+        return self.module.state_dict()
+
+    def load(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
+
+
+def make_strategy(module: nn.Module, spec: TrainingSpec, device: torch.device) -> Strategy:
+    if isinstance(spec.strategy, DeepSpeedStrategy):
+        return DeepSpeed(module, spec, device)
+    return DDP(module, spec, device)

@@ -1,0 +1,90 @@
+"""The driver of a training job: `compound job run SPEC`, and the entrypoint a Ray job runs.
+
+Reads and resolves the spec (nothing starts if it is wrong), connects to the configured Ray
+cluster, and runs the job's `TorchTrainer` to the end. Launched again after its driver died, the
+same job resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from cluster.storage import S3Access, split_s3_url
+from cluster.train.checkpoint import PROGRESS_FILE
+from cluster.train.trainer import make_trainer
+from infra.settings import RAY_CLIENT_ENV, Settings
+from jobs.connect import s3_access
+from jobs.resolve import check_relaunch, resolve_job
+from jobs.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE_PREFIX = "jobs"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+class JobFailedError(RuntimeError):
+    """Training failed more often than the spec's failure.max_failures allows."""
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    spec: JobSpec
+    history: list[dict]  # each epoch's metrics, from the final checkpoint
+    checkpoint: str | None  # s3:// URI of the latest checkpoint
+    resumed: bool
+
+
+def prepare_job(spec: JobSpec, settings: Settings, *, source: str) -> JobSpec:
+    """The spec resolved against its data and storage (`SpecError` if anything is wrong)."""
+    default_storage = f"s3://{settings.checkpoints_bucket}/{DEFAULT_STORAGE_PREFIX}"
+    return resolve_job(spec, s3=s3_access(settings), default_storage=default_storage, source=source)
+
+
+def run_job(spec: JobSpec, settings: Settings, *, source: str) -> JobOutcome:
+    """Resolve the spec, then train on the configured Ray cluster until the job ends."""
+    spec = prepare_job(spec, settings, source=source)
+    s3 = s3_access(settings)
+    resumed = check_relaunch(spec, s3=s3, source=source)
+    if resumed:
+        log.info("job %s was launched before: resuming from its latest checkpoint", spec.name)
+    connect_ray(settings)
+    trainer = make_trainer(spec, s3=s3, storage=spec.checkpoint.storage, spec_json=spec.model_dump_json())
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:
+        raise JobFailedError(f"job {spec.name} failed: {error}") from error
+    if result.checkpoint is None:
+        return JobOutcome(spec=spec, history=[], checkpoint=None, resumed=resumed)
+    checkpoint = f"s3://{result.checkpoint.path}"
+    return JobOutcome(spec=spec, history=read_history(checkpoint, s3), checkpoint=checkpoint, resumed=resumed)
+
+
+def read_history(checkpoint: str, s3: S3Access) -> list[dict]:
+    """Every finished epoch's metrics, as the checkpoint at `checkpoint` (s3://…) records them."""
+    bucket, key = split_s3_url(f"{checkpoint.rstrip('/')}/{PROGRESS_FILE}")
+    return json.loads(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())["history"]
+
+
+def connect_ray(settings: Settings) -> None:
+    """Join the configured Ray cluster as a driver.
+
+    For the local stack's head (on loopback) Ray must be told so before it is first imported:
+    otherwise it rewrites 127.0.0.1 to the host's own address and waits there forever.
+    """
+    local = settings.ray_address.rsplit(":", 1)[0] in LOOPBACK_HOSTS
+    if local:
+        os.environ.update(RAY_CLIENT_ENV)
+    import ray
+    from ray._private import ray_constants
+
+    if local and ray_constants.ENABLE_RAY_CLUSTER:
+        raise RuntimeError("Ray was imported before connect_ray(): set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
+                           "before importing ray to reach a Ray head on loopback")
+    if not ray.is_initialized():
+        ray.init(address=settings.ray_address, logging_level=logging.WARNING)

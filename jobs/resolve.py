@@ -1,0 +1,126 @@
+"""A job spec checked against what it points at: datasets on S3, the checkpoint storage, and the
+job's earlier launches. Every problem is a `SpecError` naming the field, so nothing starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from cluster.data.manifest import ManifestError, ShardManifest, load_manifest, verify_shards
+from cluster.data.spec import SplitRef
+from cluster.storage import S3Access, s3_error_code, split_s3_url
+from jobs.spec import JobSpec, SpecError
+
+log = logging.getLogger(__name__)
+
+JOB_RECORD = "compound-job.json"  # in <storage>/<job name>/: the spec the job was first launched with
+# What may change between launches of one job: it does not change what is trained.
+RELAUNCH_MAY_CHANGE = ("tracking", "failure", "checkpoint.keep")
+
+
+def resolve_job(spec: JobSpec, *, s3: S3Access, default_storage: str, source: str) -> JobSpec:
+    """The spec with the dataset's class count and the storage filled in, after checking that the
+    datasets exist, hold the named splits, and have enough shards for every reader."""
+    problems: list[str] = []
+    manifests: dict[str, ShardManifest] = {}
+    assert spec.data.val is not None
+    for field, ref in (("data.train", spec.data.train), ("data.val", spec.data.val)):
+        manifest = _check_split(field, ref, spec, s3, problems)
+        if manifest is not None:
+            manifests[field] = manifest
+    num_classes = spec.model.num_classes
+    if "data.train" in manifests:
+        classes = manifests["data.train"].classes
+        if num_classes is None:
+            num_classes = len(classes)
+        elif num_classes != len(classes):
+            problems.append(f"model.num_classes: {num_classes}, but the dataset has {len(classes)} classes; "
+                            "leave it out to take the dataset's")
+        val = manifests.get("data.val")
+        if val is not None and val.classes != classes:
+            problems.append("data.val: its classes differ from data.train's; use splits of one dataset")
+    storage = spec.checkpoint.storage or default_storage
+    _check_bucket("checkpoint.storage", storage, s3, problems)
+    if problems:
+        raise SpecError(source, problems)
+    return spec.model_copy(update={
+        "model": spec.model.model_copy(update={"num_classes": num_classes}),
+        "checkpoint": spec.checkpoint.model_copy(update={"storage": storage}),
+    })
+
+
+def _check_split(field: str, ref: SplitRef, spec: JobSpec, s3: S3Access, problems: list[str]) -> ShardManifest | None:
+    try:
+        manifest, _ = load_manifest(ref.manifest, s3=s3)
+    except ManifestError as error:
+        problems.append(f"{field}.manifest: {error}")
+        return None
+    if ref.split not in manifest.splits:
+        problems.append(f"{field}.split: the dataset has no split {ref.split!r}; it has {', '.join(manifest.splits)}")
+        return None
+    shards = len(manifest.split(ref.split).shards)
+    readers = spec.scaling.num_workers * max(1, spec.data.loader_workers)
+    if shards < readers:
+        problems.append(
+            f"{field}: the {ref.split!r} split has {shards} shards, fewer than the {readers} readers "
+            f"(scaling.num_workers × data.loader_workers) that each need one; write smaller shards "
+            "(compound data shards --shard-size) or use fewer loader workers")
+        return None
+    try:
+        verify_shards(manifest, ref.split, s3=s3)
+    except ManifestError as error:
+        problems.append(f"{field}: {error}")
+        return None
+    return manifest
+
+
+def _check_bucket(field: str, url: str, s3: S3Access, problems: list[str]) -> None:
+    bucket, _ = split_s3_url(url.rstrip("/") + "/")
+    try:
+        s3.client().head_bucket(Bucket=bucket)
+    except ClientError as error:
+        problems.append(f"{field}: bucket {bucket!r} of {url} is not there or not ours ({s3_error_code(error)}); "
+                        "create it, or leave checkpoint.storage out to use the stack's checkpoints bucket")
+    except BotoCoreError as error:
+        problems.append(f"{field}: could not reach the S3 store for {url}: {error}")
+
+
+def check_relaunch(spec: JobSpec, *, s3: S3Access, source: str) -> bool:
+    """Record the spec at the job's first launch; on a later launch, refuse a spec that trains something
+    else (resuming it would not be exact). True if the job was launched before."""
+    assert spec.checkpoint.storage is not None
+    bucket, prefix = split_s3_url(f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/{JOB_RECORD}")
+    client = s3.client()
+    current = spec.model_dump(mode="json")
+    try:
+        recorded = json.loads(client.get_object(Bucket=bucket, Key=prefix)["Body"].read())
+    except ClientError as error:
+        if s3_error_code(error) not in {"NoSuchKey", "404"}:
+            raise
+        client.put_object(Bucket=bucket, Key=prefix, Body=json.dumps(current, indent=2).encode(),
+                          ContentType="application/json")
+        return False
+    changed = _differences(recorded, current)
+    if changed:
+        problem = (f"job {spec.name!r} was launched before with another spec (s3://{bucket}/{prefix}); "
+                   f"changed: {', '.join(changed)}. Resuming it would not continue the same training: give the "
+                   "job a new name to start over, or put those values back to resume it")
+        raise SpecError(source, [problem])
+    return True
+
+
+def _differences(recorded: dict, current: dict, path: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(recorded) | set(current)):
+        where = f"{path}.{key}" if path else key
+        if where in RELAUNCH_MAY_CHANGE:
+            continue
+        old, new = recorded.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _differences(old, new, where)
+        elif old != new:
+            changed.append(where)
+    return changed

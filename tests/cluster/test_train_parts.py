@@ -1,0 +1,167 @@
+"""The parts of the training loop that need no cluster: schedule, loss, models, strategies, EMA, progress."""
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import torchvision
+from torch import nn
+
+import effnet
+from cluster.data.loader import Batch
+from cluster.train.checkpoint import EpochTally, Progress, load_progress, save_progress
+from cluster.train.config import ModelSpec, TrainingSpec
+from cluster.train.loop import weighted_loss
+from cluster.train.models import build_model, parameter_groups
+from cluster.train.schedule import LrSchedule
+from cluster.train.strategy import DDP, WeightEMA, deepspeed_config
+
+DATA = {"train": {"manifest": "s3://shards/digits/manifest.json"}}
+
+
+def _spec(**sections: object) -> TrainingSpec:
+    return TrainingSpec.model_validate({"name": "unit", "data": DATA, **sections})
+
+
+def _batch(images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> Batch:
+    keys = tuple(f"k{i}" for i in range(len(labels)))
+    return Batch(images, labels, weights, keys, ())
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor() -> None:
+    schedule = LrSchedule(peak=0.1, warmup_steps=10, total_steps=110, final_fraction=0.01)
+    assert schedule(0) == pytest.approx(0.01) and schedule(9) == pytest.approx(0.1)
+    assert schedule(60) == pytest.approx(0.001 + 0.099 * 0.5)  # half-way down the cosine
+    assert schedule(110) == pytest.approx(0.001) and schedule(500) == pytest.approx(0.001)
+    after_warmup = [schedule(step) for step in range(10, 111)]
+    assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:], strict=False))
+    assert LrSchedule(peak=1.0, warmup_steps=0, total_steps=4, final_fraction=0.0)(0) == 1.0
+
+
+def test_padding_and_bad_samples_add_nothing_to_the_loss() -> None:
+    logits, labels = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+    weights = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    changed = logits.clone()
+    changed[2:] = torch.randn(2, 10) * 100  # whatever padding holds
+    loss = weighted_loss(logits, _batch(torch.zeros(4), labels, weights), label_smoothing=0.1)
+    assert loss == weighted_loss(changed, _batch(torch.zeros(4), labels, weights), label_smoothing=0.1)
+    expected = nn.functional.cross_entropy(logits[:2], labels[:2], label_smoothing=0.1, reduction="sum") / 4
+    assert loss.item() == pytest.approx(expected.item())
+
+
+def test_soft_labels_from_mixup_train_too() -> None:
+    soft = torch.softmax(torch.randn(3, 5), dim=1)
+    loss = weighted_loss(torch.randn(3, 5), _batch(torch.zeros(3), soft, torch.ones(3)), label_smoothing=0.0)
+    assert loss.item() > 0
+
+
+def test_accumulated_micro_steps_give_the_full_batch_gradient() -> None:
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 4, 4), torch.randint(0, 5, (8,))
+    weights = torch.tensor([1.0] * 6 + [0.0] * 2)
+
+    def trained(accumulation: int) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5))
+        spec = _spec(optim={"grad_accumulation": accumulation, "optimizer": "sgd", "weight_decay": 0.0},
+                     precision={"channels_last": False})
+        strategy = DDP(model, spec, torch.device("cpu"))
+        size = 8 // accumulation
+        loss_fn = lambda logits, batch: weighted_loss(logits, batch, 0.0)  # noqa: E731
+        for i in range(accumulation):
+            part = slice(i * size, (i + 1) * size)
+            strategy.micro_step(_batch(images[part], labels[part], weights[part]), loss_fn, sync=i == accumulation - 1)
+        grads = [p.grad.clone() for p in model.parameters()]
+        strategy.optimizer_step(lr=0.1)
+        return grads
+
+    for whole, accumulated in zip(trained(1), trained(2), strict=True):
+        torch.testing.assert_close(accumulated, whole)
+
+
+def test_optimizer_step_sets_the_learning_rate_and_clips() -> None:
+    model = nn.Linear(4, 2)
+    strategy = DDP(model, _spec(optim={"grad_clip_norm": 0.5, "optimizer": "sgd", "momentum": 0.0,
+                                       "weight_decay": 0.0}, precision={"channels_last": False}), torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_fn = lambda logits, batch: logits.pow(2).sum() * 1000  # noqa: E731 - a huge gradient
+    strategy.micro_step(_batch(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), torch.ones(3)), loss_fn, sync=True)
+    strategy.optimizer_step(lr=0.01)
+    assert strategy.optimizer.param_groups[0]["lr"] == 0.01
+    step = torch.cat([(p.detach() - old).flatten() for p, old in zip(model.parameters(), before, strict=True)])
+    assert step.norm() == pytest.approx(0.01 * 0.5, rel=1e-4)  # the gradient was clipped to norm 0.5
+
+
+def test_no_weight_decay_on_norms_and_biases() -> None:
+    model = effnet.build("efficientnet_b0", num_classes=10)
+    model.freeze(1)
+    decay, no_decay = parameter_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable) < len(list(model.parameters()))
+
+
+def test_deepspeed_config_comes_from_the_spec_with_the_expert_override_merged() -> None:
+    spec = _spec(strategy={"name": "deepspeed", "zero_stage": 3, "config": {"zero_optimization": {"overlap_comm": True},
+                                                                             "steps_per_print": 10}},
+                 precision={"dtype": "bf16"}, optim={"grad_accumulation": 2, "grad_clip_norm": 1.0},
+                 scaling={"num_workers": 4}, data={**DATA, "batch_size": 8})
+    config = deepspeed_config(spec)
+    assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"]) == (8, 2, 64)
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    assert config["data_types"] == {"buffer_dtype": "bf16"} and config["gradient_clipping"] == 1.0
+    assert config["steps_per_print"] == 10
+
+
+def test_efficientnet_from_torchvision_weights_gets_a_new_head_and_frozen_stages(tmp_path: Path) -> None:
+    reference = torchvision.models.efficientnet_b0()
+    safetensors.torch.save_file(reference.state_dict(), tmp_path / "tv_b0.safetensors")
+    spec = ModelSpec(arch="efficientnet_b0", num_classes=10, pretrained=str(tmp_path / "tv_b0.safetensors"),
+                     freeze_through_stage=2, activation_checkpointing=True)
+    model = build_model(spec)
+    assert model.classifier.out_features == 10 and model.activation_checkpointing
+    torch.testing.assert_close(model.stem.conv.weight, reference.features[0][0].weight)
+    assert not any(p.requires_grad for p in model.stages[2].parameters())
+    assert all(p.requires_grad for p in model.stages[3].parameters())
+
+
+def test_torchvision_classifier_with_weights_for_other_classes(tmp_path: Path) -> None:
+    torch.save(torchvision.models.mobilenet_v3_large(num_classes=1000).state_dict(), tmp_path / "mnv3.pth")
+    model = build_model(ModelSpec(arch="mobilenet_v3_large", num_classes=7, pretrained=str(tmp_path / "mnv3.pth")))
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    with pytest.raises(ValueError, match="does not hold mobilenet_v3_large weights"):
+        build_model(ModelSpec(arch="mobilenet_v3_large", num_classes=7, pretrained=str(tmp_path / "resnet18.pth")))
+
+
+def test_ema_follows_the_weights_and_copies_statistics() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ema = WeightEMA(model, decay=0.9)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.fill_(5.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module[0].weight, start + 0.1)
+    torch.testing.assert_close(ema.module[1].running_mean, torch.full((3,), 5.0))
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_progress_round_trip_restores_each_ranks_random_state(tmp_path: Path) -> None:
+    progress = Progress(epoch=2, step=17, optimizer_steps=90, tally=EpochTally(samples=250, loss_sum=99.5),
+                        history=[{"epoch": 0, "val_top1": 0.5}, {"epoch": 1, "val_top1": 0.6}])
+    torch.manual_seed(123)
+    random.seed(4)
+    save_progress(tmp_path, progress, rank=0, spec_json='{"name": "unit"}')
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(0)
+    restored = load_progress(tmp_path, rank=0)
+    assert (torch.rand(3).tolist(), random.random()) == (expected[0].tolist(), expected[1])
+    assert restored.state() == progress.state() and restored.tally == progress.tally
+    assert restored.name == "epoch0002-step0000017" and math.isclose(restored.tally.loss_sum, 99.5)

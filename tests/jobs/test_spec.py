@@ -1,0 +1,140 @@
+"""Job specs: YAML read strictly, every section validated, errors that name the field, exit code 2."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from jobs.cli import cli
+from jobs.spec import MAX_SPEC_BYTES, JobSpec, SpecError, load_job_spec
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "jobs" / "examples").glob("*.yaml"))
+MINIMAL = {"name": "tiny", "data": {"train": {"manifest": "s3://shards/digits/manifest.json"}}}
+
+
+def _write(tmp_path: Path, spec: dict | str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec))
+    return path
+
+
+def _problems(tmp_path: Path, spec: dict | str) -> list[str]:
+    with pytest.raises(SpecError) as caught:
+        load_job_spec(_write(tmp_path, spec))
+    return list(caught.value.problems)
+
+
+def _with(section: str, **values: object) -> dict:
+    return {**MINIMAL, section: {**MINIMAL.get(section, {}), **values}}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_a_valid_spec(path: Path) -> None:
+    spec = load_job_spec(path)
+    assert spec.name and spec.data.val is not None and spec.model.resolution
+
+
+def test_defaults_are_resolved_from_the_model() -> None:
+    spec = JobSpec.model_validate({**MINIMAL, "model": {"arch": "efficientnet_b3"}})
+    assert (spec.model.resolution, spec.model.dropout, spec.model.drop_path_rate) == (300, 0.3, 0.2)
+    assert spec.data.val.manifest == spec.data.train.manifest and spec.data.val.split == "val"
+    resnet = JobSpec.model_validate({**MINIMAL, "model": {"arch": "resnet50"}})
+    assert resnet.model.resolution == 224 and resnet.model.dropout is None
+
+
+def test_peak_lr_scales_with_the_global_batch() -> None:
+    spec = JobSpec.model_validate({**MINIMAL, "optim": {"lr": 0.1, "lr_reference_batch": 256, "grad_accumulation": 2},
+                                   "data": {**MINIMAL["data"], "batch_size": 64}, "scaling": {"num_workers": 4}})
+    assert spec.global_batch == 512 and spec.peak_lr == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"tracker": {}}, "tracker: unknown field; allowed here: checkpoint, data, failure, model, name, optim"),
+    (_with("model", archh="efficientnet_b0"), "model.archh: unknown field; allowed here: activation_checkpointing, arch"),
+    (_with("strategy", name="deepspeed", stage=3), "strategy.deepspeed.stage: unknown field; allowed here: config, name, zero_stage"),
+    (_with("model", arch="efficientnet_b9"), "model: arch 'efficientnet_b9' is not a model compound trains; choose one of efficientnet_b0"),
+    (_with("optim", lr="fast"), "optim.lr: Input should be a valid number, unable to parse string as a number (got 'fast')"),
+    (_with("optim", lr=-1), "optim.lr: Input should be greater than 0 (got -1)"),
+    (_with("scaling", num_workers=0), "scaling.num_workers: Input should be greater than or equal to 1 (got 0)"),
+    (_with("strategy", name="deepspeed", zero_stage=4), "strategy.deepspeed.zero_stage: Input should be 1, 2 or 3 (got 4)"),
+    (_with("strategy", name="fsdp"), "strategy: Input tag 'fsdp' found using 'name' does not match any of the expected tags: 'ddp', 'deepspeed'"),
+    (_with("precision", dtype="fp16"), "precision.dtype fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16 or fp32"),
+    (_with("model", arch="resnet50", dropout=0.3), "model: dropout apply to EfficientNet variants only, not resnet50; remove them"),
+    (_with("model", freeze_through_stage=7), "model.freeze_through_stage: Input should be less than 7 (got 7)"),
+    ({**_with("optim", grad_accumulation=4), "checkpoint": {"every_steps": 10}},
+     "checkpoint.every_steps (10) must be a multiple of optim.grad_accumulation (4)"),
+    ({**_with("optim", ema_decay=0.999), "strategy": {"name": "deepspeed", "zero_stage": 3}},
+     "optim.ema_decay is not supported with ZeRO stage 3"),
+    (_with("optim", warmup_steps=100, warmup_epochs=1), "optim: give warmup_epochs or warmup_steps, not both"),
+    ({**MINIMAL, "name": "My Job!"}, "name: String should match pattern"),
+    ({"name": "tiny"}, "data: required, but missing"),
+    ({**MINIMAL, "data": {"train": {"manifest": "/local/manifest.json"}}}, "data.train.manifest: String should match pattern '^s3://"),
+    (_with("data", batch_size=[32]), "data.batch_size: Input should be a valid integer (got [32])"),
+    (_with("checkpoint", storage="checkpoints/jobs"), "checkpoint.storage: String should match pattern '^s3://"),
+])
+def test_bad_specs_name_the_field_the_value_and_what_is_allowed(tmp_path: Path, change: dict, expected: str) -> None:
+    problems = _problems(tmp_path, change)
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    problems = _problems(tmp_path, {**_with("optim", lr=0, epochs=0), "extra": 1})
+    assert len(problems) == 3
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("name: !!python/object:os.system x\n", "tags (tag:yaml.org,2002:python/object:os.system) are not allowed"),
+    ("name: !!str tiny\n", "tags (tag:yaml.org,2002:str) are not allowed"),
+    ("a: &x [1, 2]\nb: *x\n", "anchors and aliases (&name, *name) are not allowed"),
+    ("name: a\nname: b\n", "line 2: key 'name' appears twice"),
+    ("- just\n- a list\n", "this file holds a list"),
+    ("", "this file holds an empty file"),
+    ("name: [unclosed\n", "not valid YAML"),
+])
+def test_yaml_is_read_strictly(tmp_path: Path, text: str, expected: str) -> None:
+    problems = _problems(tmp_path, text)
+    assert any(expected in p for p in problems), problems
+
+
+def test_alias_bomb_is_refused_without_expanding(tmp_path: Path) -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    problems = _problems(tmp_path, "\n".join(lines) + "\n")
+    assert "anchors and aliases" in problems[0]
+
+
+def test_oversized_and_unreadable_files_are_refused(tmp_path: Path) -> None:
+    assert "specs are at most" in _problems(tmp_path, "# " + "x" * MAX_SPEC_BYTES + "\n")[0]
+    (tmp_path / "job.yaml").write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_job_spec(tmp_path / "job.yaml")
+    with pytest.raises(SpecError, match="cannot read the file"):
+        load_job_spec(tmp_path / "missing.yaml")
+
+
+def test_pretrained_weights_are_found_next_to_the_spec(tmp_path: Path) -> None:
+    (tmp_path / "weights.pth").write_bytes(b"not checked here")
+    spec = load_job_spec(_write(tmp_path, _with("model", pretrained="weights.pth")))
+    assert spec.model.pretrained == str(tmp_path / "weights.pth")
+    assert "model.pretrained: no weights file at" in _problems(tmp_path, _with("model", pretrained="nope.pth"))[0]
+
+
+def test_validate_prints_the_resolved_spec_or_exits_2(tmp_path: Path) -> None:
+    good = CliRunner().invoke(cli, ["job", "validate", "--offline", str(_write(tmp_path, MINIMAL))])
+    assert good.exit_code == 0, good.output
+    printed = yaml.safe_load(good.output)
+    assert printed["model"]["resolution"] == 224 and printed["optim"]["optimizer"] == "adamw"
+    assert JobSpec.model_validate(printed) == load_job_spec(tmp_path / "job.yaml")
+
+    bad = CliRunner().invoke(cli, ["job", "validate", "--offline", str(_write(tmp_path, _with("optim", lr="fast")))])
+    assert bad.exit_code == 2
+    assert "optim.lr" in bad.output and "'fast'" in bad.output and "Traceback" not in bad.output
+
+
+def test_run_refuses_a_bad_spec_before_reading_settings_or_starting_anything(tmp_path: Path) -> None:
+    spec = _write(tmp_path, _with("precision", dtype="fp16"))
+    result = CliRunner().invoke(cli, ["job", "run", str(spec), "--home", str(tmp_path / "no-stack")])
+    assert result.exit_code == 2
+    assert "fp16 needs GPUs" in result.output
+    assert not (tmp_path / "no-stack").exists()
