@@ -266,7 +266,7 @@ class Stack:
             self._create_buckets(settings, deadline)
         except BaseException:
             for service in reversed(started):  # leave nothing half-started behind
-                self._stop(service.name)
+                self.stop_service(service.name)
             raise
         write_settings(settings, self.home)
         return settings, [s.name for s in started]
@@ -275,7 +275,7 @@ class Stack:
         """Stop the services this state dir's `up` started; returns the names stopped."""
         stopped = []
         for name in reversed(SERVICE_NAMES):  # clients first, the store last
-            if self._stop(name):
+            if self.stop_service(name):
                 stopped.append(name)
         return stopped
 
@@ -341,7 +341,8 @@ class Stack:
                     raise StackError(f"could not create the S3 bucket {bucket!r}: {error}\n{self._log_tail('s3')}")
                 time.sleep(0.25)
 
-    def _stop(self, name: str) -> bool:
+    def stop_service(self, name: str) -> bool:
+        """Stop one service this state dir's `up` started; False if it was not running."""
         process = self._process(name)
         if process is None:
             return False

@@ -17,7 +17,7 @@ from cluster.train.checkpoint import PROGRESS_FILE
 from cluster.train.trainer import make_trainer
 from infra.settings import RAY_CLIENT_ENV, Settings
 from jobs.connect import s3_access
-from jobs.resolve import check_relaunch, resolve_job
+from jobs.resolve import ResolvedJob, check_relaunch, resolve_job
 from jobs.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class JobOutcome:
     resumed: bool
 
 
-def prepare_job(spec: JobSpec, settings: Settings, *, source: str) -> JobSpec:
+def prepare_job(spec: JobSpec, settings: Settings, *, source: str) -> ResolvedJob:
     """The spec resolved against its data and storage (`SpecError` if anything is wrong)."""
     default_storage = f"s3://{settings.checkpoints_bucket}/{DEFAULT_STORAGE_PREFIX}"
     return resolve_job(spec, s3=s3_access(settings), default_storage=default_storage, source=source)
@@ -46,19 +46,24 @@ def prepare_job(spec: JobSpec, settings: Settings, *, source: str) -> JobSpec:
 
 def run_job(spec: JobSpec, settings: Settings, *, source: str) -> JobOutcome:
     """Resolve the spec, then train on the configured Ray cluster until the job ends."""
-    spec = prepare_job(spec, settings, source=source)
+    job = prepare_job(spec, settings, source=source)
+    spec = job.spec
     s3 = s3_access(settings)
-    resumed = check_relaunch(spec, s3=s3, source=source)
+    resumed = check_relaunch(job, s3=s3, source=source)
     if resumed:
         log.info("job %s was launched before: resuming from its latest checkpoint", spec.name)
-    connect_ray(settings)
+    connected_here = connect_ray(settings)
     trainer = make_trainer(spec, s3=s3, storage=spec.checkpoint.storage, spec_json=spec.model_dump_json())
+    import ray
     from ray.train import TrainingFailedError
 
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
         raise JobFailedError(f"job {spec.name} failed: {error}") from error
+    finally:
+        if connected_here:
+            ray.shutdown()  # also flushes the workers' forwarded output before ours
     if result.checkpoint is None:
         return JobOutcome(spec=spec, history=[], checkpoint=None, resumed=resumed)
     checkpoint = f"s3://{result.checkpoint.path}"
@@ -71,8 +76,8 @@ def read_history(checkpoint: str, s3: S3Access) -> list[dict]:
     return json.loads(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())["history"]
 
 
-def connect_ray(settings: Settings) -> None:
-    """Join the configured Ray cluster as a driver.
+def connect_ray(settings: Settings) -> bool:
+    """Join the configured Ray cluster as a driver; False if this process already had joined one.
 
     For the local stack's head (on loopback) Ray must be told so before it is first imported:
     otherwise it rewrites 127.0.0.1 to the host's own address and waits there forever.
@@ -86,5 +91,7 @@ def connect_ray(settings: Settings) -> None:
     if local and ray_constants.ENABLE_RAY_CLUSTER:
         raise RuntimeError("Ray was imported before connect_ray(): set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
                            "before importing ray to reach a Ray head on loopback")
-    if not ray.is_initialized():
-        ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+    if ray.is_initialized():
+        return False
+    ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+    return True

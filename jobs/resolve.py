@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -21,16 +22,29 @@ JOB_RECORD = "compound-job.json"  # in <storage>/<job name>/: the spec the job w
 RELAUNCH_MAY_CHANGE = ("tracking", "failure", "checkpoint.keep")
 
 
-def resolve_job(spec: JobSpec, *, s3: S3Access, default_storage: str, source: str) -> JobSpec:
+@dataclass(frozen=True)
+class ResolvedJob:
+    """A spec with everything filled in, and the identity of the data it trains on."""
+
+    spec: JobSpec
+    dataset_ids: dict[str, str]  # "data.train" / "data.val" → sha256 of the split's manifest
+
+    def record(self) -> dict:
+        """What a launch records in storage, and a relaunch must match."""
+        return {"spec": self.spec.model_dump(mode="json"), "datasets": self.dataset_ids}
+
+
+def resolve_job(spec: JobSpec, *, s3: S3Access, default_storage: str, source: str) -> ResolvedJob:
     """The spec with the dataset's class count and the storage filled in, after checking that the
     datasets exist, hold the named splits, and have enough shards for every reader."""
     problems: list[str] = []
     manifests: dict[str, ShardManifest] = {}
+    dataset_ids: dict[str, str] = {}
     assert spec.data.val is not None
     for field, ref in (("data.train", spec.data.train), ("data.val", spec.data.val)):
-        manifest = _check_split(field, ref, spec, s3, problems)
-        if manifest is not None:
-            manifests[field] = manifest
+        found = _check_split(field, ref, spec, s3, problems)
+        if found is not None:
+            manifests[field], dataset_ids[field] = found
     num_classes = spec.model.num_classes
     if "data.train" in manifests:
         classes = manifests["data.train"].classes
@@ -46,15 +60,18 @@ def resolve_job(spec: JobSpec, *, s3: S3Access, default_storage: str, source: st
     _check_bucket("checkpoint.storage", storage, s3, problems)
     if problems:
         raise SpecError(source, problems)
-    return spec.model_copy(update={
+    resolved = spec.model_copy(update={
         "model": spec.model.model_copy(update={"num_classes": num_classes}),
         "checkpoint": spec.checkpoint.model_copy(update={"storage": storage}),
     })
+    return ResolvedJob(resolved, dataset_ids)
 
 
-def _check_split(field: str, ref: SplitRef, spec: JobSpec, s3: S3Access, problems: list[str]) -> ShardManifest | None:
+def _check_split(
+    field: str, ref: SplitRef, spec: JobSpec, s3: S3Access, problems: list[str],
+) -> tuple[ShardManifest, str] | None:
     try:
-        manifest, _ = load_manifest(ref.manifest, s3=s3)
+        manifest, dataset_id = load_manifest(ref.manifest, s3=s3)
     except ManifestError as error:
         problems.append(f"{field}.manifest: {error}")
         return None
@@ -74,7 +91,7 @@ def _check_split(field: str, ref: SplitRef, spec: JobSpec, s3: S3Access, problem
     except ManifestError as error:
         problems.append(f"{field}: {error}")
         return None
-    return manifest
+    return manifest, dataset_id
 
 
 def _check_bucket(field: str, url: str, s3: S3Access, problems: list[str]) -> None:
@@ -88,13 +105,14 @@ def _check_bucket(field: str, url: str, s3: S3Access, problems: list[str]) -> No
         problems.append(f"{field}: could not reach the S3 store for {url}: {error}")
 
 
-def check_relaunch(spec: JobSpec, *, s3: S3Access, source: str) -> bool:
-    """Record the spec at the job's first launch; on a later launch, refuse a spec that trains something
-    else (resuming it would not be exact). True if the job was launched before."""
+def check_relaunch(job: ResolvedJob, *, s3: S3Access, source: str) -> bool:
+    """Record the spec and data at the job's first launch; on a later launch, refuse a spec or data that
+    would train something else (resuming it would not be exact). True if the job was launched before."""
+    spec = job.spec
     assert spec.checkpoint.storage is not None
     bucket, prefix = split_s3_url(f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/{JOB_RECORD}")
     client = s3.client()
-    current = spec.model_dump(mode="json")
+    current = job.record()
     try:
         recorded = json.loads(client.get_object(Bucket=bucket, Key=prefix)["Body"].read())
     except ClientError as error:
@@ -103,12 +121,19 @@ def check_relaunch(spec: JobSpec, *, s3: S3Access, source: str) -> bool:
         client.put_object(Bucket=bucket, Key=prefix, Body=json.dumps(current, indent=2).encode(),
                           ContentType="application/json")
         return False
-    changed = _differences(recorded, current)
+    changed = _differences(recorded.get("spec", {}), current["spec"])
     if changed:
         problem = (f"job {spec.name!r} was launched before with another spec (s3://{bucket}/{prefix}); "
                    f"changed: {', '.join(changed)}. Resuming it would not continue the same training: give the "
                    "job a new name to start over, or put those values back to resume it")
         raise SpecError(source, [problem])
+    rewritten = [field for field, identity in current["datasets"].items()
+                 if recorded.get("datasets", {}).get(field) != identity]
+    if rewritten:
+        raise SpecError(source, [
+            f"{field}: the dataset at {getattr(spec.data, field.split('.')[1]).manifest} was written again since "
+            f"job {spec.name!r} was first launched; resuming would mix two datasets. Give the job a new name."
+            for field in rewritten])
     return True
 
 

@@ -52,7 +52,7 @@ def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
     try:
         spec = load_job_spec(spec_path)
         if not offline:
-            spec = prepare_job(spec, load_settings(home), source=str(spec_path))
+            spec = prepare_job(spec, load_settings(home), source=str(spec_path)).spec
     except SpecError as error:
         _fail_on_spec_error(error)
     except ConfigError as error:

@@ -1,0 +1,335 @@
+"""Our smoke job's training against what a user would otherwise write: torchvision's B0 under torchrun.
+
+- **ours**: `compound job run SPEC --json` on a local stack this benchmark starts, SPEC being
+  `jobs/examples/b0-cpu-smoke.yaml` as it is (EfficientNet-B0 at 64 px, batch 16 per worker, 2 Ray
+  Train workers × 1 CPU, 1 loader worker each, the digits shards streamed from the local S3 store,
+  random-resized-crop augmentation, AdamW, label smoothing, channels_last), except for a fresh job
+  name per run, `optim.epochs` from `--epochs` and `checkpoint: {at_epoch_end: true}` (no mid-epoch
+  checkpoints). Its figure is the job's own per-epoch `train_images_per_s`: real samples of all
+  ranks over the ranks' mean training time, checkpoint writes and evaluation left out.
+- **plain**: `plain_ddp_b0.py` (next to this file) under `torchrun --standalone`: torchvision's
+  `efficientnet_b0`, `ImageFolder` over the same train images unpacked to PNG files on local disk,
+  `DistributedSampler` + `DataLoader`, the same transforms, optimiser settings, label smoothing,
+  batch, loader workers, threads and epochs, all read from the same spec; gloo DDP. It measures
+  img/s per epoch the same way (the data loader's start included, as in ours). It runs twice: in
+  the default memory format and in channels_last (model and inputs).
+
+Each side's figure is the median over the epochs after the first (the first pays for start-up and
+warm-up). Runs are interleaved round by round (the order reversed every other round); a ratio is
+the median of the per-round ratios, with their range. Both sides have 1 torch thread and
+OMP_NUM_THREADS=1 per process. Ray runs its workers at nice 15 (its default) in the stack's session;
+torchrun runs at the caller's nice in a session of its own (with the kernel's autogroup scheduling,
+CPU is shared between sessions first). Ours also brings its own allocator settings
+(`cluster.train.trainer.ALLOCATOR_ENV`); the plain script runs with glibc's defaults, as a user's would.
+
+Starts its own local stack in a temporary state dir on free ports, and stops it at the end
+(`--keep-stack` leaves it running and says how to stop it).
+
+    python tests/benchmarks/bench_training.py [--epochs 3 --rounds 1 --shard-mb 0.25]
+
+Bars: ours / plain >= 1.2 (default memory format), ours / plain >= 1.0 (channels_last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from cluster.data.manifest import ShardManifest
+    from cluster.storage import S3Access
+    from infra.settings import Settings
+    from infra.stack import Stack
+    from jobs.spec import JobSpec
+
+log = logging.getLogger("bench_training")
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE_SPEC = REPO / "jobs" / "examples" / "b0-cpu-smoke.yaml"
+PLAIN_SCRIPT = Path(__file__).resolve().with_name("plain_ddp_b0.py")
+SHARDS_PREFIX = "s3://shards/digits/"  # where the smoke spec's manifest lives
+VAL_FRACTION = 0.2  # `compound data shards`' default, as in the demo
+SPLIT_SEED = 0
+RUNS = ("ours", "plain", "plain-cl")
+BARS = {"plain": 1.2, "plain-cl": 1.0}  # ours / plain must reach these
+LABELS = {"ours": "ours (compound job run)", "plain": "plain torchrun, default format",
+          "plain-cl": "plain torchrun, channels_last"}
+LOG_TAIL_CHARS = 4000
+QUIET_CORES = 0.5  # CPU use by everything else below which a run may start
+QUIET_SAMPLE_S = 5.0
+STACK_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One training run: per-epoch img/s and what was trained on."""
+
+    epoch_images_per_s: tuple[float, ...]
+    steps_per_epoch: int
+    samples_per_epoch: int
+    seconds: float  # wall time of the whole command, start-up and evaluation included
+
+    @property
+    def images_per_s(self) -> float:
+        """Median over the epochs after the first (which pays for start-up and warm-up)."""
+        return statistics.median(self.epoch_images_per_s[1:])
+
+
+def start_stack(stack: Stack) -> Settings:
+    """Up on free ports, retried: on a shared machine another process can take a port before we bind it."""
+    from infra.stack import StackError, StackPorts
+
+    for attempt in range(1, STACK_ATTEMPTS + 1):
+        try:
+            return stack.up(StackPorts.free())[0]
+        except StackError as error:
+            if attempt == STACK_ATTEMPTS:
+                raise
+            log.warning("the stack did not start (%s); trying other ports", str(error).splitlines()[0])
+    raise AssertionError("unreachable")
+
+
+def wait_for_quiet(max_wait_s: float) -> float:
+    """Wait until the machine's CPU use (cores busy, over QUIET_SAMPLE_S) is below QUIET_CORES, or
+    `max_wait_s` has passed; returns the last measured use. On a shared machine another person's
+    job can still start during a run: interleaved rounds and the ratios' range show how much that did."""
+    import psutil
+
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy = psutil.cpu_percent(interval=QUIET_SAMPLE_S) / 100 * (os.cpu_count() or 1)
+        if busy <= QUIET_CORES or time.monotonic() >= deadline:
+            return busy
+
+
+def write_digits(s3: S3Access, *, resolution: int, shard_mb: float) -> ShardManifest:
+    """The demo's dataset: scikit-learn's digits as shards under SHARDS_PREFIX."""
+    from cluster.data.sources import DigitsSource
+    from cluster.data.writer import write_shards
+
+    source = DigitsSource(image_size=resolution, val_fraction=VAL_FRACTION, seed=SPLIT_SEED)
+    return write_shards(source, SHARDS_PREFIX, s3=s3, shard_bytes=int(shard_mb * 2**20)).manifest
+
+
+def export_image_folder(manifest: ShardManifest, s3: S3Access, directory: Path) -> int:
+    """The train split's images as `directory/<class>/<key>.<ext>`, for ImageFolder; returns how many."""
+    from cluster.data.samples import image_of, tar_samples
+    from cluster.storage import split_s3_url
+
+    client = s3.client()
+    tars = directory.parent / f"{directory.name}-tars"
+    tars.mkdir(parents=True)
+    count = 0
+    for shard in manifest.split("train").shards:
+        bucket, key = split_s3_url(shard.url)
+        tar = tars / Path(key).name
+        client.download_file(bucket, key, str(tar))
+        with tar.open("rb") as stream:
+            for raw in tar_samples(stream, shard.url):
+                image = image_of(raw)
+                if image is None or "cls" not in raw:
+                    continue
+                folder = directory / manifest.classes[int(raw["cls"])]
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{raw['__key__']}.{image[0]}").write_bytes(image[1])
+                count += 1
+    shutil.rmtree(tars)
+    return count
+
+
+def bench_spec(epochs: int, name: str) -> dict[str, Any]:
+    """The smoke spec with a fresh name, `epochs` epochs and checkpoints only at epoch ends."""
+    spec = yaml.safe_load(SMOKE_SPEC.read_text())
+    spec["name"] = name
+    spec["optim"]["epochs"] = epochs
+    spec["checkpoint"] = {"at_epoch_end": True}
+    return spec
+
+
+def run_ours(spec_path: Path, *, home: Path, log_path: Path) -> RunResult:
+    """`compound job run SPEC --json` against the benchmark's stack."""
+    command = [str(Path(sys.executable).with_name("compound")), "job", "run", str(spec_path), "--json",
+               "--home", str(home)]
+    started = time.perf_counter()
+    with log_path.open("w") as err:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, text=True, check=False,
+                              start_new_session=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"compound job run exited with {done.returncode}:\n{log_path.read_text()[-LOG_TAIL_CHARS:]}")
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    epochs = outcome["epochs"]
+    return RunResult(epoch_images_per_s=tuple(e["train_images_per_s"] for e in epochs),
+                     steps_per_epoch=max(e["step"] for e in epochs),
+                     samples_per_epoch=epochs[-1]["train_samples_epoch"], seconds=seconds)
+
+
+def plain_arguments(spec: JobSpec) -> list[str]:
+    """The plain script's options that mirror the spec: data, augmentation, optimiser, threads."""
+    from cluster.train.trainer import threads_per_worker
+
+    augment = spec.data.augment
+    if (augment.policy != "none" or augment.random_erasing or augment.mixup_alpha or augment.cutmix_alpha
+            or not augment.random_resized_crop):
+        raise ValueError("the plain script mirrors random-resized-crop (+ flip) only; the spec asks for more")
+    if spec.optim.optimizer != "adamw" or spec.optim.grad_accumulation != 1 or spec.precision.dtype != "fp32":
+        raise ValueError("the plain script mirrors fp32 AdamW without gradient accumulation only")
+    return [
+        "--epochs", str(spec.optim.epochs), "--resolution", str(spec.model.resolution),
+        "--batch-size", str(spec.data.batch_size), "--loader-workers", str(spec.data.loader_workers),
+        "--crop-scale", *(str(s) for s in augment.crop_scale),
+        *(["--horizontal-flip"] if augment.horizontal_flip else []),
+        "--lr", str(spec.peak_lr), "--weight-decay", str(spec.optim.weight_decay),
+        "--label-smoothing", str(spec.optim.label_smoothing), "--threads", str(threads_per_worker(spec)),
+    ]
+
+
+def run_plain(spec: JobSpec, *, images: Path, channels_last: bool, run_dir: Path) -> tuple[RunResult, dict]:
+    """plain_ddp_b0.py under torchrun, in a session of its own; returns the result and rank 0's setup."""
+    from cluster.train.trainer import threads_per_worker
+
+    result_path, log_path = run_dir / "result.json", run_dir / "torchrun.log"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={spec.scaling.num_workers}", str(PLAIN_SCRIPT), str(images),
+               *plain_arguments(spec), "--result", str(result_path), *(["--channels-last"] if channels_last else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_worker(spec))}
+    started = time.perf_counter()
+    with log_path.open("w") as out:
+        # A session of its own, as the Ray head's workers have: with the kernel's autogroup scheduling,
+        # CPU is shared between sessions first, then between the processes of each.
+        code = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, check=False,
+                              start_new_session=True).returncode
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise RuntimeError(f"torchrun exited with {code}:\n{log_path.read_text()[-LOG_TAIL_CHARS:]}")
+    raw = json.loads(result_path.read_text())
+    epochs = raw["epochs"]
+    result = RunResult(epoch_images_per_s=tuple(e["train_images_per_s"] for e in epochs),
+                       steps_per_epoch=max(e["steps"] for e in epochs),
+                       samples_per_epoch=epochs[-1]["train_samples_epoch"], seconds=seconds)
+    return result, {"world_size": raw["world_size"], "threads": raw["threads"],
+                    "omp_num_threads": raw["omp_num_threads"], "nice": raw["nice"]}
+
+
+def print_summary(results: dict[str, list[RunResult]]) -> bool:
+    """The table and the bars; True if both bars are met."""
+    ours = results["ours"]
+    print(f"\n{'median over rounds':34}{'img/s':>8}{'last round, per epoch':>30}{'steps/ep':>10}{'samples/ep':>12}"
+          f"{'run s':>8}")
+    for name in RUNS:
+        runs = results[name]
+        per_epoch = " ".join(f"{v:.0f}" for v in runs[-1].epoch_images_per_s)
+        print(f"{LABELS[name]:34}{statistics.median(r.images_per_s for r in runs):>8.1f}{per_epoch:>30}"
+              f"{runs[-1].steps_per_epoch:>10}{runs[-1].samples_per_epoch:>12}"
+              f"{statistics.median(r.seconds for r in runs):>8.0f}")
+    met_all = True
+    print()
+    for name, bar in BARS.items():
+        ratios = sorted(o.images_per_s / p.images_per_s for o, p in zip(ours, results[name], strict=True))
+        ratio = statistics.median(ratios)
+        met = ratio >= bar
+        met_all &= met
+        print(f"{'ours / ' + LABELS[name]:52}{ratio:>7.2f}  [{ratios[0]:.2f}, {ratios[-1]:.2f}]   "
+              f">= {bar}  {'met' if met else 'MISSED'}")
+    return met_all
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=3, help="per run; the first is not counted (at least 2)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each of the three, interleaved")
+    parser.add_argument("--shard-mb", type=float, default=0.25, help="target shard size of the digits, MB")
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds between runs, so that Ray's teardown does not overlap the next start")
+    parser.add_argument("--wait-quiet", type=float, default=120.0,
+                        help=f"before each run, wait up to this many seconds for the rest of the machine to use "
+                             f"less than {QUIET_CORES} cores")
+    parser.add_argument("--keep-stack", action="store_true", help="leave the stack and the run folders behind")
+    args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error(f"--epochs must be at least 2 (the first is not counted), got {args.epochs}")
+    if args.rounds < 1 or args.shard_mb <= 0 or args.settle < 0 or args.wait_quiet < 0:
+        parser.error("--rounds must be at least 1, --shard-mb positive, --settle and --wait-quiet not negative")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    from cluster.train.trainer import threads_per_worker
+    from infra.stack import Stack
+    from jobs.connect import s3_access
+    from jobs.spec import load_job_spec
+
+    home = Path(tempfile.mkdtemp(prefix="cbench", dir="/tmp"))
+    stack = Stack(home)
+    try:
+        log.info("starting a local stack in %s", home)
+        settings = start_stack(stack)
+        s3 = s3_access(settings)
+        base = bench_spec(args.epochs, "bench-training")
+        resolution = base["model"]["resolution"]
+        manifest = write_digits(s3, resolution=resolution, shard_mb=args.shard_mb)
+        images = home / "images" / "train"
+        exported = export_image_folder(manifest, s3, images)
+        train = manifest.split("train")
+        if exported != train.samples:
+            raise RuntimeError(f"exported {exported} images, but the train split holds {train.samples}")
+
+        # One resolved spec tells the plain script everything it mirrors.
+        spec_path = home / "spec.yaml"
+        spec_path.write_text(yaml.safe_dump(base, sort_keys=False))
+        spec = load_job_spec(spec_path)
+        print(f"digits at {resolution}px: {train.samples} train images in {len(train.shards)} shards "
+              f"(target {args.shard_mb} MB), also unpacked as PNG files for ImageFolder; {spec.model.arch}, "
+              f"batch {spec.data.batch_size} per worker, {spec.scaling.num_workers} workers x "
+              f"{spec.scaling.cpus_per_worker:g} CPU, {spec.data.loader_workers} loader worker(s) each, "
+              f"{threads_per_worker(spec)} torch thread(s) and OMP_NUM_THREADS={threads_per_worker(spec)} per "
+              f"worker, {args.epochs} epochs per run (the first not counted), {args.rounds} interleaved round(s); "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+        results: dict[str, list[RunResult]] = {name: [] for name in RUNS}
+        for round_index in range(args.rounds):
+            for name in RUNS if round_index % 2 == 0 else reversed(RUNS):
+                run_dir = home / "runs" / f"{name}-{round_index}"
+                run_dir.mkdir(parents=True)
+                busy = wait_for_quiet(args.wait_quiet)
+                if name == "ours":
+                    job_spec = bench_spec(args.epochs, f"bench-training-{uuid.uuid4().hex[:8]}")
+                    (run_dir / "spec.yaml").write_text(yaml.safe_dump(job_spec, sort_keys=False))
+                    result = run_ours(run_dir / "spec.yaml", home=home, log_path=run_dir / "job.log")
+                    setup = f"{spec.scaling.num_workers} Ray workers, {spec.scaling.cpus_per_worker:g} CPU each"
+                else:
+                    result, raw = run_plain(spec, images=images, channels_last=name == "plain-cl", run_dir=run_dir)
+                    setup = (f"world {raw['world_size']}, {raw['threads']} thread(s), "
+                             f"OMP_NUM_THREADS={raw['omp_num_threads']}, nice {raw['nice']}")
+                results[name].append(result)
+                log.info("round %d %-8s %6.1f img/s (epochs: %s)  %d steps/epoch  run %.0f s  (%s; %.1f cores "
+                         "busy before)",
+                         round_index + 1, name, result.images_per_s,
+                         " ".join(f"{v:.1f}" for v in result.epoch_images_per_s), result.steps_per_epoch,
+                         result.seconds, setup, busy)
+                time.sleep(args.settle)
+        print_summary(results)
+    finally:
+        if args.keep_stack:
+            print(f"\nthe stack is still running in {home}: stop it with "
+                  f"`compound down --home {home}`, then remove the folder")
+        else:
+            stack.down()
+            shutil.rmtree(stack.ray_dir, ignore_errors=True)
+            shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
