@@ -1,5 +1,6 @@
 """The parts of the training loop that need no cluster: schedule, loss, models, strategies, EMA, progress."""
 
+import itertools
 import math
 import random
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor() -> None
     assert schedule(60) == pytest.approx(0.001 + 0.099 * 0.5)  # half-way down the cosine
     assert schedule(110) == pytest.approx(0.001) and schedule(500) == pytest.approx(0.001)
     after_warmup = [schedule(step) for step in range(10, 111)]
-    assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(after_warmup))
     assert LrSchedule(peak=1.0, warmup_steps=0, total_steps=4, final_fraction=0.0)(0) == 1.0
 
 
@@ -70,7 +71,7 @@ def test_accumulated_micro_steps_give_the_full_batch_gradient() -> None:
                      precision={"channels_last": False})
         strategy = DDP(model, spec, torch.device("cpu"))
         size = 8 // accumulation
-        loss_fn = lambda logits, batch: weighted_loss(logits, batch, 0.0)  # noqa: E731
+        loss_fn = lambda logits, batch: weighted_loss(logits, batch, 0.0)
         for i in range(accumulation):
             part = slice(i * size, (i + 1) * size)
             strategy.micro_step(_batch(images[part], labels[part], weights[part]), loss_fn, sync=i == accumulation - 1)
@@ -87,7 +88,7 @@ def test_optimizer_step_sets_the_learning_rate_and_clips() -> None:
     strategy = DDP(model, _spec(optim={"grad_clip_norm": 0.5, "optimizer": "sgd", "momentum": 0.0,
                                        "weight_decay": 0.0}, precision={"channels_last": False}), torch.device("cpu"))
     before = [p.detach().clone() for p in model.parameters()]
-    loss_fn = lambda logits, batch: logits.pow(2).sum() * 1000  # noqa: E731 - a huge gradient
+    loss_fn = lambda logits, batch: logits.pow(2).sum() * 1000  # a huge gradient
     strategy.micro_step(_batch(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), torch.ones(3)), loss_fn, sync=True)
     strategy.optimizer_step(lr=0.01)
     assert strategy.optimizer.param_groups[0]["lr"] == 0.01
