@@ -12,14 +12,13 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
-# Until the end-to-end job exists, the demo brings up the local stack, writes the digits dataset
-# as shards to its S3 store, shows the model family and a verified ONNX export.
-# `make down` stops the stack.
+# The demo brings up the local stack, writes the digits dataset as shards to its S3 store (once),
+# and trains the smoke job on the Ray head: EfficientNet-B0, 2 workers, DDP, 3 epochs. Run again,
+# the finished job prints its result. `make down` stops the stack.
 demo: $(STAMP)
 	$(BIN)/compound up
-	$(BIN)/compound data shards sklearn:digits s3://shards/digits/ --image-size 64 --shard-size 1 --overwrite
-	$(BIN)/compound model list
-	$(BIN)/compound model export efficientnet_b0 --out out/efficientnet_b0.onnx
+	$(BIN)/compound data shards sklearn:digits s3://shards/digits/ --image-size 64 --shard-size 0.25 --if-missing
+	$(BIN)/compound job run jobs/examples/b0-cpu-smoke.yaml
 
 down: $(STAMP)
 	$(BIN)/compound down
@@ -33,6 +32,9 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_effnet.py
 	$(BIN)/python tests/benchmarks/bench_loader.py
+	$(BIN)/python tests/benchmarks/bench_orchestration.py
+	$(BIN)/python tests/benchmarks/bench_training.py
+	$(BIN)/python tests/benchmarks/bench_activation_checkpointing.py
 
 # Re-pin every transitive dependency after changing pyproject.toml.
 lock: $(STAMP)

@@ -93,5 +93,7 @@ def connect_ray(settings: Settings) -> bool:
                            "before importing ray to reach a Ray head on loopback")
     if ray.is_initialized():
         return False
-    ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+    # The job's own actors (Ray's too) find the cluster by RAY_ADDRESS, not by guessing among heads.
+    ray.init(address=settings.ray_address, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"RAY_ADDRESS": settings.ray_address}})
     return True

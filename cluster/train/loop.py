@@ -114,6 +114,7 @@ def _log_to_stderr() -> None:
         package.addHandler(handler)
         package.setLevel(logging.INFO)
         package.propagate = False
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report and upload
 
 
 def _loaders(job: WorkerJob, rank: int, world_size: int) -> tuple[ShardLoader, ShardLoader]:

@@ -24,9 +24,11 @@ def data() -> None:
 @click.option("--shard-size", "shard_mb", type=click.FloatRange(min=0.001), default=64.0, show_default=True,
               help="Target shard size in MB.")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already at DEST.")
+@click.option("--if-missing", is_flag=True,
+              help="Keep a dataset already at DEST and write nothing (jobs that trained on it can resume).")
 @home_option
 def data_shards(source: str, dest: str, image_size: int, val_fraction: float, seed: int, shard_mb: float,
-                overwrite: bool, home: Path | None) -> None:
+                overwrite: bool, if_missing: bool, home: Path | None) -> None:
     """Write SOURCE as WebDataset shards and a manifest under DEST (s3://bucket/prefix/).
 
     SOURCE is `sklearn:digits` (the embedded demo data), an image folder with one sub-folder per
@@ -34,13 +36,24 @@ def data_shards(source: str, dest: str, image_size: int, val_fraction: float, se
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from cluster.data.manifest import ManifestError, load_manifest
     from cluster.data.sources import open_source
     from cluster.data.writer import write_shards
     from infra.settings import ConfigError, load_settings
     from jobs.connect import s3_access
 
+    if overwrite and if_missing:
+        raise click.UsageError("--overwrite and --if-missing contradict each other; pass one")
     try:
         settings = load_settings(home)
+        if if_missing:
+            try:
+                manifest, identity = load_manifest(dest, s3=s3_access(settings))
+            except ManifestError:
+                pass
+            else:
+                console.print(f"kept the dataset at {dest} ({manifest.source}, id {identity[:12]}…)")
+                return
         dataset = open_source(source, image_size=image_size, val_fraction=val_fraction, seed=seed)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed} samples"),
                       TimeElapsedColumn(), console=console) as progress:

@@ -1,0 +1,58 @@
+"""The training strategies on a CUDA device: one DDP (nccl) and one DeepSpeed step in bf16 with channels_last."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import effnet
+from cluster.data.loader import Batch
+from cluster.train.config import TrainingSpec
+from cluster.train.loop import weighted_loss
+from cluster.train.strategy import DDP, DeepSpeed
+from infra.stack import StackPorts
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def nccl_group():
+    """A one-process nccl group: the collectives are real, the world is just small."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(StackPorts.free().mlflow), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    yield torch.device("cuda", 0)
+    dist.destroy_process_group()
+
+
+def _spec(strategy: dict) -> TrainingSpec:
+    return TrainingSpec.model_validate({
+        "name": "gpu", "data": {"train": {"manifest": "s3://shards/x/manifest.json"}, "batch_size": 8},
+        "strategy": strategy, "precision": {"dtype": "bf16", "channels_last": True},
+        "scaling": {"num_workers": 1, "use_gpu": True}, "optim": {"grad_clip_norm": 1.0},
+    })
+
+
+def _batch(device: torch.device) -> Batch:
+    images = torch.randn(8, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (8,), device=device)
+    weights = torch.tensor([1.0] * 7 + [0.0], device=device)
+    return Batch(images, labels, weights, tuple(str(i) for i in range(8)), ())
+
+
+@pytest.mark.parametrize("strategy", [{"name": "ddp"}, {"name": "deepspeed", "zero_stage": 2}], ids=["ddp", "zero2"])
+def test_one_bf16_channels_last_step_on_cuda(nccl_group: torch.device, strategy: dict) -> None:
+    spec = _spec(strategy)
+    model = effnet.build("efficientnet_b0", num_classes=10).to(nccl_group)
+    train = (DeepSpeed if strategy["name"] == "deepspeed" else DDP)(model, spec, nccl_group)
+    before = [p.detach().float().clone() for p in train.module.parameters()]
+    loss = train.micro_step(_batch(nccl_group), lambda logits, batch: weighted_loss(logits, batch, 0.1), sync=True)
+    train.optimizer_step(lr=1e-3)
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss)
+    moved = [not torch.equal(p.detach().float(), b) for p, b in zip(train.module.parameters(), before, strict=True)]
+    assert sum(moved) > 0.9 * len(moved)
+    if strategy["name"] == "ddp":
+        assert train.module.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
