@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 from cluster.storage import S3Access, split_s3_url
@@ -24,10 +25,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE_PREFIX = "jobs"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+RAY_PROBE_TIMEOUT_S = 5.0
 
 
 class JobFailedError(RuntimeError):
     """Training failed more often than the spec's failure.max_failures allows."""
+
+
+class ClusterUnreachableError(ConnectionError):
+    """The configured Ray cluster does not answer; the message says where and what to do."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,10 @@ def run_job(spec: JobSpec, settings: Settings, *, source: str) -> JobOutcome:
     job = prepare_job(spec, settings, source=source)
     spec = job.spec
     s3 = s3_access(settings)
+    connected_here = connect_ray(settings)  # before anything is recorded: an unreachable cluster leaves no trace
     resumed = check_relaunch(job, s3=s3, source=source)
     if resumed:
         log.info("job %s was launched before: resuming from its latest checkpoint", spec.name)
-    connected_here = connect_ray(settings)
     trainer = make_trainer(spec, s3=s3, storage=spec.checkpoint.storage, spec_json=spec.model_dump_json())
     import ray
     from ray.train import TrainingFailedError
@@ -82,7 +88,14 @@ def connect_ray(settings: Settings) -> bool:
     For the local stack's head (on loopback) Ray must be told so before it is first imported:
     otherwise it rewrites 127.0.0.1 to the host's own address and waits there forever.
     """
-    local = settings.ray_address.rsplit(":", 1)[0] in LOOPBACK_HOSTS
+    host, port = settings.ray_address.rsplit(":", 1)
+    try:  # Ray itself would wait for an absent head for minutes, logging a warning every few seconds
+        socket.create_connection((host, int(port)), timeout=RAY_PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as error:
+        raise ClusterUnreachableError(
+            f"cannot reach the Ray cluster at {settings.ray_address} ({error}): start the local stack with "
+            "`compound up`, or point COMPOUND_RAY_ADDRESS at your cluster's head (host:port)") from None
+    local = host in LOOPBACK_HOSTS
     if local:
         os.environ.update(RAY_CLIENT_ENV)
     import ray

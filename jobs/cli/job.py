@@ -70,7 +70,7 @@ def run(spec_path: Path, as_json: bool, home: Path | None) -> None:
     Run again after an interruption, the same job resumes from its latest checkpoint.
     """
     from infra.settings import ConfigError, load_settings
-    from jobs.driver import JobFailedError, run_job
+    from jobs.driver import ClusterUnreachableError, JobFailedError, run_job
     from jobs.spec import SpecError, load_job_spec
 
     try:
@@ -80,7 +80,7 @@ def run(spec_path: Path, as_json: bool, home: Path | None) -> None:
         _fail_on_spec_error(error)
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
-    except JobFailedError as error:
+    except (JobFailedError, ClusterUnreachableError) as error:
         raise click.ClickException(str(error)) from None
     if as_json:
         click.echo(json.dumps({"job": outcome.spec.name, "checkpoint": outcome.checkpoint,

@@ -37,15 +37,17 @@ import json
 import logging
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import yaml
 
@@ -71,7 +73,70 @@ LABELS = {"ours": "ours (compound job run)", "plain": "plain torchrun, default f
 LOG_TAIL_CHARS = 4000
 QUIET_CORES = 0.5  # CPU use by everything else below which a run may start
 QUIET_SAMPLE_S = 5.0
+FOREIGN_SAMPLE_S = 1.0
 STACK_ATTEMPTS = 3
+
+
+class ForeignLoad:
+    """The CPU everything else used during a run, in cores: busy time of the machine minus the CPU time
+    of the processes in the run's sessions (and of this benchmark). Sampled every FOREIGN_SAMPLE_S in a
+    thread. A process of ours that ends between samples leaves its last slice to "foreign": a small
+    overestimate. With 2 cores, 0.5 foreign cores take about a quarter of what a run could use."""
+
+    def __init__(self, sessions: set[int]) -> None:
+        self.sessions = sessions
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def add_session(self, sid: int) -> None:
+        self.sessions = self.sessions | {sid}
+
+    @property
+    def cores(self) -> float:
+        return statistics.fmean(self.samples) if self.samples else 0.0
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        me = os.getpid()
+        busy_before, at_before = self._busy(psutil), time.monotonic()
+        _, seen = self._ours(psutil, me, None)
+        while not self._stop.wait(FOREIGN_SAMPLE_S):
+            ours, seen = self._ours(psutil, me, seen)
+            busy, now = self._busy(psutil), time.monotonic()
+            self.samples.append(max(0.0, busy - busy_before - ours) / (now - at_before))
+            busy_before, at_before = busy, now
+
+    @staticmethod
+    def _busy(psutil) -> float:
+        times = psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+    def _ours(self, psutil, me: int, seen: dict[tuple[int, float], float] | None) -> tuple[float, dict]:
+        """CPU seconds our processes used since the last call (all of it for those new since), and the new
+        state: (pid, start time) → CPU seconds. `seen` None: a baseline, nothing counted."""
+        used, now = 0.0, {}
+        for process in psutil.process_iter():
+            try:
+                if process.pid != me and os.getsid(process.pid) not in self.sessions:
+                    continue
+                key = (process.pid, process.create_time())
+                times = process.cpu_times()
+            except (psutil.Error, ProcessLookupError):
+                continue
+            now[key] = times.user + times.system
+            if seen is not None:
+                used += now[key] - seen.get(key, 0.0)
+        return used, now
 
 
 @dataclass(frozen=True)
@@ -82,6 +147,7 @@ class RunResult:
     steps_per_epoch: int
     samples_per_epoch: int
     seconds: float  # wall time of the whole command, start-up and evaluation included
+    foreign_cores: float = 0.0  # CPU everything else used meanwhile (ForeignLoad)
 
     @property
     def images_per_s(self) -> float:
@@ -160,18 +226,36 @@ def bench_spec(epochs: int, name: str) -> dict[str, Any]:
     return spec
 
 
-def run_ours(spec_path: Path, *, home: Path, log_path: Path) -> RunResult:
+def launch(command: list[str], *, out: Path, foreign: ForeignLoad, env: dict[str, str] | None = None) -> int:
+    """Run `command` in a session of its own, stdout and stderr to `out`; returns its exit code.
+
+    A session of its own, as the Ray head's workers have: with the kernel's autogroup scheduling, CPU is
+    shared between sessions first, then between the processes of each.
+    """
+    with out.open("w") as stream:
+        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=env, start_new_session=True)
+        foreign.add_session(process.pid)
+        try:
+            return process.wait()
+        finally:
+            if process.poll() is None:  # interrupted: end the whole session we started
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait()
+
+
+def run_ours(spec_path: Path, *, home: Path, run_dir: Path, foreign: ForeignLoad) -> RunResult:
     """`compound job run SPEC --json` against the benchmark's stack."""
     command = [str(Path(sys.executable).with_name("compound")), "job", "run", str(spec_path), "--json",
                "--home", str(home)]
+    log_path = run_dir / "job.log"
     started = time.perf_counter()
-    with log_path.open("w") as err:
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, text=True, check=False,
-                              start_new_session=True)
+    code = launch(command, out=log_path, foreign=foreign)
     seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"compound job run exited with {done.returncode}:\n{log_path.read_text()[-LOG_TAIL_CHARS:]}")
-    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    text = log_path.read_text()
+    if code != 0:
+        raise RuntimeError(f"compound job run exited with {code}:\n{text[-LOG_TAIL_CHARS:]}")
+    outcome = json.loads(next(line for line in reversed(text.splitlines()) if line.startswith('{"job"')))
     epochs = outcome["epochs"]
     return RunResult(epoch_images_per_s=tuple(e["train_images_per_s"] for e in epochs),
                      steps_per_epoch=max(e["step"] for e in epochs),
@@ -198,7 +282,8 @@ def plain_arguments(spec: JobSpec) -> list[str]:
     ]
 
 
-def run_plain(spec: JobSpec, *, images: Path, channels_last: bool, run_dir: Path) -> tuple[RunResult, dict]:
+def run_plain(spec: JobSpec, *, images: Path, channels_last: bool, run_dir: Path,
+              foreign: ForeignLoad) -> tuple[RunResult, dict]:
     """plain_ddp_b0.py under torchrun, in a session of its own; returns the result and rank 0's setup."""
     from cluster.train.trainer import threads_per_worker
 
@@ -208,11 +293,7 @@ def run_plain(spec: JobSpec, *, images: Path, channels_last: bool, run_dir: Path
                *plain_arguments(spec), "--result", str(result_path), *(["--channels-last"] if channels_last else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_worker(spec))}
     started = time.perf_counter()
-    with log_path.open("w") as out:
-        # A session of its own, as the Ray head's workers have: with the kernel's autogroup scheduling,
-        # CPU is shared between sessions first, then between the processes of each.
-        code = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, check=False,
-                              start_new_session=True).returncode
+    code = launch(command, out=log_path, foreign=foreign, env=env)
     seconds = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"torchrun exited with {code}:\n{log_path.read_text()[-LOG_TAIL_CHARS:]}")
@@ -229,13 +310,14 @@ def print_summary(results: dict[str, list[RunResult]]) -> bool:
     """The table and the bars; True if both bars are met."""
     ours = results["ours"]
     print(f"\n{'median over rounds':34}{'img/s':>8}{'last round, per epoch':>30}{'steps/ep':>10}{'samples/ep':>12}"
-          f"{'run s':>8}")
+          f"{'run s':>8}{'others':>8}")
     for name in RUNS:
         runs = results[name]
         per_epoch = " ".join(f"{v:.0f}" for v in runs[-1].epoch_images_per_s)
         print(f"{LABELS[name]:34}{statistics.median(r.images_per_s for r in runs):>8.1f}{per_epoch:>30}"
               f"{runs[-1].steps_per_epoch:>10}{runs[-1].samples_per_epoch:>12}"
-              f"{statistics.median(r.seconds for r in runs):>8.0f}")
+              f"{statistics.median(r.seconds for r in runs):>8.0f}"
+              f"{statistics.median(r.foreign_cores for r in runs):>8.2f}")
     met_all = True
     print()
     for name, bar in BARS.items():
@@ -298,27 +380,33 @@ def main() -> None:
               f"worker, {args.epochs} epochs per run (the first not counted), {args.rounds} interleaved round(s); "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
+        # The stack's services are part of our runs (Ray's workers run in the Ray head's session); during the
+        # plain runs they idle, and what they use then counts as foreign.
+        stack_sessions = {os.getsid(status.pid) for status in stack.status() if status.pid is not None}
         results: dict[str, list[RunResult]] = {name: [] for name in RUNS}
         for round_index in range(args.rounds):
             for name in RUNS if round_index % 2 == 0 else reversed(RUNS):
                 run_dir = home / "runs" / f"{name}-{round_index}"
                 run_dir.mkdir(parents=True)
                 busy = wait_for_quiet(args.wait_quiet)
-                if name == "ours":
-                    job_spec = bench_spec(args.epochs, f"bench-training-{uuid.uuid4().hex[:8]}")
-                    (run_dir / "spec.yaml").write_text(yaml.safe_dump(job_spec, sort_keys=False))
-                    result = run_ours(run_dir / "spec.yaml", home=home, log_path=run_dir / "job.log")
-                    setup = f"{spec.scaling.num_workers} Ray workers, {spec.scaling.cpus_per_worker:g} CPU each"
-                else:
-                    result, raw = run_plain(spec, images=images, channels_last=name == "plain-cl", run_dir=run_dir)
-                    setup = (f"world {raw['world_size']}, {raw['threads']} thread(s), "
-                             f"OMP_NUM_THREADS={raw['omp_num_threads']}, nice {raw['nice']}")
+                with ForeignLoad(stack_sessions if name == "ours" else set()) as foreign:
+                    if name == "ours":
+                        job_spec = bench_spec(args.epochs, f"bench-training-{uuid.uuid4().hex[:8]}")
+                        (run_dir / "spec.yaml").write_text(yaml.safe_dump(job_spec, sort_keys=False))
+                        result = run_ours(run_dir / "spec.yaml", home=home, run_dir=run_dir, foreign=foreign)
+                        setup = f"{spec.scaling.num_workers} Ray workers, {spec.scaling.cpus_per_worker:g} CPU each"
+                    else:
+                        result, raw = run_plain(spec, images=images, channels_last=name == "plain-cl",
+                                                run_dir=run_dir, foreign=foreign)
+                        setup = (f"world {raw['world_size']}, {raw['threads']} thread(s), "
+                                 f"OMP_NUM_THREADS={raw['omp_num_threads']}, nice {raw['nice']}")
+                result = replace(result, foreign_cores=foreign.cores)
                 results[name].append(result)
-                log.info("round %d %-8s %6.1f img/s (epochs: %s)  %d steps/epoch  run %.0f s  (%s; %.1f cores "
-                         "busy before)",
+                log.info("round %d %-8s %6.1f img/s (epochs: %s)  %d steps/epoch  run %.0f s  (%s; others used "
+                         "%.1f cores before, %.2f during)",
                          round_index + 1, name, result.images_per_s,
                          " ".join(f"{v:.1f}" for v in result.epoch_images_per_s), result.steps_per_epoch,
-                         result.seconds, setup, busy)
+                         result.seconds, setup, busy, result.foreign_cores)
                 time.sleep(args.settle)
         print_summary(results)
     finally:

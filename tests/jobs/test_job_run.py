@@ -29,7 +29,7 @@ from cluster.data.sources import DigitsSource
 from cluster.data.writer import write_shards
 from cluster.storage import S3Access
 from infra.settings import Settings
-from infra.stack import Stack
+from infra.stack import Stack, StackPorts
 from jobs.cli import cli
 from jobs.driver import prepare_job
 from jobs.resolve import check_relaunch
@@ -225,6 +225,12 @@ def test_a_missing_dataset_or_a_changed_relaunch_is_refused_before_anything_star
     assert "compound data shards" in result.output
     assert "Contents" not in s3.client().list_objects_v2(Bucket="checkpoints", Prefix=f"jobs/{spec['name']}/")
 
+    no_ray, spec = _spec(tmp_path)
+    nowhere = {"COMPOUND_RAY_ADDRESS": f"127.0.0.1:{StackPorts.free().ray}"}
+    result = CliRunner().invoke(cli, ["job", "run", str(no_ray), "--home", str(stack.home)], env=nowhere)
+    assert result.exit_code == 1 and "cannot reach the Ray cluster at 127.0.0.1:" in result.output, result.output
+    assert "Contents" not in s3.client().list_objects_v2(Bucket="checkpoints", Prefix=f"jobs/{spec['name']}/")
+
     crowded, _ = _spec(tmp_path, scaling={"num_workers": 16}, data={"loader_workers": 2})
     result = CliRunner().invoke(cli, ["job", "validate", str(crowded), "--home", str(stack.home)])
     assert result.exit_code == 2 and "fewer than the 32 readers" in result.output, result.output
@@ -239,3 +245,16 @@ def test_a_missing_dataset_or_a_changed_relaunch_is_refused_before_anything_star
     assert result.exit_code == 2, result.output
     assert f"job '{spec['name']}' was launched before with another spec" in result.output
     assert "changed: data.batch_size." in result.output
+
+
+def test_a_relaunch_on_a_rewritten_dataset_is_refused(stack: Stack, settings: Settings, s3: S3Access,
+                                                      tmp_path: Path) -> None:
+    dest = f"s3://shards/relaunch-{uuid.uuid4().hex[:6]}/"
+    url = write_shards(DigitsSource(image_size=16, val_fraction=0.2, seed=0), dest, s3=s3, shard_bytes=20_000).url
+    split = {"train": {"manifest": url, "split": "train"}, "val": {"manifest": url, "split": "val"}}
+    spec_path, spec = _spec(tmp_path, data=split)
+    check_relaunch(prepare_job(load_job_spec(spec_path), settings, source="first"), s3=s3, source="first")
+    write_shards(DigitsSource(image_size=16, val_fraction=0.2, seed=1), dest, s3=s3, shard_bytes=20_000, overwrite=True)
+    result = CliRunner().invoke(cli, ["job", "run", str(spec_path), "--home", str(stack.home)])
+    assert result.exit_code == 2, result.output
+    assert f"data.train: the dataset at {url} was written again since job '{spec['name']}'" in result.output
