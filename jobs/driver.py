@@ -59,7 +59,8 @@ def run_job(spec: JobSpec, settings: Settings, *, source: str) -> JobOutcome:
     resumed = check_relaunch(job, s3=s3, source=source)
     if resumed:
         log.info("job %s was launched before: resuming from its latest checkpoint", spec.name)
-    trainer = make_trainer(spec, s3=s3, storage=spec.checkpoint.storage, spec_json=spec.model_dump_json())
+    trainer = make_trainer(spec, s3=s3, storage=spec.checkpoint.storage, spec_json=spec.model_dump_json(),
+                           dataset_ids=job.dataset_ids)
     import ray
     from ray.train import TrainingFailedError
 

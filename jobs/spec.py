@@ -11,7 +11,6 @@ alias bombs), no explicit tags, no duplicate keys; unknown keys are refused at e
 
 from __future__ import annotations
 
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -162,15 +161,15 @@ def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:
 
 
 def _tag(model: type[BaseModel]) -> object:
+    """The literal `name` that tags a member of a discriminated union, if the model has one."""
     field = model.model_fields.get("name")
-    args = typing.get_args(field.annotation) if field is not None else ()
-    return args[0] if field is not None and typing.get_origin(field.annotation) is typing.Literal else None
+    if field is None or typing.get_origin(field.annotation) is not typing.Literal:
+        return None
+    return typing.get_args(field.annotation)[0]
 
 
 def _models_in(annotation: object) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through Optional, unions and Annotated)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType, typing.Annotated) or origin is not None:
-        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
-    return []
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]

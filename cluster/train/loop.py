@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cluster.data.loader import Batch, ShardLoader
-from cluster.data.manifest import load_manifest
+from cluster.data.manifest import ManifestError, ShardManifest, load_manifest
 from cluster.storage import S3Access
 from cluster.train.checkpoint import (
     EMA_FILE,
@@ -62,6 +62,7 @@ class WorkerJob:
     s3: S3Access
     spec_json: str  # saved inside every checkpoint
     threads_per_worker: int
+    dataset_ids: dict[str, str]  # "data.train"/"data.val" → manifest sha256 the driver resolved
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -122,14 +123,21 @@ def _loaders(job: WorkerJob, rank: int, world_size: int) -> tuple[ShardLoader, S
     assert spec.data.val is not None and spec.model.resolution is not None
     common = {"batch_size": spec.data.batch_size, "resolution": spec.model.resolution, "s3": job.s3, "rank": rank,
               "world_size": world_size, "loader_workers": spec.data.loader_workers, "seed": spec.optim.seed}
-    train_manifest, _ = load_manifest(spec.data.train.manifest, s3=job.s3)
-    val_manifest = train_manifest
-    if spec.data.val.manifest != spec.data.train.manifest:
-        val_manifest, _ = load_manifest(spec.data.val.manifest, s3=job.s3)
+    train_manifest = _expected_manifest(job, "data.train", spec.data.train.manifest)
+    val_manifest = _expected_manifest(job, "data.val", spec.data.val.manifest)
     train = ShardLoader(train_manifest, spec.data.train.split, shuffle=True, augment=spec.data.augment,
                         shuffle_buffer=spec.data.shuffle_buffer, **common)
     val = ShardLoader(val_manifest, spec.data.val.split, shuffle=False, augment=None, **common)
     return train, val
+
+
+def _expected_manifest(job: WorkerJob, field: str, url: str) -> ShardManifest:
+    """The manifest at `url`, if it is still the dataset the job was launched on."""
+    manifest, dataset_id = load_manifest(url, s3=job.s3)
+    if dataset_id != job.dataset_ids[field]:
+        raise ManifestError(f"{field}: the dataset at {url} was written again after the job started "
+                            f"(id {dataset_id[:12]}…, not {job.dataset_ids[field][:12]}…); resuming would mix two datasets")
+    return manifest
 
 
 def _schedule(spec: TrainingSpec, loader: ShardLoader) -> LrSchedule:

@@ -35,7 +35,8 @@ def worker_env(spec: TrainingSpec) -> dict[str, str]:
     return {**ALLOCATOR_ENV, "OMP_NUM_THREADS": str(threads_per_worker(spec))}
 
 
-def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: str):  # -> TorchTrainer
+def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: str,
+                 dataset_ids: dict[str, str]):  # -> TorchTrainer
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -45,7 +46,8 @@ def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: s
         resources["GPU"] = scaling.gpus_per_worker
     if scaling.memory_per_worker_gb is not None:
         resources["memory"] = scaling.memory_per_worker_gb * 2**30
-    job = WorkerJob(spec=spec, s3=s3, spec_json=spec_json, threads_per_worker=threads_per_worker(spec))
+    job = WorkerJob(spec=spec, s3=s3, spec_json=spec_json, threads_per_worker=threads_per_worker(spec),
+                    dataset_ids=dataset_ids)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
