@@ -12,7 +12,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from cluster.data.manifest import ManifestError, ShardManifest, load_manifest, verify_shards
 from cluster.data.spec import SplitRef
-from cluster.storage import S3Access, s3_error_code, split_s3_url
+from cluster.storage import S3Access, is_not_found, s3_error_code, split_s3_url
+from cluster.train.checkpoint import CHECKPOINT_PREFIX
+from cluster.train.config import ModelSpec
+from cluster.train.models import build_model
 from jobs.spec import JobSpec, SpecError
 
 log = logging.getLogger(__name__)
@@ -58,13 +61,22 @@ def resolve_job(spec: JobSpec, *, s3: S3Access, default_storage: str, source: st
             problems.append("data.val: its classes differ from data.train's; use splits of one dataset")
     storage = spec.checkpoint.storage or default_storage
     _check_bucket("checkpoint.storage", storage, s3, problems)
+    model = spec.model.model_copy(update={"num_classes": num_classes})
+    if model.pretrained is not None and num_classes is not None:
+        _check_weights(model, problems)
     if problems:
         raise SpecError(source, problems)
-    resolved = spec.model_copy(update={
-        "model": spec.model.model_copy(update={"num_classes": num_classes}),
-        "checkpoint": spec.checkpoint.model_copy(update={"storage": storage}),
-    })
+    resolved = spec.model_copy(update={"model": model,
+                                       "checkpoint": spec.checkpoint.model_copy(update={"storage": storage})})
     return ResolvedJob(resolved, dataset_ids)
+
+
+def _check_weights(model: ModelSpec, problems: list[str]) -> None:
+    """Build the model with its weights here, so a file that does not fit fails before any worker starts."""
+    try:
+        build_model(model)
+    except (ValueError, OSError, RuntimeError) as error:  # WeightsMismatchError is a ValueError
+        problems.append(f"model.pretrained: {error}")
 
 
 def _check_split(
@@ -107,23 +119,32 @@ def _check_bucket(field: str, url: str, s3: S3Access, problems: list[str]) -> No
 
 def check_relaunch(job: ResolvedJob, *, s3: S3Access, source: str) -> bool:
     """Record the spec and data at the job's first launch; on a later launch, refuse a spec or data that
-    would train something else (resuming it would not be exact). True if the job was launched before."""
+    would train something else (resuming it would not be exact). True if the job resumes a checkpoint.
+
+    A launch that left no checkpoint binds nothing: the next launch records its own spec.
+    """
     spec = job.spec
     assert spec.checkpoint.storage is not None
-    bucket, prefix = split_s3_url(f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/{JOB_RECORD}")
+    bucket, folder = split_s3_url(f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/")
+    key = folder + JOB_RECORD
     client = s3.client()
     current = job.record()
-    try:
-        recorded = json.loads(client.get_object(Bucket=bucket, Key=prefix)["Body"].read())
-    except ClientError as error:
-        if s3_error_code(error) not in {"NoSuchKey", "404"}:
-            raise
-        client.put_object(Bucket=bucket, Key=prefix, Body=json.dumps(current, indent=2).encode(),
+    has_checkpoints = client.list_objects_v2(Bucket=bucket, Prefix=folder + CHECKPOINT_PREFIX, MaxKeys=1)["KeyCount"]
+    if not has_checkpoints:
+        client.put_object(Bucket=bucket, Key=key, Body=json.dumps(current, indent=2).encode(),
                           ContentType="application/json")
         return False
+    try:
+        recorded = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except ClientError as error:
+        if not is_not_found(error):
+            raise
+        problem = (f"s3://{bucket}/{folder} holds checkpoints of a job {spec.name!r} that compound did not record; "
+                   "give this job another name")
+        raise SpecError(source, [problem]) from None
     changed = _differences(recorded.get("spec", {}), current["spec"])
     if changed:
-        problem = (f"job {spec.name!r} was launched before with another spec (s3://{bucket}/{prefix}); "
+        problem = (f"job {spec.name!r} was launched before with another spec (s3://{bucket}/{key}); "
                    f"changed: {', '.join(changed)}. Resuming it would not continue the same training: give the "
                    "job a new name to start over, or put those values back to resume it")
         raise SpecError(source, [problem])

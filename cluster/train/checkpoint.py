@@ -31,6 +31,7 @@ from cluster.data.s3 import backoff_s
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
+CHECKPOINT_PREFIX = "epoch"  # every checkpoint folder's name starts so (`Progress.name`)
 EMA_FILE = "ema.pt"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FORMAT = "compound.train/1"
@@ -65,7 +66,7 @@ class Progress:
     @property
     def name(self) -> str:
         """The checkpoint folder's name: the same for the same point, so a re-run overwrites an orphan."""
-        return f"epoch{self.epoch:04d}-step{self.step:07d}"
+        return f"{CHECKPOINT_PREFIX}{self.epoch:04d}-step{self.step:07d}"
 
 
 def new_checkpoint_dir() -> Path:

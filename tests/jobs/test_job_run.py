@@ -236,7 +236,7 @@ def test_a_missing_dataset_or_a_changed_relaunch_is_refused_before_anything_star
     assert result.exit_code == 2 and "fewer than the 32 readers" in result.output, result.output
 
     first, spec = _spec(tmp_path, **SMALL)
-    check_relaunch(prepare_job(load_job_spec(first), settings, source="first"), s3=s3, source="first")  # as a run does
+    _launched_with_a_checkpoint(first, spec, settings, s3)
     changed = yaml.safe_load(first.read_text())
     changed["data"]["batch_size"] = 8
     changed["tracking"] = {"experiment": "another"}  # may change: it does not change what is trained
@@ -247,13 +247,47 @@ def test_a_missing_dataset_or_a_changed_relaunch_is_refused_before_anything_star
     assert "changed: data.batch_size." in result.output
 
 
+def _launched_with_a_checkpoint(spec_path: Path, spec: dict, settings: Settings, s3: S3Access) -> None:
+    """What a launch that got as far as one checkpoint leaves in storage (the checkpoint itself stands in)."""
+    assert check_relaunch(prepare_job(load_job_spec(spec_path), settings, source="first"), s3=s3, source="first") is False
+    s3.client().put_object(Bucket="checkpoints", Key=f"jobs/{spec['name']}/epoch0000-step0000010/progress.json",
+                           Body=b"{}")
+
+
+def test_a_launch_that_left_no_checkpoint_binds_nothing(settings: Settings, s3: S3Access, digits: ShardManifest,
+                                                        tmp_path: Path) -> None:
+    spec_path, spec = _spec(tmp_path, **SMALL)
+    for batch_size in (16, 8):  # say the first launch failed before its first checkpoint, and the user fixed the spec
+        changed = yaml.safe_load(spec_path.read_text())
+        changed["data"]["batch_size"] = batch_size
+        spec_path.write_text(yaml.safe_dump(changed))
+        resolved = prepare_job(load_job_spec(spec_path), settings, source=str(spec_path))
+        assert check_relaunch(resolved, s3=s3, source=str(spec_path)) is False
+    record = s3.client().get_object(Bucket="checkpoints", Key=f"jobs/{spec['name']}/compound-job.json")
+    assert json.loads(record["Body"].read())["spec"]["data"]["batch_size"] == 8
+
+
+def test_pretrained_weights_that_do_not_fit_are_refused_before_workers_start(
+    stack: Stack, s3: S3Access, digits: ShardManifest, tmp_path: Path,
+) -> None:
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.efficientnet_b1().state_dict(), tmp_path / "b1.pth")
+    spec_path, spec = _spec(tmp_path, model={"pretrained": str(tmp_path / "b1.pth")})
+    result = CliRunner().invoke(cli, ["job", "run", str(spec_path), "--home", str(stack.home)])
+    assert result.exit_code == 2, result.output
+    assert "model.pretrained: weights in" in result.output and "do not fit efficientnet_b0" in result.output
+    assert "Contents" not in s3.client().list_objects_v2(Bucket="checkpoints", Prefix=f"jobs/{spec['name']}/")
+
+
 def test_a_relaunch_on_a_rewritten_dataset_is_refused(stack: Stack, settings: Settings, s3: S3Access,
                                                       tmp_path: Path) -> None:
     dest = f"s3://shards/relaunch-{uuid.uuid4().hex[:6]}/"
     url = write_shards(DigitsSource(image_size=16, val_fraction=0.2, seed=0), dest, s3=s3, shard_bytes=20_000).url
     split = {"train": {"manifest": url, "split": "train"}, "val": {"manifest": url, "split": "val"}}
     spec_path, spec = _spec(tmp_path, data=split)
-    check_relaunch(prepare_job(load_job_spec(spec_path), settings, source="first"), s3=s3, source="first")
+    _launched_with_a_checkpoint(spec_path, spec, settings, s3)
     write_shards(DigitsSource(image_size=16, val_fraction=0.2, seed=1), dest, s3=s3, shard_bytes=20_000, overwrite=True)
     result = CliRunner().invoke(cli, ["job", "run", str(spec_path), "--home", str(stack.home)])
     assert result.exit_code == 2, result.output
