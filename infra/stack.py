@@ -50,6 +50,9 @@ STARTUP_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 45.0  # Ray drains its node before it exits
 LOG_TAIL_LINES = 25
 SERVICE_NAMES = ("s3", "mlflow", "ray")  # start order: the store first
+# Ray starts its workers at nice 15 so a busy node's control plane stays responsive; on a laptop the
+# workers are the point, and at nice 15 the head's own processes (and the store) preempt training.
+RAY_HEAD_ENV = {"RAY_worker_niceness": "0"}
 SEAWEED_IDENTITY = "compound"  # the one identity of SeaweedFS's s3.json, holding our S3 keys
 
 
@@ -225,7 +228,7 @@ class Stack:
             ports={"Ray GCS": ports.ray, "Ray dashboard": ports.ray_dashboard, "Ray client": ports.ray_client,
                    "Ray dashboard agent": ports.ray_agent},
             # Jobs run with this interpreter and reach S3 and MLflow through the settings.
-            env={**RAY_CLIENT_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
+            env={**RAY_CLIENT_ENV, **RAY_HEAD_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
         )
         return [s3, mlflow, ray]
 

@@ -245,6 +245,8 @@ class ShardLoader:
         self.resolution = resolution
         self.state = LoaderState()
         self._plan(0)  # fail now, not in a worker, if the split cannot feed every slot
+        if s3 is not None:
+            s3.client()  # loads boto3's models once, here, for every forked loader worker
 
     def _plan(self, epoch: int) -> EpochPlan:
         return plan_epoch(self.shards, epoch=epoch, seed=self.seed, num_slots=self.world_size * self._workers,
