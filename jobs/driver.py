@@ -86,8 +86,8 @@ def read_history(checkpoint: str, s3: S3Access) -> list[dict]:
 def connect_ray(settings: Settings) -> bool:
     """Join the configured Ray cluster as a driver; False if this process already had joined one.
 
-    For the local stack's head (on loopback) Ray must be told so before it is first imported:
-    otherwise it rewrites 127.0.0.1 to the host's own address and waits there forever.
+    For the local stack's head (on loopback) Ray must be told so: otherwise it rewrites 127.0.0.1
+    to the host's own address and waits there forever.
     """
     host, port = settings.ray_address.rsplit(":", 1)
     try:  # Ray itself would wait for an absent head for minutes, logging a warning every few seconds
@@ -96,15 +96,14 @@ def connect_ray(settings: Settings) -> bool:
         raise ClusterUnreachableError(
             f"cannot reach the Ray cluster at {settings.ray_address} ({error}): start the local stack with "
             "`compound up`, or point COMPOUND_RAY_ADDRESS at your cluster's head (host:port)") from None
-    local = host in LOOPBACK_HOSTS
-    if local:
+    if host in LOOPBACK_HOSTS:
         os.environ.update(RAY_CLIENT_ENV)
-    import ray
-    from ray._private import ray_constants
+        from ray._private import ray_constants
 
-    if local and ray_constants.ENABLE_RAY_CLUSTER:
-        raise RuntimeError("Ray was imported before connect_ray(): set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
-                           "before importing ray to reach a Ray head on loopback")
+        # Ray reads the variable when first imported; this process may have imported it already.
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    import ray
+
     if ray.is_initialized():
         return False
     # The job's own actors (Ray's too) find the cluster by RAY_ADDRESS, not by guessing among heads.
