@@ -13,12 +13,13 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 # The demo brings up the local stack, writes the digits dataset as shards to its S3 store (once),
-# and trains the smoke job on the Ray head: EfficientNet-B0, 2 workers, DDP, 3 epochs. Run again,
-# the finished job prints its result. `make down` stops the stack.
+# and submits the smoke job to the Ray head as a Ray job, following its log to the end:
+# EfficientNet-B0, 2 workers, DDP, 3 epochs, tracked in one MLflow run whose link it prints.
+# Run again, the finished job prints its result. `make down` stops the stack.
 demo: $(STAMP)
 	$(BIN)/compound up
 	$(BIN)/compound data shards sklearn:digits s3://shards/digits/ --image-size 64 --shard-size 0.25 --if-missing
-	$(BIN)/compound job run jobs/examples/b0-cpu-smoke.yaml
+	$(BIN)/compound job submit jobs/examples/b0-cpu-smoke.yaml --follow
 
 down: $(STAMP)
 	$(BIN)/compound down

@@ -1,8 +1,10 @@
 """S3 access for workers: a small, frozen, picklable description of one store.
 
 `jobs/` builds an `S3Access` from the stack's settings and hands it to every process that reads
-shards or writes checkpoints; nothing in `cluster/` reads settings or environment itself, so one
-process can talk to two stores. Keys are `SecretStr`: they never print.
+shards or writes checkpoints; nothing in `cluster/` reads settings itself, so one process can talk
+to two stores. Keys are `SecretStr`: they never print. What travels to a cluster carries no keys
+(`without_keys`): there, boto3 and pyarrow take them from the cluster's own environment
+(`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, an instance role or IRSA).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
 # pyarrow's AWS standard strategy backs off exponentially up to 20 s a try: 12 tries ride out a
 # couple of minutes of store outage while Ray uploads a checkpoint.
 FILESYSTEM_RETRY_ATTEMPTS = 12
+
+
+class MissingCredentialsError(RuntimeError):
+    """A process that must reach S3 has no keys for it."""
 
 
 class S3Access(BaseModel):
@@ -37,6 +43,19 @@ class S3Access(BaseModel):
         if (self.access_key is None) != (self.secret_key is None):
             raise ValueError("set both access_key and secret_key, or neither (to use AWS's default credentials)")
         return self
+
+    def without_keys(self) -> S3Access:
+        """The same store, its keys left to the environment of whichever process uses it."""
+        return self.model_copy(update={"access_key": None, "secret_key": None})
+
+    def check_credentials(self) -> None:
+        """Fail now, with how to fix it, if this process has no keys for the store at all."""
+        if self.access_key is None and _session().get_credentials() is None:
+            raise MissingCredentialsError(
+                f"no S3 credentials for {self.endpoint or 'AWS S3'} in this process's environment: the cluster's "
+                "nodes must provide them (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, an instance role or IRSA; "
+                "the local stack's Ray head has them once restarted with `compound down; compound up`, "
+                "infra/k8s/raycluster.yaml takes them from the compound-s3 Secret)")
 
     def client(self):  # -> botocore S3 client
         """This process's boto3 client for the store (clients must not cross a fork)."""

@@ -227,8 +227,10 @@ class Stack:
             health_url=f"http://{HOST}:{ports.ray_dashboard}/api/version",
             ports={"Ray GCS": ports.ray, "Ray dashboard": ports.ray_dashboard, "Ray client": ports.ray_client,
                    "Ray dashboard agent": ports.ray_agent},
-            # Jobs run with this interpreter and reach S3 and MLflow through the settings.
-            env={**RAY_CLIENT_ENV, **RAY_HEAD_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
+            # The cluster's environment: jobs run with this interpreter and find the stack's settings in
+            # COMPOUND_HOME; workers take the S3 keys from AWS_*, as they would on Kubernetes.
+            env={**RAY_CLIENT_ENV, **RAY_HEAD_ENV, **settings.s3_env(), "COMPOUND_HOME": str(self.home),
+                 "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
         )
         return [s3, mlflow, ray]
 

@@ -14,12 +14,14 @@ import socket
 from dataclasses import dataclass
 
 from cluster.storage import S3Access, split_s3_url
+from cluster.tracking import RunRef
 from cluster.train.checkpoint import PROGRESS_FILE
 from cluster.train.trainer import make_trainer
 from infra.settings import RAY_CLIENT_ENV, Settings
 from jobs.connect import s3_access
-from jobs.resolve import ResolvedJob, check_relaunch, resolve_job
+from jobs.resolve import ResolvedJob, check_relaunch, record_launch, resolve_job
 from jobs.spec import JobSpec
+from jobs.tracking import finish_run, log_final_model, open_run
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class JobOutcome:
     history: list[dict]  # each epoch's metrics, from the final checkpoint
     checkpoint: str | None  # s3:// URI of the latest checkpoint
     resumed: bool
+    run: RunRef  # the job's MLflow run
 
 
 def prepare_job(spec: JobSpec, settings: Settings, *, source: str) -> ResolvedJob:
@@ -50,31 +53,42 @@ def prepare_job(spec: JobSpec, settings: Settings, *, source: str) -> ResolvedJo
     return resolve_job(spec, s3=s3_access(settings), default_storage=default_storage, source=source)
 
 
-def run_job(spec: JobSpec, settings: Settings, *, source: str) -> JobOutcome:
-    """Resolve the spec, then train on the configured Ray cluster until the job ends."""
+def run_job(spec: JobSpec, settings: Settings, *, source: str, submission_id: str | None = None) -> JobOutcome:
+    """Resolve the spec, then train on the configured Ray cluster until the job ends, tracked in the
+    job's one MLflow run."""
     job = prepare_job(spec, settings, source=source)
     spec = job.spec
     s3 = s3_access(settings)
-    connected_here = connect_ray(settings)  # before anything is recorded: an unreachable cluster leaves no trace
-    resumed = check_relaunch(job, s3=s3, source=source)
-    if resumed:
+    # Before anything is recorded: an unreachable cluster or MLflow server leaves no trace.
+    connected_here = connect_ray(settings)
+    launch = check_relaunch(job, s3=s3, source=source)
+    run = open_run(job, tracking_uri=settings.mlflow_tracking_uri, recorded_run_id=launch.run_id,
+                   world_size=spec.scaling.num_workers, submission_id=submission_id)
+    record_launch(job, launch, s3=s3, run_id=run.run_id)
+    if launch.resumes:
         log.info("job %s was launched before: resuming from its latest checkpoint", spec.name)
-    trainer = make_trainer(spec, s3=s3, storage=spec.checkpoint.storage, spec_json=spec.model_dump_json(),
-                           dataset_ids=job.dataset_ids)
+    log.info("MLflow run: %s", run.url)
+    trainer = make_trainer(spec, s3=s3.without_keys(), storage=spec.checkpoint.storage,
+                           spec_json=spec.model_dump_json(), dataset_ids=job.dataset_ids, run=run,
+                           tracking=spec.tracking)
     import ray
     from ray.train import TrainingFailedError
 
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
+        finish_run(run, status="FAILED")
         raise JobFailedError(f"job {spec.name} failed: {error}") from error
     finally:
         if connected_here:
             ray.shutdown()  # also flushes the workers' forwarded output before ours
-    if result.checkpoint is None:
-        return JobOutcome(spec=spec, history=[], checkpoint=None, resumed=resumed)
-    checkpoint = f"s3://{result.checkpoint.path}"
-    return JobOutcome(spec=spec, history=read_history(checkpoint, s3), checkpoint=checkpoint, resumed=resumed)
+    history, checkpoint = [], None
+    if result.checkpoint is not None:
+        checkpoint = f"s3://{result.checkpoint.path}"
+        history = read_history(checkpoint, s3)
+        log_final_model(run, spec, checkpoint=checkpoint, history=history, s3=s3)
+    finish_run(run, status="FINISHED")
+    return JobOutcome(spec=spec, history=history, checkpoint=checkpoint, resumed=launch.resumes, run=run)
 
 
 def read_history(checkpoint: str, s3: S3Access) -> list[dict]:

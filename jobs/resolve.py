@@ -117,9 +117,23 @@ def _check_bucket(field: str, url: str, s3: S3Access, problems: list[str]) -> No
         problems.append(f"{field}: could not reach the S3 store for {url}: {error}")
 
 
-def check_relaunch(job: ResolvedJob, *, s3: S3Access, source: str) -> bool:
-    """Record the spec and data at the job's first launch; on a later launch, refuse a spec or data that
-    would train something else (resuming it would not be exact). True if the job resumes a checkpoint.
+@dataclass(frozen=True)
+class Launch:
+    """What the job's storage says about earlier launches."""
+
+    resumes: bool  # it holds checkpoints: training continues from the latest
+    record: dict | None  # the job's record there, if any
+    location: tuple[str, str]  # bucket and key of the record
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run an earlier launch recorded."""
+        return (self.record or {}).get("mlflow_run_id")
+
+
+def check_relaunch(job: ResolvedJob, *, s3: S3Access, source: str) -> Launch:
+    """Refuse a launch whose spec or data differs from what the job's checkpoints were trained with
+    (resuming them would not be exact). Writes nothing: `record_launch` does, once the launch is sure.
 
     A launch that left no checkpoint binds nothing: the next launch records its own spec.
     """
@@ -128,20 +142,21 @@ def check_relaunch(job: ResolvedJob, *, s3: S3Access, source: str) -> bool:
     bucket, folder = split_s3_url(f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/")
     key = folder + JOB_RECORD
     client = s3.client()
-    current = job.record()
-    has_checkpoints = client.list_objects_v2(Bucket=bucket, Prefix=folder + CHECKPOINT_PREFIX, MaxKeys=1)["KeyCount"]
-    if not has_checkpoints:
-        client.put_object(Bucket=bucket, Key=key, Body=json.dumps(current, indent=2).encode(),
-                          ContentType="application/json")
-        return False
     try:
         recorded = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
     except ClientError as error:
         if not is_not_found(error):
             raise
+        recorded = None
+    has_checkpoints = client.list_objects_v2(Bucket=bucket, Prefix=folder + CHECKPOINT_PREFIX, MaxKeys=1)["KeyCount"]
+    launch = Launch(resumes=bool(has_checkpoints), record=recorded, location=(bucket, key))
+    if not has_checkpoints:
+        return launch
+    if recorded is None:
         problem = (f"s3://{bucket}/{folder} holds checkpoints of a job {spec.name!r} that compound did not record; "
                    "give this job another name")
-        raise SpecError(source, [problem]) from None
+        raise SpecError(source, [problem])
+    current = job.record()
     changed = _differences(recorded.get("spec", {}), current["spec"])
     if changed:
         problem = (f"job {spec.name!r} was launched before with another spec (s3://{bucket}/{key}); "
@@ -155,7 +170,19 @@ def check_relaunch(job: ResolvedJob, *, s3: S3Access, source: str) -> bool:
             f"{field}: the dataset at {getattr(spec.data, field.split('.')[1]).manifest} was written again since "
             f"job {spec.name!r} was first launched; resuming would mix two datasets. Give the job a new name."
             for field in rewritten])
-    return True
+    return launch
+
+
+def record_launch(job: ResolvedJob, launch: Launch, *, s3: S3Access, run_id: str | None) -> None:
+    """Record the job's spec, data and MLflow run in its storage; a launch that resumes keeps the spec
+    the checkpoints were trained with."""
+    base = launch.record if launch.resumes and launch.record is not None else job.record()
+    record = {**base, "mlflow_run_id": run_id}
+    if record == launch.record:
+        return
+    bucket, key = launch.location
+    s3.client().put_object(Bucket=bucket, Key=key, Body=json.dumps(record, indent=2).encode(),
+                           ContentType="application/json")
 
 
 def _differences(recorded: dict, current: dict, path: str = "") -> list[str]:

@@ -80,9 +80,18 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if size > MAX_SPEC_BYTES:
         raise SpecError(source, [f"the file is {size:,} bytes; specs are at most {MAX_SPEC_BYTES:,}"])
     try:
-        data = yaml.load(path.read_text(), Loader=_StrictLoader)
+        text = path.read_text()
     except UnicodeDecodeError:
         raise SpecError(source, ["the file is not UTF-8 text"]) from None
+    return parse_yaml(text, source)
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """The mapping in a spec's YAML text, read strictly."""
+    if len(text.encode()) > MAX_SPEC_BYTES:
+        raise SpecError(source, [f"the spec is over {MAX_SPEC_BYTES:,} bytes"])
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as error:
         raise SpecError(source, [f"not valid YAML: {error}"]) from None
     if not isinstance(data, dict):
@@ -109,6 +118,11 @@ def load_job_spec(path: Path) -> JobSpec:
             raise SpecError(str(path), [f"model.pretrained: no weights file at {weights}"])
         data = {**data, "model": {**data["model"], "pretrained": str(weights)}}
     return parse_spec(JobSpec, data, str(path))
+
+
+def load_job_spec_text(text: str, source: str) -> JobSpec:
+    """A job spec from YAML text (as `submit` stores it: paths already absolute)."""
+    return parse_spec(JobSpec, parse_yaml(text, source), source)
 
 
 def dump_spec(spec: BaseModel) -> str:

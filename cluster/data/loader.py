@@ -236,6 +236,7 @@ class ShardLoader:
         if batch_size < 1 or shuffle_buffer < 1:
             raise ValueError("batch_size and shuffle_buffer must be >= 1")
         self.shards = manifest.split(split).shards
+        self.classes = manifest.classes
         self.num_classes = len(manifest.classes)
         self.s3, self.rank, self.world_size = s3, rank, world_size
         self.loader_workers, self.batch_size, self.seed = loader_workers, batch_size, seed

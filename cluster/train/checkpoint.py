@@ -7,6 +7,7 @@ One checkpoint directory, merged by Ray from every rank's files:
     training.pt         DDP, rank 0: model, optimiser and grad-scaler state
     deepspeed/          DeepSpeed: every rank its ZeRO shard (DeepSpeed's own layout)
     ema.pt              rank 0, with an EMA: the averaged weights
+    mlflow-outbox.json  rank 0, when tracked: what MLflow had not yet acknowledged (sent again on resume)
     model.safetensors   rank 0, at the end of an epoch: the weights alone, loadable without the job
                         (`effnet.weights.load_checkpoint` for EfficientNets)
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 PROGRESS_FILE = "progress.json"
 CHECKPOINT_PREFIX = "epoch"  # every checkpoint folder's name starts so (`Progress.name`)
 EMA_FILE = "ema.pt"
+TRACKING_FILE = "mlflow-outbox.json"
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_FORMAT = "compound.train/1"
 

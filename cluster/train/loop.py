@@ -9,10 +9,12 @@ One epoch on one rank:
     all-reduce what every rank trained on → `train_samples_epoch`
     evaluate the model (and its EMA) on the validation split
     report the epoch's metrics with a checkpoint
+    rank 0: the metrics, a training-curve plot and a confusion matrix to the job's MLflow run
 
 Every rank calls `ray.train.report` at the same steps (it is a barrier). A restarted worker group
 starts from `ray.train.get_checkpoint()`: model, optimiser, EMA, scaler, RNG, and the loader at the
-exact batch, so the interrupted epoch trains on every sample once.
+exact batch, so the interrupted epoch trains on every sample once. Rank 0's MLflow outbox (what the
+server has not acknowledged yet) is saved with every checkpoint and queued again on restart.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -33,9 +35,12 @@ import torch.nn.functional as F
 
 from cluster.data.loader import Batch, ShardLoader
 from cluster.data.manifest import ManifestError, ShardManifest, load_manifest
+from cluster.plots import confusion_matrix, training_curves
 from cluster.storage import S3Access
+from cluster.tracking import RunLogger, RunRef, TrackingSpec
 from cluster.train.checkpoint import (
     EMA_FILE,
+    TRACKING_FILE,
     WEIGHTS_FILE,
     Progress,
     load_progress,
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 
 TOP_K = (1, 5)
 PROGRESS_LINES_PER_EPOCH = 5
+FINAL_FLUSH_S = 300.0  # how long the last MLflow entries may wait for an unreachable server
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,8 @@ class WorkerJob:
     spec_json: str  # saved inside every checkpoint
     threads_per_worker: int
     dataset_ids: dict[str, str]  # "data.train"/"data.val" → manifest sha256 the driver resolved
+    run: RunRef | None = None  # the job's MLflow run; None: not tracked
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -74,6 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(job.threads_per_worker)
+    job.s3.check_credentials()
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.optim.seed * 1000 + rank)  # dropout and stochastic depth differ per rank
 
@@ -88,22 +97,32 @@ def train_loop_per_worker(config: dict) -> None:
     ema = WeightEMA(strategy.module, spec.optim.ema_decay) if spec.optim.ema_decay else None
     schedule = _schedule(spec, train_loader)
 
-    progress = Progress()
+    progress, pending = Progress(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             progress = _restore(Path(directory), strategy, ema, rank)
+            pending = _unsent(Path(directory)) if rank == 0 else None
         if rank == 0:
             log.info("resumed from checkpoint %s: epoch %d, step %d", checkpoint.path, progress.epoch, progress.step)
 
-    trainer = _EpochTrainer(job, strategy, ema, schedule, rank, world_size, device)
-    for epoch in range(progress.epoch, spec.optim.epochs):
-        trainer.train_epoch(train_loader, progress)
-        metrics = trainer.finish_epoch(val_loader, progress)
-        progress.history.append(metrics)
-        last = epoch + 1 == spec.optim.epochs
-        progress = progress.next_epoch()
-        trainer.report(metrics, progress, with_checkpoint=spec.checkpoint.at_epoch_end or last)
+    logger = None
+    if rank == 0 and job.run is not None:
+        logger = RunLogger(job.run, pending=pending, system_metrics=job.tracking.system_metrics)
+        log.info("MLflow run: %s", job.run.url)
+    trainer = _EpochTrainer(job, strategy, ema, schedule, rank, world_size, device, logger)
+    try:
+        for epoch in range(progress.epoch, spec.optim.epochs):
+            trainer.train_epoch(train_loader, progress)
+            metrics = trainer.finish_epoch(val_loader, progress)
+            progress.history.append(metrics)
+            trainer.log_epoch(progress.history, train_loader.classes)
+            last = epoch + 1 == spec.optim.epochs
+            progress = progress.next_epoch()
+            trainer.report(metrics, progress, with_checkpoint=spec.checkpoint.at_epoch_end or last)
+    finally:
+        if logger is not None:
+            logger.close(timeout_s=FINAL_FLUSH_S)
 
 
 def _log_to_stderr() -> None:
@@ -115,7 +134,12 @@ def _log_to_stderr() -> None:
         package.addHandler(handler)
         package.setLevel(logging.INFO)
         package.propagate = False
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report and upload
+    from ray.train.v2._internal.execution import context as ray_train_context
+
+    # Not a line per report and upload; Ray names one of these loggers by its file's path.
+    for noisy in ("ray.train", ray_train_context.__file__):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # not "Found credentials" per process
 
 
 def _loaders(job: WorkerJob, rank: int, world_size: int) -> tuple[ShardLoader, ShardLoader]:
@@ -151,6 +175,12 @@ def _schedule(spec: TrainingSpec, loader: ShardLoader) -> LrSchedule:
                       final_fraction=spec.optim.final_lr_fraction)
 
 
+def _unsent(directory: Path) -> list[dict] | None:
+    """What rank 0 had not yet sent to MLflow when the checkpoint was taken."""
+    path = directory / TRACKING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _restore(directory: Path, strategy: Strategy, ema: WeightEMA | None, rank: int) -> Progress:
     strategy.load(directory)
     if ema is not None:
@@ -172,13 +202,14 @@ class _EpochTrainer:
     """The steps of one epoch, the end-of-epoch evaluation, and reports."""
 
     def __init__(self, job: WorkerJob, strategy: Strategy, ema: WeightEMA | None, schedule: LrSchedule,
-                 rank: int, world_size: int, device: torch.device) -> None:
-        self.job, self.spec = job, job.spec
+                 rank: int, world_size: int, device: torch.device, logger: RunLogger | None) -> None:
+        self.job, self.spec, self.logger = job, job.spec, logger
         self.strategy, self.ema, self.schedule = strategy, ema, schedule
         self.rank, self.world_size, self.device = rank, world_size, device
         self.memory_format = torch.channels_last if self.spec.precision.channels_last else torch.contiguous_format
         self.sample_log = _open_sample_log(self.spec.data.sample_log, rank)
         self.train_seconds = 0.0
+        self.confusion: torch.Tensor | None = None  # of the last evaluation: [true class, predicted class]
 
     def _loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return weighted_loss(logits, batch, self.spec.optim.label_smoothing)
@@ -189,11 +220,13 @@ class _EpochTrainer:
         steps = loader.steps_per_epoch
         every = spec.checkpoint.every_steps
         log_every = max(1, steps // PROGRESS_LINES_PER_EPOCH)
+        metrics_every = self.job.tracking.metrics_every_steps
         self.strategy.module.train()
         started = time.perf_counter()
         self.train_seconds = 0.0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on device: no sync per step
-        step_started = started
+        step_started = window_started = started
+        window_samples = 0
         for batch in loader:
             step = progress.step + 1
             sync = step % spec.optim.grad_accumulation == 0 or step == steps
@@ -210,6 +243,15 @@ class _EpochTrainer:
             progress.tally.samples += real
             progress.tally.bad_samples += len(batch.bad_keys)
             loss_sum += loss * batch.weights.numel()  # back to a sum over the real samples
+            window_samples += real
+            if self.logger is not None and (step % metrics_every == 0 or step == steps):
+                now = time.perf_counter()
+                self.logger.log_metrics({
+                    "step_train_loss": loss.item() * batch.weights.numel() / max(real, 1),
+                    "step_lr": self.schedule(progress.optimizer_steps),
+                    "step_images_per_s": window_samples * self.world_size / max(now - window_started, 1e-9),
+                }, step=progress.optimizer_steps)
+                window_started, window_samples = now, 0
             if self.sample_log is not None:
                 self.sample_log.write(json.dumps({"epoch": progress.epoch, "step": step, "rank": self.rank,
                                                   "pid": os.getpid(), "keys": batch.real_keys()}) + "\n")
@@ -240,22 +282,39 @@ class _EpochTrainer:
             "lr": self.schedule(max(0, progress.optimizer_steps - 1)),
             "train_images_per_s": samples / max(seconds / self.world_size, 1e-9),
         }
-        metrics |= {f"val_{k}": v for k, v in self._evaluate(self.strategy.module, val_loader).items()}
+        evaluation, self.confusion = self._evaluate(self.strategy.module, val_loader)
+        metrics |= {f"val_{k}": v for k, v in evaluation.items()}
         if self.ema is not None:
-            metrics |= {f"ema_val_{k}": v for k, v in self._evaluate(self.ema.module, val_loader).items()}
+            metrics |= {f"ema_val_{k}": v for k, v in self._evaluate(self.ema.module, val_loader)[0].items()}
         if self.rank == 0:
             log.info("epoch %d done: %s", progress.epoch,
                      "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "step")))
         return metrics
 
+    def log_epoch(self, history: list[dict], classes: list[str]) -> None:
+        """Rank 0: the epoch's metrics (step = epochs done), the training curves and the confusion matrix."""
+        if self.logger is None:
+            return
+        metrics = history[-1]
+        done = metrics["epoch"] + 1
+        self.logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step=done)
+        title = f"{self.spec.name}: {self.spec.model.arch}"
+        self.logger.log_artifact("plots/training_curves.png", training_curves(history, title=title))
+        assert self.confusion is not None
+        matrix = confusion_matrix(self.confusion, classes, title=f"validation after epoch {done}")
+        self.logger.log_artifact(f"plots/confusion_matrix/epoch_{done:03d}.png", matrix)
+
     @torch.no_grad()
-    def _evaluate(self, model: torch.nn.Module, loader: ShardLoader) -> dict[str, float]:
-        """Loss and top-k accuracy over the rank's share of the split, summed over every rank."""
+    def _evaluate(self, model: torch.nn.Module, loader: ShardLoader) -> tuple[dict[str, float], torch.Tensor]:
+        """Loss and top-k accuracy over the rank's share of the split, summed over every rank; and the
+        confusion counts [true, predicted] over the whole split."""
         was_training = model.training
         model.eval()
         dtype = next(model.parameters()).dtype  # DeepSpeed may run the model in bf16/fp16
         # [loss sum, samples, top-1 hits, top-5 hits], kept on the device: no sync per batch
         sums = torch.zeros(2 + len(TOP_K), dtype=torch.float64, device=self.device)
+        classes = loader.num_classes
+        confusion = torch.zeros(classes * classes, dtype=torch.float64, device=self.device)
         loader.load_state_dict({"epoch": 0, "step": 0})
         for batch in loader:
             batch = batch.to(self.device, memory_format=self.memory_format)
@@ -267,10 +326,15 @@ class _EpochTrainer:
                 (F.cross_entropy(logits, batch.labels, reduction="none") * weights).sum(), weights.sum(),
                 *((hits[:, :k].any(dim=1).float() * weights).sum() for k in TOP_K),
             ]).double()
+            confusion += torch.bincount(batch.labels * classes + logits.argmax(dim=1), weights=weights.double(),
+                                        minlength=classes * classes)
         model.train(was_training)
         loss_sum, count, *correct = _all_reduce(sums.tolist(), self.device)
+        if dist.is_initialized():
+            dist.all_reduce(confusion)
         count = max(count, 1.0)
-        return {"loss": loss_sum / count, **{f"top{k}": c / count for k, c in zip(TOP_K, correct, strict=True)}}
+        metrics = {"loss": loss_sum / count, **{f"top{k}": c / count for k, c in zip(TOP_K, correct, strict=True)}}
+        return metrics, confusion.view(classes, classes).cpu()
 
     def report(self, metrics: dict, progress: Progress, *, with_checkpoint: bool) -> None:
         """`ray.train.report` on every rank (a barrier), with this rank's part of a checkpoint of `progress`
@@ -286,6 +350,8 @@ class _EpochTrainer:
         save_progress(directory, progress, rank=self.rank, spec_json=self.job.spec_json)
         if self.ema is not None and self.rank == 0:
             torch.save(self.ema.state_dict(), directory / EMA_FILE)
+        if self.logger is not None:
+            (directory / TRACKING_FILE).write_text(json.dumps(self.logger.pending()))
         if progress.step == 0:  # an epoch's end: the weights alone too
             self._save_weights(directory)
         ray.train.report(

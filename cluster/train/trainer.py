@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from cluster.storage import S3Access, split_s3_url
+from cluster.tracking import WORKER_MLFLOW_ENV, RunRef, TrackingSpec
 from cluster.train.config import TrainingSpec
 from cluster.train.loop import WorkerJob, train_loop_per_worker
 
@@ -32,11 +33,12 @@ def threads_per_worker(spec: TrainingSpec) -> int:
 
 
 def worker_env(spec: TrainingSpec) -> dict[str, str]:
-    return {**ALLOCATOR_ENV, "OMP_NUM_THREADS": str(threads_per_worker(spec))}
+    return {**ALLOCATOR_ENV, **WORKER_MLFLOW_ENV, "OMP_NUM_THREADS": str(threads_per_worker(spec))}
 
 
 def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: str,
-                 dataset_ids: dict[str, str]):  # -> TorchTrainer
+                 dataset_ids: dict[str, str], run: RunRef | None = None,
+                 tracking: TrackingSpec | None = None):  # -> TorchTrainer
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -47,7 +49,7 @@ def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: s
     if scaling.memory_per_worker_gb is not None:
         resources["memory"] = scaling.memory_per_worker_gb * 2**30
     job = WorkerJob(spec=spec, s3=s3, spec_json=spec_json, threads_per_worker=threads_per_worker(spec),
-                    dataset_ids=dataset_ids)
+                    dataset_ids=dataset_ids, run=run, tracking=tracking or TrackingSpec())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},

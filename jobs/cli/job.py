@@ -1,7 +1,9 @@
-"""`compound job …`: validate a training job spec, run it on the Ray cluster."""
+"""`compound job …`: validate a training job spec, run it on the Ray cluster, or submit it as a Ray job
+and watch it (list, status, logs, stop)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ EPOCH_COLUMNS = (  # what a person reads after a run: (header, (metric, format))
 
 @click.group()
 def job() -> None:
-    """Training jobs: validate a spec, run it on the Ray cluster."""
+    """Training jobs: validate a spec, run or submit it to the Ray cluster, watch submissions."""
 
 
 def _spec_argument(function):
@@ -61,33 +63,255 @@ def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
 
 
 @job.command("run")
-@_spec_argument
+@click.argument("spec_ref", metavar="SPEC")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (for scripts).")
+@click.option("--submission-id", default=None, hidden=True, help="The Ray submission running this driver.")
 @home_option
-def run(spec_path: Path, as_json: bool, home: Path | None) -> None:
-    """Run SPEC on the configured Ray cluster and wait for it (the driver a submitted job runs).
+def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | None) -> None:
+    """Run SPEC (a file, or an s3:// URI) on the configured Ray cluster and wait for it: the driver a
+    submitted job runs.
 
-    Run again after an interruption, the same job resumes from its latest checkpoint.
+    Run again after an interruption, the same job resumes from its latest checkpoint, in the same MLflow run.
     """
     from infra.settings import ConfigError, load_settings
     from jobs.driver import ClusterUnreachableError, JobFailedError, run_job
     from jobs.spec import SpecError, load_job_spec
+    from jobs.tracking import TrackingUnavailableError
 
     try:
-        spec = load_job_spec(spec_path)
-        outcome = run_job(spec, load_settings(home), source=str(spec_path))
+        # A spec file is checked before anything else is read: a bad one fails the same with no stack.
+        spec = None if spec_ref.startswith("s3://") else load_job_spec(Path(spec_ref))
+        settings = load_settings(home)
+        spec = spec or _spec_from_s3(spec_ref, settings)
+        outcome = run_job(spec, settings, source=spec_ref, submission_id=submission_id)
     except SpecError as error:
         _fail_on_spec_error(error)
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
-    except (JobFailedError, ClusterUnreachableError) as error:
+    except (JobFailedError, ClusterUnreachableError, TrackingUnavailableError) as error:
         raise click.ClickException(str(error)) from None
     if as_json:
-        click.echo(json.dumps({"job": outcome.spec.name, "checkpoint": outcome.checkpoint,
-                               "resumed": outcome.resumed, "epochs": outcome.history}))
+        click.echo(json.dumps({"job": outcome.spec.name, "checkpoint": outcome.checkpoint, "resumed": outcome.resumed,
+                               "mlflow_run_id": outcome.run.run_id, "epochs": outcome.history}))
         return
     table = Table(*(label for label, _ in EPOCH_COLUMNS), title=f"job {outcome.spec.name}: done")
     for epoch in outcome.history:
         table.add_row(*(fmt(epoch[key]) if key in epoch else "-" for (_, (key, fmt)) in EPOCH_COLUMNS))
     console.print(table)
-    console.print(f"checkpoint: {outcome.checkpoint or '-'}", highlight=False, soft_wrap=True)
+    console.print(f"checkpoint: {outcome.checkpoint or '-'}\nMLflow run: {outcome.run.url}", highlight=False,
+                  soft_wrap=True)
+
+
+def _spec_from_s3(spec_ref: str, settings):
+    """A job spec from S3, where `submit` puts it."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from cluster.storage import split_s3_url
+    from jobs.connect import s3_access
+    from jobs.spec import SpecError, load_job_spec_text
+
+    bucket, key = split_s3_url(spec_ref)
+    try:
+        text = s3_access(settings).client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except (ClientError, BotoCoreError, UnicodeDecodeError) as error:
+        raise SpecError(spec_ref, [f"cannot read the spec: {error}"]) from None
+    return load_job_spec_text(text, spec_ref)
+
+
+# --- submissions ------------------------------------------------------------------------------------
+
+def _address_option(function):
+    return click.option("--address", default=None, metavar="URL",
+                        help="The Ray dashboard (job server) [default: the stack's, or $COMPOUND_RAY_DASHBOARD_URL].",
+                        )(function)
+
+
+def _json_option(function):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")(function)
+
+
+def _client(settings, address: str | None):
+    from jobs.submit import JobsClient
+
+    return JobsClient(address or settings.ray_dashboard_url)
+
+
+def _settings(home: Path | None):
+    from infra.settings import ConfigError, load_settings
+
+    try:
+        return load_settings(home)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _submission_errors(function):
+    """SubmissionError → a clear message and exit 1."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from jobs.submit import SubmissionError
+
+        try:
+            return function(*args, **kwargs)
+        except SubmissionError as error:
+            raise click.ClickException(str(error)) from None
+    return wrapper
+
+
+@job.command("submit")
+@_spec_argument
+@_address_option
+@click.option("--dry-run", is_flag=True, help="Check everything, submit nothing.")
+@click.option("--follow", is_flag=True, help="Print the job's log until it ends; exit non-zero unless it succeeds.")
+@home_option
+@_submission_errors
+def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, home: Path | None) -> None:
+    """Submit SPEC to the Ray cluster as a Ray job running `compound job run`.
+
+    Checks the spec, its datasets and storage, that the cluster can ever hold the job's workers, and that
+    the job is not running already. Prints the submission id, the Ray dashboard link and the MLflow run link.
+    """
+    from jobs.spec import SpecError
+    from jobs.submit import plan_submission
+    from jobs.submit import submit as submit_plan
+
+    settings = _settings(home)
+    client = _client(settings, address)
+    try:
+        plan = plan_submission(spec_path, settings, client)
+    except SpecError as error:
+        _fail_on_spec_error(error)
+    if dry_run:
+        console.print(f"[green]ok:[/green] job {plan.spec.name} can be submitted to {client.address}; "
+                      f"nothing was submitted (--dry-run)\nentrypoint: {plan.entrypoint}", highlight=False,
+                      soft_wrap=True)
+        return
+    submit_plan(plan, settings, client)
+    console.print(f"submitted job {plan.spec.name} as [bold]{plan.submission_id}[/bold]\n"
+                  f"Ray dashboard: {client.dashboard_url(plan.submission_id)}", highlight=False, soft_wrap=True)
+    if follow:
+        _follow(settings, client, plan.submission_id)
+        return
+    run = _wait_for_run(settings, client, plan.submission_id)
+    console.print(f"MLflow run: {run.url if run else 'not created yet; `compound job status` shows it once it is'}",
+                  highlight=False, soft_wrap=True)
+
+
+RUN_WAIT_S = 60.0
+
+
+def _wait_for_run(settings, client, submission_id: str):
+    """The job's MLflow run, once its driver has opened it (None if the job ends or a minute passes first)."""
+    import time
+
+    from jobs.tracking import find_run
+
+    deadline = time.monotonic() + RUN_WAIT_S
+    while time.monotonic() < deadline:
+        submission = client.find(submission_id)
+        run = find_run(settings.mlflow_tracking_uri, experiment=submission.experiment or submission.job,
+                       job_name=submission.job)
+        if run is not None or not submission.active:
+            return run
+        time.sleep(1.0)
+    return None
+
+
+def _follow(settings, client, submission_id: str) -> None:
+    """Print the log until the job ends, then the MLflow run's link; exit 1 unless the job succeeded."""
+    from jobs.tracking import find_run
+
+    ended = client.follow(submission_id, lambda text: click.echo(text, nl=False))
+    style = "green" if ended.status == "SUCCEEDED" else "red"
+    console.print(f"submission {submission_id}: [{style}]{ended.status}[/{style}] {ended.message}", highlight=False,
+                  soft_wrap=True)
+    run = find_run(settings.mlflow_tracking_uri, experiment=ended.experiment or ended.job, job_name=ended.job)
+    if run is not None:
+        console.print(f"MLflow run: {run.url}", highlight=False, soft_wrap=True)
+    if ended.status != "SUCCEEDED":
+        sys.exit(1)
+
+
+def _when(seconds: float | None) -> str:
+    return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S") if seconds else "-"
+
+
+@job.command("list")
+@_address_option
+@_json_option
+@home_option
+@_submission_errors
+def list_(address: str | None, as_json: bool, home: Path | None) -> None:
+    """The cluster's compound submissions, newest last."""
+    import dataclasses
+
+    submissions = _client(_settings(home), address).submissions()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(s) for s in submissions]))
+        return
+    table = Table("submission", "job", "status", "started", "ended", "message")
+    for s in submissions:
+        table.add_row(s.submission_id, s.job, s.status, _when(s.start_time), _when(s.end_time), s.message[:80])
+    console.print(table)
+
+
+@job.command("status")
+@click.argument("ref", metavar="REF")
+@_address_option
+@_json_option
+@home_option
+@_submission_errors
+def status(ref: str, address: str | None, as_json: bool, home: Path | None) -> None:
+    """A submission's status, by submission id or job name (its latest submission)."""
+    import dataclasses
+
+    from jobs.tracking import find_run
+
+    settings = _settings(home)
+    client = _client(settings, address)
+    found = client.find(ref)
+    run = find_run(settings.mlflow_tracking_uri, experiment=found.experiment or found.job, job_name=found.job)
+    links = {"dashboard": client.dashboard_url(found.submission_id), "mlflow_run": run.url if run else None}
+    if as_json:
+        click.echo(json.dumps({**dataclasses.asdict(found), **links}))
+        return
+    table = Table(show_header=False, box=None)
+    for label, value in (("submission", found.submission_id), ("job", found.job), ("status", found.status),
+                         ("message", found.message or "-"), ("started", _when(found.start_time)),
+                         ("ended", _when(found.end_time)), ("spec", found.spec or "-"),
+                         ("Ray dashboard", links["dashboard"]), ("MLflow run", links["mlflow_run"] or "-")):
+        table.add_row(label, value)
+    console.print(table)
+
+
+@job.command("logs")
+@click.argument("ref", metavar="REF")
+@_address_option
+@click.option("--follow", is_flag=True, help="Keep printing until the job ends.")
+@home_option
+@_submission_errors
+def logs(ref: str, address: str | None, follow: bool, home: Path | None) -> None:
+    """A submission's log (its driver's output), by submission id or job name."""
+    settings = _settings(home)
+    client = _client(settings, address)
+    found = client.find(ref)
+    if follow:
+        _follow(settings, client, found.submission_id)
+        return
+    click.echo(client.logs(found.submission_id), nl=False)
+
+
+@job.command("stop")
+@click.argument("ref", metavar="REF")
+@_address_option
+@home_option
+@_submission_errors
+def stop(ref: str, address: str | None, home: Path | None) -> None:
+    """Stop a submission, by submission id or job name; its checkpoints stay, so submitting again resumes it."""
+    client = _client(_settings(home), address)
+    found = client.find(ref)
+    ended = client.stop(found)
+    console.print(f"submission {ended.submission_id} of job {ended.job}: {ended.status}", highlight=False,
+                  soft_wrap=True)

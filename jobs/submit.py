@@ -1,0 +1,207 @@
+"""Training jobs as Ray jobs: `compound job submit|list|status|logs|stop`.
+
+`submit` checks the spec as `job run` would (and that the cluster can ever hold the job's
+workers), puts the spec next to the job's checkpoints on S3, and submits
+`compound job run s3://…/submissions/<id>.yaml` through the Ray Jobs API. The cluster runs its own
+installed compound: nothing of the user's machine is uploaded, and no credential travels — the
+entrypoint, runtime_env and metadata name only the spec, and the cluster's processes take their
+settings and S3 keys from the cluster's environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.storage import split_s3_url
+from infra.settings import Settings
+from jobs.connect import s3_access
+from jobs.driver import prepare_job
+from jobs.spec import JobSpec, dump_spec, load_job_spec
+
+log = logging.getLogger(__name__)
+
+JOB_KEY = "compound.job"  # Ray job metadata: the job's name
+EXPERIMENT_KEY = "compound.experiment"
+SPEC_KEY = "compound.spec"
+ACTIVE = ("PENDING", "RUNNING")
+SUBMISSIONS_FOLDER = "submissions"
+STOP_WAIT_S = 60.0
+
+
+class SubmissionError(RuntimeError):
+    """The job cannot be submitted, or a reference names no submission; the message says why."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One Ray job that runs a compound training job."""
+
+    submission_id: str
+    job: str
+    status: str
+    message: str
+    start_time: float | None  # Unix seconds
+    end_time: float | None
+    experiment: str | None
+    spec: str | None  # s3:// URI of the spec it runs
+
+    @classmethod
+    def from_details(cls, details) -> Submission:  # details: ray.job_submission.JobDetails
+        metadata = details.metadata or {}
+        return cls(
+            submission_id=details.submission_id, job=metadata.get(JOB_KEY, "?"), status=str(details.status.value),
+            message=details.message or "", start_time=details.start_time / 1000 if details.start_time else None,
+            end_time=details.end_time / 1000 if details.end_time else None,
+            experiment=metadata.get(EXPERIMENT_KEY), spec=metadata.get(SPEC_KEY),
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `submit` sends (or, with --dry-run, would send)."""
+
+    spec: JobSpec
+    submission_id: str
+    spec_uri: str
+    entrypoint: str
+    metadata: dict[str, str]
+
+
+class JobsClient:
+    """The Ray Jobs API of one cluster, seen as compound jobs (Ray jobs with compound metadata)."""
+
+    def __init__(self, address: str) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = address.rstrip("/")
+        try:
+            self.ray = JobSubmissionClient(self.address)
+        except (ConnectionError, RuntimeError) as error:
+            raise SubmissionError(f"cannot reach the Ray job server at {self.address} ({_first_line(error)}): start "
+                                  "the local stack with `compound up`, or pass --address / set "
+                                  "COMPOUND_RAY_DASHBOARD_URL to your cluster's dashboard") from None
+
+    def submissions(self) -> list[Submission]:
+        """Every compound submission, oldest first."""
+        found = [Submission.from_details(d) for d in self.ray.list_jobs() if JOB_KEY in (d.metadata or {})]
+        return sorted(found, key=lambda s: s.start_time or 0)
+
+    def find(self, ref: str) -> Submission:
+        """A submission by id, or a job's latest submission by the job's name."""
+        submissions = self.submissions()
+        for submission in submissions:
+            if submission.submission_id == ref:
+                return submission
+        of_job = [s for s in submissions if s.job == ref]
+        if not of_job:
+            raise SubmissionError(f"no submission or job named {ref!r} on {self.address}; `compound job list` "
+                                  "shows what there is")
+        return of_job[-1]
+
+    def dashboard_url(self, submission_id: str) -> str:
+        return f"{self.address}/#/jobs/{submission_id}"
+
+    def logs(self, submission_id: str) -> str:
+        return self.ray.get_job_logs(submission_id)
+
+    def follow(self, submission_id: str, on_text: Callable[[str], None]) -> Submission:
+        """Pass the job's log to `on_text` as it grows, until the job ends; the ended submission."""
+        async def tail() -> None:
+            async for text in self.ray.tail_job_logs(submission_id):
+                on_text(text)
+
+        asyncio.run(tail())
+        deadline = time.monotonic() + STOP_WAIT_S  # the log ends a moment before the status does
+        while (submission := self.find(submission_id)).active and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return submission
+
+    def stop(self, submission: Submission) -> Submission:
+        """Stop a running submission and wait until Ray reports it ended."""
+        if not submission.active:
+            return submission
+        self.ray.stop_job(submission.submission_id)
+        deadline = time.monotonic() + STOP_WAIT_S
+        while (current := self.find(submission.submission_id)).active and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return current
+
+    def capacity(self) -> list[dict[str, float]]:
+        """The total resources of every alive node."""
+        from ray.util.state import list_nodes
+
+        nodes = list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], detail=True)
+        return [dict(node.resources_total) for node in nodes]
+
+
+def plan_submission(spec_path: Path, settings: Settings, client: JobsClient) -> Plan:
+    """Check the spec, its data and storage, the cluster's room for it and its earlier submissions."""
+    spec = load_job_spec(spec_path)
+    resolved = prepare_job(spec, settings, source=str(spec_path)).spec
+    room_problem = fits(resolved, client.capacity())
+    if room_problem is not None:
+        raise SubmissionError(f"job {spec.name} can never run on the cluster at {client.address}: {room_problem}")
+    running = [s for s in client.submissions() if s.job == spec.name and s.active]
+    if running:
+        raise SubmissionError(f"job {spec.name} is already {running[-1].status.lower()} as submission "
+                              f"{running[-1].submission_id}; follow it with `compound job logs {spec.name} --follow`, "
+                              f"or stop it with `compound job stop {spec.name}`")
+    submission_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    assert resolved.checkpoint.storage is not None
+    spec_uri = f"{resolved.checkpoint.storage.rstrip('/')}/{spec.name}/{SUBMISSIONS_FOLDER}/{submission_id}.yaml"
+    entrypoint = shlex.join(["compound", "job", "run", spec_uri, "--submission-id", submission_id])
+    metadata = {JOB_KEY: spec.name, EXPERIMENT_KEY: resolved.run_names[0], SPEC_KEY: spec_uri}
+    # The spec as the user wrote it, every default spelled out: the cluster resolves it against its own settings.
+    return Plan(spec=spec, submission_id=submission_id, spec_uri=spec_uri, entrypoint=entrypoint, metadata=metadata)
+
+
+def submit(plan: Plan, settings: Settings, client: JobsClient) -> None:
+    """Put the spec on S3 and submit the job; the spec is removed again if Ray refuses it."""
+    bucket, key = split_s3_url(plan.spec_uri)
+    store = s3_access(settings).client()
+    store.put_object(Bucket=bucket, Key=key, Body=dump_spec(plan.spec).encode(), ContentType="application/yaml")
+    try:
+        client.ray.submit_job(entrypoint=plan.entrypoint, submission_id=plan.submission_id, metadata=plan.metadata)
+    except BaseException:
+        store.delete_object(Bucket=bucket, Key=key)
+        raise
+
+
+def fits(spec: JobSpec, nodes: list[dict[str, float]]) -> str | None:
+    """Why the nodes can never hold the job's workers at once; None if they can."""
+    scaling = spec.scaling
+    need = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        need["GPU"] = scaling.gpus_per_worker
+    if scaling.memory_per_worker_gb is not None:
+        need["memory"] = scaling.memory_per_worker_gb * 2**30
+    room = sum(min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in need.items())
+               for node in nodes)
+    if room >= scaling.num_workers:
+        return None
+    wanted = ", ".join(_amount(name, amount) for name, amount in need.items())
+    totals = ", ".join(_amount(name, sum(node.get(name, 0.0) for node in nodes)) for name in need)
+    return (f"it needs {scaling.num_workers} workers of {wanted} each, and its {len(nodes)} node(s) hold at most "
+            f"{room} (in all: {totals}); lower scaling.num_workers or the resources per worker, or add nodes")
+
+
+def _amount(name: str, value: float) -> str:
+    if name == "memory":
+        return f"{value / 2**30:g} GiB memory"
+    return f"{value:g} {name}"
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:300]

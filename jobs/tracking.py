@@ -1,0 +1,248 @@
+"""The driver's side of tracking: one MLflow run per job, found again on every launch, and the
+model logged to it at the end.
+
+A job's run is found by, in order: the run id recorded in the job's storage (`compound-job.json`),
+then a run of the experiment tagged `compound.job=<name>`; only a job with neither gets a new run.
+So a restarted worker group, a killed driver launched again and a resubmission all continue the
+same run, and a driver killed between creating the run and recording it finds it by its tag.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import logging
+import subprocess
+import tempfile
+from pathlib import Path
+
+from cluster.storage import S3Access, split_s3_url
+from cluster.tracking import MAX_TAG_VALUE_LENGTH, RunRef
+from cluster.train.checkpoint import CHECKPOINT_PREFIX, WEIGHTS_FILE, Progress
+from cluster.train.config import DeepSpeedStrategy
+from cluster.train.models import build_model
+from cluster.train.strategy import deepspeed_config
+from jobs.resolve import ResolvedJob
+from jobs.spec import JobSpec, dump_spec
+
+log = logging.getLogger(__name__)
+
+JOB_TAG = "compound.job"
+MAX_PARAM_VALUE_LENGTH = 500  # what MLflow stores everywhere (some backends allow more)
+MAX_PARAMS_PER_BATCH = 100
+MODEL_NAME = "model"
+MODEL_TAG = "compound.model_checkpoint"  # the checkpoint the logged model was made from
+BEST_METRIC = "val_top1"
+
+
+class TrackingUnavailableError(ConnectionError):
+    """The MLflow server does not answer; the message says where and what to do."""
+
+
+def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None, world_size: int,
+             submission_id: str | None) -> RunRef:
+    """The job's one MLflow run (found or created), marked running, with its params, tags and spec."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    spec = job.spec
+    client = MlflowClient(tracking_uri)
+    try:
+        experiment, run_name = spec.run_names
+        experiment_id = _experiment(client, experiment)
+        run = _existing_run(client, experiment_id, spec.name, recorded_run_id)
+        if run is None:
+            run = client.create_run(experiment_id, run_name=run_name, tags={JOB_TAG: spec.name})
+            log.info("new MLflow run %s for job %s", run.info.run_id, spec.name)
+        elif run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+        run_id = run.info.run_id
+        _log_params(client, run_id, flatten(spec.model_dump(mode="json")))
+        tags = {**spec.tracking.tags, JOB_TAG: spec.name, "compound.code_version": code_version(),
+                "compound.world_size": str(world_size), "compound.strategy": _strategy(spec),
+                "compound.checkpoints": f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/",
+                **{f"compound.dataset.{field.split('.')[1]}": identity for field, identity in job.dataset_ids.items()}}
+        if submission_id is not None:
+            tags["compound.submission_id"] = submission_id
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value[:MAX_TAG_VALUE_LENGTH])
+        client.log_text(run_id, dump_spec(spec), "spec.yaml")
+        if isinstance(spec.strategy, DeepSpeedStrategy):
+            client.log_text(run_id, json.dumps(deepspeed_config(spec), indent=2), "deepspeed_config.json")
+    except MlflowException as error:
+        raise TrackingUnavailableError(
+            f"cannot use the MLflow server at {tracking_uri}: {str(error).splitlines()[0][:300]}. Start the local "
+            "stack with `compound up`, or point COMPOUND_MLFLOW_TRACKING_URI at your MLflow server") from None
+    return RunRef(tracking_uri=tracking_uri, experiment_id=experiment_id, run_id=run_id,
+                  started_s=run.info.start_time / 1000)
+
+
+def _experiment(client, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:  # created meanwhile by another launch
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _existing_run(client, experiment_id: str, job_name: str, recorded_run_id: str | None):
+    from mlflow.exceptions import MlflowException
+
+    if recorded_run_id is not None:
+        try:
+            run = client.get_run(recorded_run_id)
+            if run.info.lifecycle_stage == "active":
+                return run
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        log.warning("the job's MLflow run %s is gone; looking for another run of job %s", recorded_run_id, job_name)
+    name = job_name.replace("'", "\\'")
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{name}'",
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def find_run(tracking_uri: str, *, experiment: str, job_name: str) -> RunRef | None:
+    """The job's MLflow run, if it exists yet (None also when the server does not answer)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        run = found and _existing_run(client, found.experiment_id, job_name, None)
+    except MlflowException:
+        return None
+    if not run:
+        return None
+    return RunRef(tracking_uri=tracking_uri, experiment_id=run.info.experiment_id, run_id=run.info.run_id,
+                  started_s=run.info.start_time / 1000)
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, str]:
+    """A nested spec as MLflow params: dotted paths, values as text within MLflow's length limit."""
+    params: dict[str, str] = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            params |= flatten(value, f"{path}.")
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            params[path] = text if len(text) <= MAX_PARAM_VALUE_LENGTH else text[:MAX_PARAM_VALUE_LENGTH - 1] + "…"
+    return params
+
+
+def _log_params(client, run_id: str, params: dict[str, str]) -> None:
+    """The params the run does not have yet (a relaunch may change tracking and failure settings, and
+    MLflow refuses to change a logged param)."""
+    from mlflow.entities import Param
+
+    logged = client.get_run(run_id).data.params
+    changed = sorted(key for key, value in params.items() if key in logged and logged[key] != value)
+    if changed:
+        log.info("MLflow params keep their first values for: %s", ", ".join(changed))
+    new = [Param(key, value) for key, value in params.items() if key not in logged]
+    for start in range(0, len(new), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=new[start:start + MAX_PARAMS_PER_BATCH])
+
+
+def _strategy(spec: JobSpec) -> str:
+    if isinstance(spec.strategy, DeepSpeedStrategy):
+        return f"deepspeed-zero{spec.strategy.zero_stage}"
+    return spec.strategy.name
+
+
+@functools.cache
+def code_version() -> str:
+    """compound's version, and the git commit when it runs from a checkout."""
+    version = importlib.metadata.version("compound")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit}"
+
+
+def finish_run(run: RunRef, *, status: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(run.tracking_uri).set_terminated(run.run_id, status=status)
+
+
+def log_final_model(run: RunRef, spec: JobSpec, *, checkpoint: str, history: list[dict], s3: S3Access) -> None:
+    """Tag the best kept checkpoint, and log the final weights as the run's model (once per checkpoint)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(run.tracking_uri)
+    best = _best_checkpoint(checkpoint, history, s3)
+    if best is not None:
+        client.set_tag(run.run_id, "compound.best_checkpoint", best)
+    if client.get_run(run.run_id).data.tags.get(MODEL_TAG) == checkpoint:
+        return
+    import torch
+    from mlflow.models import infer_signature
+
+    model = _final_model(spec, checkpoint, s3)
+    example = _input_example(spec)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    mlflow.set_tracking_uri(run.tracking_uri)
+    with mlflow.start_run(run_id=run.run_id):
+        mlflow.pytorch.log_model(
+            model, name=MODEL_NAME, signature=infer_signature(example, output), input_example=example,
+            pip_requirements=_requirements(),
+        )
+    client.set_tag(run.run_id, MODEL_TAG, checkpoint)
+
+
+def _final_model(spec: JobSpec, checkpoint: str, s3: S3Access):
+    import safetensors.torch
+
+    bucket, key = split_s3_url(f"{checkpoint.rstrip('/')}/{WEIGHTS_FILE}")
+    with tempfile.TemporaryDirectory(prefix="compound-model-") as directory:
+        local = Path(directory) / WEIGHTS_FILE
+        s3.client().download_file(bucket, key, str(local))
+        state = safetensors.torch.load_file(local)
+    plain = spec.model.model_copy(update={"pretrained": None, "activation_checkpointing": False,
+                                          "freeze_through_stage": None})
+    model = build_model(plain)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _input_example(spec: JobSpec):
+    """Two images: MLflow saves the model with torch.export, which would fix a batch of one as the only size."""
+    import numpy as np
+
+    size = spec.model.resolution
+    return np.random.default_rng(0).standard_normal((2, 3, size, size), dtype=np.float32)
+
+
+def _requirements() -> list[str]:
+    return [f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "torchvision", "safetensors")]
+
+
+def _best_checkpoint(latest: str, history: list[dict], s3: S3Access) -> str | None:
+    """The kept epoch-end checkpoint with the best validation top-1 (the latest if none is kept)."""
+    base = latest.rstrip("/").rsplit("/", 1)[0]
+    bucket, prefix = split_s3_url(f"{base}/")
+    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix + CHECKPOINT_PREFIX, Delimiter="/")
+    kept = {entry["Prefix"][len(prefix):].rstrip("/") for entry in listing.get("CommonPrefixes", [])}
+    scored = [(record.get(BEST_METRIC, float("-inf")), record["epoch"]) for record in history
+              if Progress(epoch=record["epoch"] + 1).name in kept]
+    if not scored:
+        return latest
+    _, epoch = max(scored)
+    return f"{base}/{Progress(epoch=epoch + 1).name}"

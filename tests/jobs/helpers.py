@@ -1,0 +1,135 @@
+"""What the job tests share: specs under fresh names, the sample log, waiting, and the lineage check.
+
+Every run writes a sample log (`data.sample_log`): each rank appends the keys it trained on at every
+step. A restarted run repeats the steps after its checkpoint, so the log holds some steps twice; the
+last occurrence of each (epoch, step, rank) is the run's lineage, and that must hold every sample of
+the split exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.data.loader import read_shard
+from cluster.data.manifest import ShardManifest
+from cluster.storage import S3Access
+from infra.stack import Stack
+
+SMOKE = Path(__file__).parents[2] / "jobs" / "examples" / "b0-cpu-smoke.yaml"
+COMPOUND = str(Path(sys.executable).with_name("compound"))
+RUN_TIMEOUT_S = 420
+# Ray Train's record of the checkpoints it registered (read only to time a kill after a registration).
+RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"
+SMALL = {"model": {"resolution": 32}, "optim": {"epochs": 1}}  # the smoke job, quicker: for failure drills
+
+
+def make_spec(tmp_path: Path, **changes: dict) -> tuple[Path, dict]:
+    """The smoke spec under a fresh name with a sample log, sections updated by `changes`."""
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["name"] = f"{spec['name']}-{uuid.uuid4().hex[:6]}"
+    spec["data"]["sample_log"] = str(tmp_path / "samples")
+    for section, values in changes.items():
+        spec[section] = {**spec.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path, spec
+
+
+def launch(spec_path: Path, stack: Stack) -> subprocess.Popen:
+    return subprocess.Popen([COMPOUND, "job", "run", str(spec_path), "--json", "--home", str(stack.home)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(process: subprocess.Popen) -> dict:
+    out, err = process.communicate(timeout=RUN_TIMEOUT_S)
+    assert process.returncode == 0, err[-6000:]
+    return json.loads([line for line in out.splitlines() if line.startswith('{"job"')][-1])
+
+
+def sample_log(tmp_path: Path) -> list[dict]:
+    lines = []
+    for path in sorted((tmp_path / "samples").glob("rank-*.jsonl")):
+        lines += [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return lines
+
+
+def wait_for(condition: Callable[[], bool], what: str, process, timeout_s: float = 300) -> None:
+    """Wait for `condition` while `process` (a Popen, or anything with its `poll()` and `stderr`) runs."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the job ended before {what}:\n{process.stderr.read()[-4000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def reached(tmp_path: Path, *, epoch: int, step: int) -> Callable[[], bool]:
+    return lambda: any(r["epoch"] == epoch and r["step"] >= step for r in sample_log(tmp_path))
+
+
+def latest_registered(s3: S3Access, spec: dict) -> tuple[int, int]:
+    """(epoch, step) of the latest checkpoint Ray Train has registered for the job; (-1, -1) before any."""
+    try:
+        body = s3.client().get_object(Bucket="checkpoints", Key=f"jobs/{spec['name']}/{RAY_CHECKPOINT_RECORD}")
+    except s3.client().exceptions.NoSuchKey:
+        return (-1, -1)
+    points = re.findall(r"epoch(\d{4})-step(\d{7})", body["Body"].read().decode())
+    return max(((int(e), int(s)) for e, s in points), default=(-1, -1))
+
+
+def registered(s3: S3Access, spec: dict, *, epoch: int, step: int) -> Callable[[], bool]:
+    """Whether a checkpoint at (epoch, step) or later is registered (older ones may be pruned already)."""
+    return lambda: latest_registered(s3, spec) >= (epoch, step)
+
+
+def split_keys(manifest: ShardManifest, s3: S3Access) -> collections.Counter:
+    return collections.Counter(s["__key__"] for shard in manifest.split("train").shards
+                               for s in read_shard(shard, access=s3))
+
+
+def check_lineage(log: list[dict], expected: collections.Counter, epochs: int) -> dict[int, int]:
+    """Every epoch's lineage trains each sample once; returns the steps each rank ran more than once."""
+    lineage: dict[tuple[int, int, int], list[str]] = {}
+    runs = collections.Counter()
+    for record in log:
+        place = (record["epoch"], record["step"], record["rank"])
+        runs[place] += 1
+        lineage[place] = record["keys"]  # the last run of a step is the one the model kept
+    for epoch in range(epochs):
+        trained = collections.Counter(k for (e, _, _), keys in lineage.items() if e == epoch for k in keys)
+        assert trained == expected, (f"epoch {epoch}: lost {sorted(expected - trained)[:5]}, "
+                                     f"twice {sorted(k for k, n in trained.items() if n > 1)[:5]}")
+    redone = collections.Counter()
+    for (_, _, rank), count in runs.items():
+        redone[rank] += count - 1
+    return dict(redone)
+
+
+def kill_rank(tmp_path: Path, rank: int) -> set[int]:
+    """SIGKILL the worker of `rank`; the pids that had trained until then."""
+    log = sample_log(tmp_path)
+    os.kill([r["pid"] for r in log if r["rank"] == rank][-1], signal.SIGKILL)
+    return {r["pid"] for r in log}
+
+
+def first_new_step(log: list[dict], old_pids: set[int], rank: int) -> tuple[int, int]:
+    """(epoch, step) of the first step a worker started after `old_pids` ran: where training resumed.
+
+    With checkpoints uploaded in the background, the latest checkpoint may still be on its way when a
+    worker dies, so a restart can go back further than `every_steps`; it must never go back past the
+    checkpoint the test saw registered.
+    """
+    return next((r["epoch"], r["step"]) for r in log if r["rank"] == rank and r["pid"] not in old_pids)

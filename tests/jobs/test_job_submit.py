@@ -1,0 +1,256 @@
+"""`compound job submit` and its MLflow run, against the real local stack: Ray's job server, the MLflow
+server, the S3 store; failures on purpose (MLflow stopped, a worker killed, the driver killed)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from cluster.data.manifest import ShardManifest, load_manifest
+from cluster.storage import S3Access
+from infra.settings import Settings
+from infra.stack import Stack
+from jobs.cli import cli
+from tests.jobs.helpers import (
+    SMALL,
+    check_lineage,
+    first_new_step,
+    kill_rank,
+    latest_registered,
+    make_spec,
+    reached,
+    registered,
+    sample_log,
+    split_keys,
+    wait_for,
+)
+
+JOB_TIMEOUT_S = 480
+
+
+class Submitted:
+    """A submission seen as a process: `poll()` is None while it runs, `stderr` is its log."""
+
+    def __init__(self, settings: Settings, submission_id: str) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        self.client = JobSubmissionClient(settings.ray_dashboard_url)
+        self.id = submission_id
+
+    def poll(self) -> str | None:
+        status = self.client.get_job_status(self.id)
+        return status.value if status.is_terminal() else None
+
+    @property
+    def stderr(self) -> io.StringIO:
+        return io.StringIO(self.logs())
+
+    def logs(self) -> str:
+        return self.client.get_job_logs(self.id)
+
+    def wait(self, timeout_s: float = JOB_TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout_s
+        while (status := self.poll()) is None:
+            assert time.monotonic() < deadline, f"{self.id} still running after {timeout_s} s:\n{self.logs()[-4000:]}"
+            time.sleep(1)
+        return status
+
+
+def _submit(spec_path: Path, stack: Stack, settings: Settings, *options: str) -> Submitted:
+    result = CliRunner().invoke(cli, ["job", "submit", str(spec_path), "--home", str(stack.home), *options])
+    assert result.exit_code == 0, result.output
+    submission_id = re.search(r"as (\S+)\n", result.output).group(1)
+    assert f"{settings.ray_dashboard_url}/#/jobs/{submission_id}" in result.output
+    return Submitted(settings, submission_id)
+
+
+def _runs_of(client: MlflowClient, job: str) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=f"tags.`compound.job` = '{job}'")
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _expected_step_metrics(history: list[dict], every: int) -> set[int]:
+    """The optimiser steps at which rank 0 logs loss, LR and img/s (every `every` steps, and each epoch's last)."""
+    expected, start = set(), 0
+    for epoch in history:
+        end = epoch["optimizer_steps"]
+        expected |= {start + s for s in range(1, end - start + 1) if s % every == 0 or start + s == end}
+        start = end
+    return expected
+
+
+def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_worker_kill(
+    stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
+) -> None:
+    spec_path, spec = make_spec(tmp_path)
+    every = spec["checkpoint"]["every_steps"]
+    job = _submit(spec_path, stack, settings)
+    wait_for(reached(tmp_path, epoch=0, step=5), "training to start", job)
+    outage_started = time.monotonic()
+    try:
+        stack.stop_service("mlflow")
+        # A worker dies while rank 0 holds unsent MLflow entries: its checkpoint keeps them.
+        wait_for(registered(s3, spec, epoch=0, step=every), "a mid-epoch checkpoint", job)
+        seen = latest_registered(s3, spec)
+        wait_for(reached(tmp_path, epoch=seen[0], step=seen[1] + 3), "a few steps after it", job)
+        old_pids = kill_rank(tmp_path, rank=1)
+        time.sleep(max(0.0, 30 - (time.monotonic() - outage_started)))
+        assert job.poll() is None, "the job ended while MLflow was down"
+    finally:
+        stack.up()
+    assert job.wait() == "SUCCEEDED", job.logs()[-6000:]
+
+    # Exact training through the worker kill, resumed from a mid-epoch checkpoint.
+    log = sample_log(tmp_path)
+    check_lineage(log, split_keys(digits, s3), epochs=3)
+    assert first_new_step(log, old_pids, rank=1) > seen
+
+    # One MLflow run, and nothing missing from it.
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    (run,) = _runs_of(client, spec["name"])
+    run_id, tags, params = run.info.run_id, run.data.tags, run.data.params
+    assert run.info.status == "FINISHED"
+    assert params["model.arch"] == "efficientnet_b0" and params["optim.epochs"] == "3"
+    assert params["scaling.num_workers"] == "2" and params["data.train.manifest"] == "s3://shards/digits/manifest.json"
+    _, dataset_id = load_manifest("s3://shards/digits/manifest.json", s3=s3)
+    assert tags["compound.dataset.train"] == dataset_id == tags["compound.dataset.val"]
+    assert tags["compound.submission_id"] == job.id and tags["compound.world_size"] == "2"
+    assert tags["compound.strategy"] == "ddp" and tags["compound.code_version"].startswith("0.1.0")
+    assert tags["compound.best_checkpoint"].startswith(f"s3://checkpoints/jobs/{spec['name']}/epoch000")
+
+    history = [client.get_metric_history(run_id, key) for key in ("train_samples_epoch", "val_top1", "val_loss")]
+    for metric in history:
+        assert [m.step for m in metric] == [1, 2, 3], metric
+    assert {m.value for m in history[0]} == {digits.split("train").samples}
+    optimizer_steps = [int(m.value) for m in client.get_metric_history(run_id, "optimizer_steps")]
+    expected = _expected_step_metrics([{"optimizer_steps": s} for s in optimizer_steps], every=10)
+    for key in ("step_train_loss", "step_lr", "step_images_per_s"):
+        assert expected <= set(_steps(client, run_id, key)), f"{key}: missing {sorted(expected - set(_steps(client, run_id, key)))}"
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics), run.data.metrics.keys()
+
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"spec.yaml", "plots/training_curves.png"} <= artifacts, artifacts
+    matrices = {a.path for a in client.list_artifacts(run_id, "plots/confusion_matrix")}
+    assert matrices == {f"plots/confusion_matrix/epoch_00{e}.png" for e in (1, 2, 3)}
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                           filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    loaded = mlflow.pytorch.load_model(model.model_uri)
+    import torch
+
+    assert loaded(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
+
+    # The log a person reads, and no secret anywhere a job leaves a trace.
+    logs = job.logs()
+    assert "epoch 2 done" in logs and "does not answer" in logs and "MLflow answers again" in logs, logs[-4000:]
+    assert f"MLflow run: {settings.mlflow_tracking_uri}/#/experiments/" in logs
+    with urllib.request.urlopen(f"{settings.ray_dashboard_url}/api/jobs/") as response:
+        records = response.read().decode()
+    assert job.id in records
+    secrets = [settings.s3_secret_key.get_secret_value(), settings.s3_access_key.get_secret_value()]
+    for where, text in (("Ray's job records", records), ("the job log", logs),
+                        ("MLflow params and tags", json.dumps([params, tags]))):
+        assert not any(secret in text for secret in secrets), f"an S3 key in {where}"
+
+    status = CliRunner().invoke(cli, ["job", "status", spec["name"], "--json", "--home", str(stack.home)])
+    assert status.exit_code == 0, status.output
+    found = json.loads(status.output)
+    assert found["status"] == "SUCCEEDED" and found["submission_id"] == job.id and run_id in found["mlflow_run"]
+
+
+def _kill_driver(submission_id: str) -> None:
+    """SIGKILL the submission's driver (`compound job run … --submission-id ID`) and nothing else."""
+    drivers = [p for p in psutil.process_iter(["cmdline"]) if submission_id in " ".join(p.info["cmdline"] or [])]
+    assert drivers, f"no driver process of {submission_id}"
+    for process in drivers:
+        os.kill(process.pid, signal.SIGKILL)
+
+
+def test_a_job_whose_driver_died_is_submitted_again_and_resumes_in_the_same_mlflow_run(
+    stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
+) -> None:
+    spec_path, spec = make_spec(tmp_path, **SMALL)
+    every = spec["checkpoint"]["every_steps"]
+    first = _submit(spec_path, stack, settings)
+    wait_for(registered(s3, spec, epoch=0, step=2 * every), "a checkpoint in epoch 0", first)
+    seen = latest_registered(s3, spec)
+
+    again = CliRunner().invoke(cli, ["job", "submit", str(spec_path), "--home", str(stack.home)])
+    assert again.exit_code == 1 and f"is already running as submission {first.id}" in again.output, again.output
+
+    _kill_driver(first.id)
+    assert first.wait(timeout_s=120) == "FAILED"
+    old_pids = {r["pid"] for r in sample_log(tmp_path)}
+    second = _submit(spec_path, stack, settings)
+    assert second.wait() == "SUCCEEDED", second.logs()[-6000:]
+
+    assert "resuming from its latest checkpoint" in second.logs()
+    log = sample_log(tmp_path)
+    assert first_new_step(log, old_pids, rank=0) > seen
+    check_lineage(log, split_keys(digits, s3), epochs=1)
+
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    (run,) = _runs_of(client, spec["name"])
+    assert run.data.tags["compound.submission_id"] == second.id
+    samples = client.get_metric_history(run.info.run_id, "train_samples_epoch")
+    assert [(m.step, m.value) for m in samples] == [(1, digits.split("train").samples)]
+
+    listed = CliRunner().invoke(cli, ["job", "list", "--json", "--home", str(stack.home)])
+    mine = [s for s in json.loads(listed.output) if s["job"] == spec["name"]]
+    assert [(s["submission_id"], s["status"]) for s in mine] == [(first.id, "FAILED"), (second.id, "SUCCEEDED")]
+
+
+def test_submit_refuses_what_can_never_run_and_stop_ends_a_submission(
+    stack: Stack, settings: Settings, digits: ShardManifest, tmp_path: Path,
+) -> None:
+    huge, _ = make_spec(tmp_path, scaling={"num_workers": 2, "cpus_per_worker": 64})
+    for options in (["--dry-run"], []):
+        result = CliRunner().invoke(cli, ["job", "submit", str(huge), "--home", str(stack.home), *options])
+        assert result.exit_code == 1, result.output
+        assert "can never run on the cluster" in result.output and "needs 2 workers of 64 CPU each" in result.output
+
+    malformed, _ = make_spec(tmp_path, optim={"epochs": "three"})
+    result = CliRunner().invoke(cli, ["job", "submit", str(malformed), "--dry-run", "--home", str(stack.home)])
+    assert result.exit_code == 2 and "optim.epochs" in result.output, result.output
+
+    fine, spec = make_spec(tmp_path, **SMALL)
+    result = CliRunner().invoke(cli, ["job", "submit", str(fine), "--dry-run", "--home", str(stack.home)])
+    assert result.exit_code == 0 and "nothing was submitted" in result.output, result.output
+    listed = CliRunner().invoke(cli, ["job", "list", "--json", "--home", str(stack.home)])
+    assert spec["name"] not in listed.output
+
+    job = _submit(fine, stack, settings)
+    stopped = CliRunner().invoke(cli, ["job", "stop", spec["name"], "--home", str(stack.home)])
+    assert stopped.exit_code == 0 and f"submission {job.id} of job {spec['name']}: STOPPED" in stopped.output, \
+        stopped.output
+    assert job.poll() == "STOPPED"
+    missing = CliRunner().invoke(cli, ["job", "status", "no-such-job", "--home", str(stack.home)])
+    assert missing.exit_code == 1 and "no submission or job named 'no-such-job'" in missing.output
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_submissions(settings: Settings) -> None:
+    """A test that failed half-way must not leave a job running into the next one."""
+    yield
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(settings.ray_dashboard_url)
+    for details in client.list_jobs():
+        if not details.status.is_terminal():
+            client.stop_job(details.submission_id)
