@@ -117,7 +117,7 @@ class RunLogger:
             self._wake.notify_all()
         self._sender.join(timeout_s)
         left = len(self._outbox)
-        if left:
+        if left and timeout_s > 0:
             log.error("MLflow at %s did not answer for %.0f s: %d entries of run %s were not sent",
                       self.run.tracking_uri, timeout_s, left, self.run.run_id)
         return left == 0

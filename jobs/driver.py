@@ -21,7 +21,7 @@ from infra.settings import RAY_CLIENT_ENV, Settings
 from jobs.connect import s3_access
 from jobs.resolve import ResolvedJob, check_relaunch, record_launch, resolve_job
 from jobs.spec import JobSpec
-from jobs.tracking import finish_run, log_final_model, open_run
+from jobs.tracking import TrackingUnavailableError, finish_run, log_final_model, open_run
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,25 @@ def run_job(spec: JobSpec, settings: Settings, *, source: str, submission_id: st
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
-        finish_run(run, status="FAILED")
+        finish_run(run, status="FAILED", required=False)
         raise JobFailedError(f"job {spec.name} failed: {error}") from error
     finally:
         if connected_here:
             ray.shutdown()  # also flushes the workers' forwarded output before ours
     history, checkpoint = [], None
-    if result.checkpoint is not None:
-        checkpoint = f"s3://{result.checkpoint.path}"
-        history = read_history(checkpoint, s3)
-        log_final_model(run, spec, checkpoint=checkpoint, history=history, s3=s3)
-    finish_run(run, status="FINISHED")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if result.checkpoint is not None:
+            checkpoint = f"s3://{result.checkpoint.path}"
+            history = read_history(checkpoint, s3)
+            log_final_model(run, spec, checkpoint=checkpoint, history=history, s3=s3)
+        finish_run(run, status="FINISHED")
+    except MlflowException as error:
+        raise TrackingUnavailableError(
+            f"job {spec.name} trained to the end (checkpoint {checkpoint}), but the MLflow server at "
+            f"{run.tracking_uri} failed while the model was logged ({str(error).splitlines()[0][:200]}); launch "
+            "the job again once it answers: it resumes at its end and logs the model") from None
     return JobOutcome(spec=spec, history=history, checkpoint=checkpoint, resumed=launch.resumes, run=run)
 
 

@@ -65,6 +65,8 @@ def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None
                 **{f"compound.dataset.{field.split('.')[1]}": identity for field, identity in job.dataset_ids.items()}}
         if submission_id is not None:
             tags["compound.submission_id"] = submission_id
+        tags |= {"mlflow.source.name": f"compound {code_version()}", "mlflow.source.type": "JOB",
+                 "mlflow.note.content": describe(spec)}
         for key, value in tags.items():
             client.set_tag(run_id, key, value[:MAX_TAG_VALUE_LENGTH])
         client.log_text(run_id, dump_spec(spec), "spec.yaml")
@@ -156,6 +158,16 @@ def _log_params(client, run_id: str, params: dict[str, str]) -> None:
         client.log_batch(run_id, params=new[start:start + MAX_PARAMS_PER_BATCH])
 
 
+def describe(spec: JobSpec) -> str:
+    """The run's description: what is trained, how, on what — what a person reads first."""
+    model, scaling = spec.model, spec.scaling
+    devices = f"{scaling.num_workers} GPU workers" if scaling.use_gpu else f"{scaling.num_workers} CPU workers"
+    return (f"{model.arch} ({model.num_classes} classes, {model.resolution} px), {spec.optim.epochs} epochs of "
+            f"{spec.data.train.manifest} (split {spec.data.train.split}), {_strategy(spec)} on {devices}, "
+            f"{spec.precision.dtype}, global batch {spec.global_batch}. "
+            f"Checkpoints: {spec.checkpoint.storage.rstrip('/')}/{spec.name}/")
+
+
 def _strategy(spec: JobSpec) -> str:
     if isinstance(spec.strategy, DeepSpeedStrategy):
         return f"deepspeed-zero{spec.strategy.zero_stage}"
@@ -174,10 +186,18 @@ def code_version() -> str:
     return f"{version}+g{commit}"
 
 
-def finish_run(run: RunRef, *, status: str) -> None:
+def finish_run(run: RunRef, *, status: str, required: bool = True) -> None:
+    """Mark the run ended; a run that is not `required` to end (the job failed anyway) may stay RUNNING
+    when MLflow does not answer."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    MlflowClient(run.tracking_uri).set_terminated(run.run_id, status=status)
+    try:
+        MlflowClient(run.tracking_uri).set_terminated(run.run_id, status=status)
+    except MlflowException as error:
+        if required:
+            raise
+        log.warning("could not mark MLflow run %s %s: %s", run.run_id, status, str(error).splitlines()[0][:200])
 
 
 def log_final_model(run: RunRef, spec: JobSpec, *, checkpoint: str, history: list[dict], s3: S3Access) -> None:

@@ -120,9 +120,12 @@ def train_loop_per_worker(config: dict) -> None:
             last = epoch + 1 == spec.optim.epochs
             progress = progress.next_epoch()
             trainer.report(metrics, progress, with_checkpoint=spec.checkpoint.at_epoch_end or last)
-    finally:
-        if logger is not None:
-            logger.close(timeout_s=FINAL_FLUSH_S)
+    except BaseException:
+        if logger is not None:  # no waiting for MLflow: what is unsent is in the checkpoint the restart resumes
+            logger.close(timeout_s=0)
+        raise
+    if logger is not None:
+        logger.close(timeout_s=FINAL_FLUSH_S)
 
 
 def _log_to_stderr() -> None:
@@ -297,7 +300,9 @@ class _EpochTrainer:
             return
         metrics = history[-1]
         done = metrics["epoch"] + 1
-        self.logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, step=done)
+        # Not the counters (epoch, steps) nor the LR again: the charts show those as steps and step_lr.
+        shown = {k: v for k, v in metrics.items() if k not in ("epoch", "step", "optimizer_steps", "lr")}
+        self.logger.log_metrics(shown, step=done)
         title = f"{self.spec.name}: {self.spec.model.arch}"
         self.logger.log_artifact("plots/training_curves.png", training_curves(history, title=title))
         assert self.confusion is not None

@@ -23,6 +23,7 @@ from cluster.storage import S3Access
 from infra.settings import Settings
 from infra.stack import Stack
 from jobs.cli import cli
+from jobs.driver import read_history
 from tests.jobs.helpers import (
     SMALL,
     check_lineage,
@@ -133,13 +134,14 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
     assert tags["compound.submission_id"] == job.id and tags["compound.world_size"] == "2"
     assert tags["compound.strategy"] == "ddp" and tags["compound.code_version"].startswith("0.1.0")
     assert tags["compound.best_checkpoint"].startswith(f"s3://checkpoints/jobs/{spec['name']}/epoch000")
+    assert tags["mlflow.note.content"].startswith("efficientnet_b0 (10 classes, 64 px), 3 epochs of s3://shards/digits/")
 
     history = [client.get_metric_history(run_id, key) for key in ("train_samples_epoch", "val_top1", "val_loss")]
     for metric in history:
         assert [m.step for m in metric] == [1, 2, 3], metric
     assert {m.value for m in history[0]} == {digits.split("train").samples}
-    optimizer_steps = [int(m.value) for m in client.get_metric_history(run_id, "optimizer_steps")]
-    expected = _expected_step_metrics([{"optimizer_steps": s} for s in optimizer_steps], every=10)
+    final = f"s3://checkpoints/jobs/{spec['name']}/epoch0003-step0000000"
+    expected = _expected_step_metrics(read_history(final, s3), every=10)
     for key in ("step_train_loss", "step_lr", "step_images_per_s"):
         assert expected <= set(_steps(client, run_id, key)), f"{key}: missing {sorted(expected - set(_steps(client, run_id, key)))}"
     assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics), run.data.metrics.keys()

@@ -16,10 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parents[2]))
-
-from infra.settings import load_settings  # noqa: E402
-from jobs.tracking import find_run  # noqa: E402
+from infra.settings import load_settings
+from jobs.tracking import find_run
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
