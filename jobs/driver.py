@@ -61,20 +61,21 @@ def run_job(spec: JobSpec, settings: Settings, *, source: str, submission_id: st
     s3 = s3_access(settings)
     # Before anything is recorded: an unreachable cluster or MLflow server leaves no trace.
     connected_here = connect_ray(settings)
-    launch = check_relaunch(job, s3=s3, source=source)
-    run = open_run(job, tracking_uri=settings.mlflow_tracking_uri, recorded_run_id=launch.run_id,
-                   world_size=spec.scaling.num_workers, submission_id=submission_id)
-    record_launch(job, launch, s3=s3, run_id=run.run_id)
-    if launch.resumes:
-        log.info("job %s was launched before: resuming from its latest checkpoint", spec.name)
-    log.info("MLflow run: %s", run.url)
-    trainer = make_trainer(spec, s3=s3.without_keys(), storage=spec.checkpoint.storage,
-                           spec_json=spec.model_dump_json(), dataset_ids=job.dataset_ids, run=run,
-                           tracking=spec.tracking)
     import ray
+    from mlflow.exceptions import MlflowException
     from ray.train import TrainingFailedError
 
     try:
+        launch = check_relaunch(job, s3=s3, source=source)
+        run = open_run(job, tracking_uri=settings.mlflow_tracking_uri, recorded_run_id=launch.run_id,
+                       world_size=spec.scaling.num_workers, submission_id=submission_id)
+        record_launch(job, launch, s3=s3, run_id=run.run_id)
+        if launch.resumes:
+            log.info("job %s was launched before: resuming from its latest checkpoint", spec.name)
+        log.info("MLflow run: %s", run.url)
+        trainer = make_trainer(spec, s3=s3.without_keys(), storage=spec.checkpoint.storage,
+                               spec_json=spec.model_dump_json(), dataset_ids=job.dataset_ids, run=run,
+                               tracking=spec.tracking)
         result = trainer.fit()
     except TrainingFailedError as error:
         finish_run(run, status="FAILED", required=False)
@@ -83,8 +84,6 @@ def run_job(spec: JobSpec, settings: Settings, *, source: str, submission_id: st
         if connected_here:
             ray.shutdown()  # also flushes the workers' forwarded output before ours
     history, checkpoint = [], None
-    from mlflow.exceptions import MlflowException
-
     try:
         if result.checkpoint is not None:
             checkpoint = f"s3://{result.checkpoint.path}"

@@ -2,7 +2,8 @@
 
 One checkpoint directory, merged by Ray from every rank's files:
 
-    progress.json       rank 0: epoch, step within it, optimiser steps, every finished epoch's metrics, the full spec
+    progress.json       rank 0: epoch, step within it, optimiser steps, every finished epoch's metrics, the full spec,
+                        the job's MLflow run id
     rank-<r>.pt         every rank: its RNG state and what it trained so far this epoch
     training.pt         DDP, rank 0: model, optimiser and grad-scaler state
     deepspeed/          DeepSpeed: every rank its ZeRO shard (DeepSpeed's own layout)
@@ -76,12 +77,14 @@ def new_checkpoint_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="compound-checkpoint-"))
 
 
-def save_progress(directory: Path, progress: Progress, *, rank: int, spec_json: str) -> None:
+def save_progress(directory: Path, progress: Progress, *, rank: int, spec_json: str,
+                  mlflow_run_id: str | None = None) -> None:
     """Every rank: its RNG and tally; rank 0 also the shared progress and the spec."""
     torch.save({"rng": torch.get_rng_state(), "python_rng": random.getstate(), "tally": asdict(progress.tally)},
                directory / f"rank-{rank}.pt")
     if rank == 0:
-        record = {"format": CHECKPOINT_FORMAT, **progress.state(), "spec": json.loads(spec_json)}
+        record = {"format": CHECKPOINT_FORMAT, **progress.state(), "spec": json.loads(spec_json),
+                  "mlflow_run_id": mlflow_run_id}
         (directory / PROGRESS_FILE).write_text(json.dumps(record, indent=2))
 
 

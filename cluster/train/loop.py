@@ -352,7 +352,8 @@ class _EpochTrainer:
             return
         directory = new_checkpoint_dir()
         self.strategy.save(directory, rank=self.rank)
-        save_progress(directory, progress, rank=self.rank, spec_json=self.job.spec_json)
+        save_progress(directory, progress, rank=self.rank, spec_json=self.job.spec_json,
+                      mlflow_run_id=self.job.run.run_id if self.job.run else None)
         if self.ema is not None and self.rank == 0:
             torch.save(self.ema.state_dict(), directory / EMA_FILE)
         if self.logger is not None:

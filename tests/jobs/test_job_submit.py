@@ -142,6 +142,8 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
     assert {m.value for m in history[0]} == {digits.split("train").samples}
     final = f"s3://checkpoints/jobs/{spec['name']}/epoch0003-step0000000"
     expected = _expected_step_metrics(read_history(final, s3), every=10)
+    progress = s3.client().get_object(Bucket="checkpoints", Key=f"jobs/{spec['name']}/epoch0003-step0000000/progress.json")
+    assert json.loads(progress["Body"].read())["mlflow_run_id"] == run_id  # the checkpoints know their run too
     for key in ("step_train_loss", "step_lr", "step_images_per_s"):
         assert expected <= set(_steps(client, run_id, key)), f"{key}: missing {sorted(expected - set(_steps(client, run_id, key)))}"
     assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics), run.data.metrics.keys()
@@ -253,6 +255,6 @@ def _no_leftover_submissions(settings: Settings) -> None:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(settings.ray_dashboard_url)
-    for details in client.list_jobs():
-        if not details.status.is_terminal():
+    for details in client.list_jobs():  # submissions only: a driver connected with ray.init has no id
+        if details.submission_id is not None and not details.status.is_terminal():
             client.stop_job(details.submission_id)
