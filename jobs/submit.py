@@ -15,6 +15,7 @@ import logging
 import math
 import secrets
 import shlex
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ SPEC_KEY = "compound.spec"
 ACTIVE = ("PENDING", "RUNNING")
 SUBMISSIONS_FOLDER = "submissions"
 STOP_WAIT_S = 60.0
+PROBE_TIMEOUT_S = 5.0
 
 
 class SubmissionError(RuntimeError):
@@ -146,11 +148,13 @@ class JobsClient:
         return [dict(node.resources_total) for node in nodes]
 
 
-def plan_submission(spec_path: Path, settings: Settings, client: JobsClient) -> Plan:
-    """Check the spec, its data and storage, the cluster's room for it and its earlier submissions."""
+def plan_submission(spec_path: Path, settings: Settings, client: JobsClient, *, gcs_address: str | None) -> Plan:
+    """Check the spec, its data and storage, the cluster's room for it and its earlier submissions.
+    `gcs_address`: where to read the cluster's autoscaling limits (None: count its alive nodes only)."""
     spec = load_job_spec(spec_path)
     resolved = prepare_job(spec, settings, source=str(spec_path)).spec
-    room_problem = fits(resolved, client.capacity())
+    groups = autoscaling_groups(gcs_address) if gcs_address else []
+    room_problem = fits(resolved, client.capacity(), groups)
     if room_problem is not None:
         raise SubmissionError(f"job {spec.name} can never run on the cluster at {client.address}: {room_problem}")
     running = [s for s in client.submissions() if s.job == spec.name and s.active]
@@ -179,22 +183,54 @@ def submit(plan: Plan, settings: Settings, client: JobsClient) -> None:
         raise
 
 
-def fits(spec: JobSpec, nodes: list[dict[str, float]]) -> str | None:
-    """Why the nodes can never hold the job's workers at once; None if they can."""
+def autoscaling_groups(gcs_address: str) -> list[tuple[dict[str, float], int]]:
+    """The node groups the cluster's autoscaler may add: (resources of one node, most nodes; -1: no
+    limit). None configured (the local stack), or the config cannot be read: []."""
+    host, _, port = gcs_address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+        from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE, GcsClient
+        from ray.core.generated import autoscaler_pb2
+
+        data = GcsClient(address=gcs_address).internal_kv_get(
+            GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), GCS_AUTOSCALER_STATE_NAMESPACE.encode(), timeout=PROBE_TIMEOUT_S)
+    except Exception as error:  # noqa: BLE001 - without it the check counts the alive nodes, as documented
+        log.info("could not read the autoscaling config at %s (%s): counting the alive nodes only", gcs_address,
+                 _first_line(error))
+        return []
+    if not data:
+        return []
+    config = autoscaler_pb2.ClusterConfig.FromString(data)
+    return [(dict(group.resources), group.max_count) for group in config.node_group_configs]
+
+
+def fits(spec: JobSpec, nodes: list[dict[str, float]],
+         groups: list[tuple[dict[str, float], int]] = ()) -> str | None:
+    """Why the alive nodes, and any the autoscaler may add, can never hold the job's workers at once;
+    None if they can."""
     scaling = spec.scaling
     need = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         need["GPU"] = scaling.gpus_per_worker
     if scaling.memory_per_worker_gb is not None:
         need["memory"] = scaling.memory_per_worker_gb * 2**30
-    room = sum(min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in need.items())
-               for node in nodes)
+
+    def workers_on(node: dict[str, float]) -> int:
+        return min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in need.items())
+
+    room = sum(workers_on(node) for node in nodes)
+    for resources, most in groups:
+        if workers_on(resources) > 0:
+            if most < 0:
+                return None
+            room += most * workers_on(resources)
     if room >= scaling.num_workers:
         return None
     wanted = ", ".join(_amount(name, amount) for name, amount in need.items())
     totals = ", ".join(_amount(name, sum(node.get(name, 0.0) for node in nodes)) for name in need)
-    return (f"it needs {scaling.num_workers} workers of {wanted} each, and its {len(nodes)} node(s) hold at most "
-            f"{room} (in all: {totals}); lower scaling.num_workers or the resources per worker, or add nodes")
+    scaled = " and the node groups its autoscaler may add" if groups else ""
+    return (f"it needs {scaling.num_workers} workers of {wanted} each, and its {len(nodes)} node(s){scaled} hold at "
+            f"most {room} (alive now: {totals}); lower scaling.num_workers or the resources per worker, or add nodes")
 
 
 def _amount(name: str, value: float) -> str:

@@ -180,7 +180,8 @@ def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, ho
     settings = _settings(home)
     client = _client(settings, address)
     try:
-        plan = plan_submission(spec_path, settings, client)
+        # The autoscaling limits are read from the configured cluster's GCS, not from another --address.
+        plan = plan_submission(spec_path, settings, client, gcs_address=None if address else settings.ray_address)
     except SpecError as error:
         _fail_on_spec_error(error)
     if dry_run:
