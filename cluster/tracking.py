@@ -103,6 +103,18 @@ class RunLogger:
     def log_artifact(self, path: str, data: bytes) -> None:
         self._put(_Artifact(path, data))
 
+    def last_step(self, key: str) -> int:
+        """The latest step of `key` on the server or waiting in the outbox (-1: none, or the server does not
+        answer): a restarted worker does not log again what it redoes."""
+        waiting = [value[3] for entry in list(self._outbox) if isinstance(entry, _Metrics)
+                   for value in entry.values if value[0] == key]
+        try:
+            logged = [metric.step for metric in self._client.get_metric_history(self.run.run_id, key)]
+        except Exception as error:  # noqa: BLE001 - at worst an epoch is logged twice
+            log.debug("could not read %s of run %s: %s", key, self.run.run_id, error)
+            logged = []
+        return max(waiting + logged, default=-1)
+
     def pending(self) -> list[dict]:
         """What is not yet on the server, as JSON: saved with a checkpoint, passed back as `pending=`."""
         with self._wake:

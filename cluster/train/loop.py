@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 TOP_K = (1, 5)
 PROGRESS_LINES_PER_EPOCH = 5
 FINAL_FLUSH_S = 300.0  # how long the last MLflow entries may wait for an unreachable server
+EPOCH_METRIC = "train_samples_epoch"  # logged once per epoch: tells which epochs the MLflow run has
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ def train_loop_per_worker(config: dict) -> None:
         logger = RunLogger(job.run, pending=pending, system_metrics=job.tracking.system_metrics)
         log.info("MLflow run: %s", job.run.url)
     trainer = _EpochTrainer(job, strategy, ema, schedule, rank, world_size, device, logger)
+    if logger is not None:  # an epoch logged before the restart is redone, not logged again
+        trainer.epochs_logged = logger.last_step(EPOCH_METRIC)
     try:
         for epoch in range(progress.epoch, spec.optim.epochs):
             trainer.train_epoch(train_loader, progress)
@@ -213,6 +216,7 @@ class _EpochTrainer:
         self.sample_log = _open_sample_log(self.spec.data.sample_log, rank)
         self.train_seconds = 0.0
         self.confusion: torch.Tensor | None = None  # of the last evaluation: [true class, predicted class]
+        self.epochs_logged = 0  # epochs already in the MLflow run
 
     def _loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return weighted_loss(logits, batch, self.spec.optim.label_smoothing)
@@ -300,6 +304,8 @@ class _EpochTrainer:
             return
         metrics = history[-1]
         done = metrics["epoch"] + 1
+        if done <= self.epochs_logged:
+            return
         # Not the counters (epoch, steps) nor the LR again: the charts show those as steps and step_lr.
         shown = {k: v for k, v in metrics.items() if k not in ("epoch", "step", "optimizer_steps", "lr")}
         self.logger.log_metrics(shown, step=done)
