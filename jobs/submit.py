@@ -125,20 +125,21 @@ class JobsClient:
                 on_text(text)
 
         asyncio.run(tail())
-        deadline = time.monotonic() + STOP_WAIT_S  # the log ends a moment before the status does
-        while (submission := self.find(submission_id)).active and time.monotonic() < deadline:
-            time.sleep(0.5)
-        return submission
+        return self._ended(submission_id)  # the log ends a moment before the status does
 
     def stop(self, submission: Submission) -> Submission:
         """Stop a running submission and wait until Ray reports it ended."""
         if not submission.active:
             return submission
         self.ray.stop_job(submission.submission_id)
+        return self._ended(submission.submission_id)
+
+    def _ended(self, submission_id: str) -> Submission:
+        """The submission once Ray reports it ended (as it stands after STOP_WAIT_S if it has not)."""
         deadline = time.monotonic() + STOP_WAIT_S
-        while (current := self.find(submission.submission_id)).active and time.monotonic() < deadline:
+        while (submission := self.find(submission_id)).active and time.monotonic() < deadline:
             time.sleep(0.5)
-        return current
+        return submission
 
     def capacity(self) -> list[dict[str, float]]:
         """The total resources of every alive node."""

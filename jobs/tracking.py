@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 JOB_TAG = "compound.job"
 MAX_PARAM_VALUE_LENGTH = 500  # what MLflow stores everywhere (some backends allow more)
-MAX_PARAMS_PER_BATCH = 100
+MAX_PARAMS_PER_BATCH = 100  # params, and tags, per log_batch request
 MODEL_NAME = "model"
 MODEL_TAG = "compound.model_checkpoint"  # the checkpoint the logged model was made from
 BEST_METRIC = "val_top1"
@@ -58,7 +58,7 @@ def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None
         elif run.info.status != "RUNNING":
             client.update_run(run.info.run_id, status="RUNNING")
         run_id = run.info.run_id
-        _log_params(client, run_id, flatten(spec.model_dump(mode="json")))
+        _log_params(client, run_id, flatten(spec.model_dump(mode="json")), logged=run.data.params)
         tags = {**spec.tracking.tags, JOB_TAG: spec.name, "compound.code_version": code_version(),
                 "compound.world_size": str(world_size), "compound.strategy": _strategy(spec),
                 "compound.checkpoints": f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/",
@@ -67,8 +67,7 @@ def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None
             tags["compound.submission_id"] = submission_id
         tags |= {"mlflow.source.name": f"compound {code_version()}", "mlflow.source.type": "JOB",
                  "mlflow.note.content": describe(spec)}
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value[:MAX_TAG_VALUE_LENGTH])
+        _log_tags(client, run_id, tags)
         client.log_text(run_id, dump_spec(spec), "spec.yaml")
         if isinstance(spec.strategy, DeepSpeedStrategy):
             client.log_text(run_id, json.dumps(deepspeed_config(spec), indent=2), "deepspeed_config.json")
@@ -144,18 +143,16 @@ def flatten(values: dict, prefix: str = "") -> dict[str, str]:
     return params
 
 
-def _log_params(client, run_id: str, params: dict[str, str]) -> None:
+def _log_params(client, run_id: str, params: dict[str, str], *, logged: dict[str, str]) -> None:
     """The params the run does not have yet (a relaunch may change tracking and failure settings, and
     MLflow refuses to change a logged param)."""
     from mlflow.entities import Param
 
-    logged = client.get_run(run_id).data.params
     changed = sorted(key for key, value in params.items() if key in logged and logged[key] != value)
     if changed:
         log.info("MLflow params keep their first values for: %s", ", ".join(changed))
     new = [Param(key, value) for key, value in params.items() if key not in logged]
-    for start in range(0, len(new), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=new[start:start + MAX_PARAMS_PER_BATCH])
+    _log_in_batches(client, run_id, params=new)
 
 
 def describe(spec: JobSpec) -> str:
@@ -166,6 +163,20 @@ def describe(spec: JobSpec) -> str:
             f"{spec.data.train.manifest} (split {spec.data.train.split}), {_strategy(spec)} on {devices}, "
             f"{spec.precision.dtype}, global batch {spec.global_batch}. "
             f"Checkpoints: {spec.checkpoint.storage.rstrip('/')}/{spec.name}/")
+
+
+def _log_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    """Set the tags, as few requests as MLflow's per-batch limit allows."""
+    from mlflow.entities import RunTag
+
+    _log_in_batches(client, run_id, tags=[RunTag(key, value[:MAX_TAG_VALUE_LENGTH]) for key, value in tags.items()])
+
+
+def _log_in_batches(client, run_id: str, **entries: list) -> None:
+    """`log_batch` for one kind of entry (params=[…] or tags=[…]), within MLflow's per-request limit."""
+    ((kind, items),) = entries.items()
+    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, **{kind: items[start:start + MAX_PARAMS_PER_BATCH]})
 
 
 def _strategy(spec: JobSpec) -> str:

@@ -203,17 +203,22 @@ def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, ho
 RUN_WAIT_S = 60.0
 
 
+def _run_of(settings, submission):
+    """The MLflow run of a submission's job (None until its driver has opened it)."""
+    from jobs.tracking import find_run
+
+    return find_run(settings.mlflow_tracking_uri, experiment=submission.experiment or submission.job,
+                    job_name=submission.job)
+
+
 def _wait_for_run(settings, client, submission_id: str):
     """The job's MLflow run, once its driver has opened it (None if the job ends or a minute passes first)."""
     import time
 
-    from jobs.tracking import find_run
-
     deadline = time.monotonic() + RUN_WAIT_S
     while time.monotonic() < deadline:
         submission = client.find(submission_id)
-        run = find_run(settings.mlflow_tracking_uri, experiment=submission.experiment or submission.job,
-                       job_name=submission.job)
+        run = _run_of(settings, submission)
         if run is not None or not submission.active:
             return run
         time.sleep(1.0)
@@ -222,13 +227,11 @@ def _wait_for_run(settings, client, submission_id: str):
 
 def _follow(settings, client, submission_id: str) -> None:
     """Print the log until the job ends, then the MLflow run's link; exit 1 unless the job succeeded."""
-    from jobs.tracking import find_run
-
     ended = client.follow(submission_id, lambda text: click.echo(text, nl=False))
     style = "green" if ended.status == "SUCCEEDED" else "red"
     console.print(f"submission {submission_id}: [{style}]{ended.status}[/{style}] {ended.message}", highlight=False,
                   soft_wrap=True)
-    run = find_run(settings.mlflow_tracking_uri, experiment=ended.experiment or ended.job, job_name=ended.job)
+    run = _run_of(settings, ended)
     if run is not None:
         console.print(f"MLflow run: {run.url}", highlight=False, soft_wrap=True)
     if ended.status != "SUCCEEDED":
@@ -268,12 +271,10 @@ def status(ref: str, address: str | None, as_json: bool, home: Path | None) -> N
     """A submission's status, by submission id or job name (its latest submission)."""
     import dataclasses
 
-    from jobs.tracking import find_run
-
     settings = _settings(home)
     client = _client(settings, address)
     found = client.find(ref)
-    run = find_run(settings.mlflow_tracking_uri, experiment=found.experiment or found.job, job_name=found.job)
+    run = _run_of(settings, found)
     links = {"dashboard": client.dashboard_url(found.submission_id), "mlflow_run": run.url if run else None}
     if as_json:
         click.echo(json.dumps({**dataclasses.asdict(found), **links}))
