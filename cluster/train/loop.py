@@ -340,9 +340,11 @@ class _EpochTrainer:
             confusion += torch.bincount(batch.labels * classes + logits.argmax(dim=1), weights=weights.double(),
                                         minlength=classes * classes)
         model.train(was_training)
-        loss_sum, count, *correct = _all_reduce(sums.tolist(), self.device)
+        totals = torch.cat([sums, confusion])  # one collective for both
         if dist.is_initialized():
-            dist.all_reduce(confusion)
+            dist.all_reduce(totals)
+        loss_sum, count, *correct = totals[:len(sums)].tolist()
+        confusion = totals[len(sums):]
         count = max(count, 1.0)
         metrics = {"loss": loss_sum / count, **{f"top{k}": c / count for k, c in zip(TOP_K, correct, strict=True)}}
         return metrics, confusion.view(classes, classes).cpu()
