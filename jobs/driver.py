@@ -11,15 +11,17 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cluster.storage import S3Access, split_s3_url
 from cluster.tracking import RunRef
-from cluster.train.checkpoint import PROGRESS_FILE
+from cluster.train.checkpoint import PROGRESS_FILE, remove_unregistered
 from cluster.train.trainer import make_trainer
 from infra.settings import RAY_CLIENT_ENV, Settings
 from jobs.connect import s3_access
-from jobs.resolve import ResolvedJob, check_relaunch, record_launch, resolve_job
+from jobs.resolve import Launch, ResolvedJob, check_relaunch, record_launch, resolve_job
 from jobs.spec import JobSpec
 from jobs.tracking import TrackingUnavailableError, finish_run, log_final_model, open_run
 
@@ -57,45 +59,76 @@ def run_job(spec: JobSpec, settings: Settings, *, source: str, submission_id: st
     """Resolve the spec, then train on the configured Ray cluster until the job ends, tracked in the
     job's one MLflow run."""
     job = prepare_job(spec, settings, source=source)
-    spec = job.spec
-    s3 = s3_access(settings)
     # Before anything is recorded: an unreachable cluster or MLflow server leaves no trace.
     connected_here = connect_ray(settings)
     import ray
-    from mlflow.exceptions import MlflowException
-    from ray.train import TrainingFailedError
 
     try:
-        launch = check_relaunch(job, s3=s3, source=source)
-        run = open_run(job, tracking_uri=settings.mlflow_tracking_uri, recorded_run_id=launch.run_id,
-                       world_size=spec.scaling.num_workers, submission_id=submission_id)
-        record_launch(job, launch, s3=s3, run_id=run.run_id)
-        if launch.resumes:
-            log.info("job %s was launched before: resuming from its latest checkpoint", spec.name)
-        log.info("MLflow run: %s", run.url)
-        trainer = make_trainer(spec, s3=s3.without_keys(), storage=spec.checkpoint.storage,
-                               spec_json=spec.model_dump_json(), dataset_ids=job.dataset_ids, run=run,
-                               tracking=spec.tracking)
+        trained = train_job(job, s3=s3_access(settings), tracking_uri=settings.mlflow_tracking_uri, source=source,
+                            submission_id=submission_id)
+    finally:
+        if connected_here:
+            ray.shutdown()  # also flushes the workers' forwarded output before ours
+    return finish_job(trained, s3=s3_access(settings))
+
+
+@dataclass(frozen=True)
+class TrainedJob:
+    """A job whose trainer has returned: what `finish_job` records."""
+
+    job: ResolvedJob
+    launch: Launch
+    run: RunRef
+    result: Any  # ray.train.Result
+
+
+def train_job(job: ResolvedJob, *, s3: S3Access, tracking_uri: str, source: str, submission_id: str | None = None,
+              callbacks: Sequence = ()) -> TrainedJob:
+    """Train a resolved job on the Ray cluster this process is connected to, in its one MLflow run:
+    what a job's driver and a sweep's trial both do. `callbacks`: Ray Train callbacks (a sweep's report to Tune)."""
+    from ray.train import TrainingFailedError
+
+    spec = job.spec
+    launch = check_relaunch(job, s3=s3, source=source)
+    run = open_run(job, tracking_uri=tracking_uri, recorded_run_id=launch.run_id,
+                   world_size=spec.scaling.num_workers, submission_id=submission_id)
+    record_launch(job, launch, s3=s3, run_id=run.run_id)
+    if launch.resumes:
+        log.info("job %s was launched before: resuming from its latest checkpoint", spec.name)
+    log.info("MLflow run: %s", run.url)
+    trainer = make_trainer(spec, s3=s3.without_keys(), storage=spec.checkpoint.storage,
+                           spec_json=spec.model_dump_json(), dataset_ids=job.dataset_ids, run=run,
+                           tracking=spec.tracking, callbacks=callbacks)
+    try:
         result = trainer.fit()
     except TrainingFailedError as error:
         finish_run(run, status="FAILED", required=False)
         raise JobFailedError(f"job {spec.name} failed: {error}") from error
-    finally:
-        if connected_here:
-            ray.shutdown()  # also flushes the workers' forwarded output before ours
+    return TrainedJob(job=job, launch=launch, run=run, result=result)
+
+
+def finish_job(trained: TrainedJob, *, s3: S3Access, log_model: bool = True) -> JobOutcome:
+    """After training: clear checkpoints Ray never registered, log the model, mark the run finished."""
+    from mlflow.exceptions import MlflowException
+
+    spec, run, result = trained.job.spec, trained.run, trained.result
+    removed = remove_unregistered(s3.filesystem(), result.path, [c.path for c, _ in result.best_checkpoints or []])
+    if removed:
+        log.info("removed checkpoints Ray never registered: %s", ", ".join(removed))
     history, checkpoint = [], None
     try:
         if result.checkpoint is not None:
             checkpoint = f"s3://{result.checkpoint.path}"
             history = read_history(checkpoint, s3)
-            log_final_model(run, spec, checkpoint=checkpoint, history=history, s3=s3)
+            if log_model:
+                log_final_model(run, spec, checkpoint=checkpoint, history=history, s3=s3)
         finish_run(run, status="FINISHED")
     except MlflowException as error:
         raise TrackingUnavailableError(
             f"job {spec.name} trained to the end (checkpoint {checkpoint}), but the MLflow server at "
             f"{run.tracking_uri} failed while the model was logged ({str(error).splitlines()[0][:200]}); launch "
             "the job again once it answers: it resumes at its end and logs the model") from None
-    return JobOutcome(spec=spec, history=history, checkpoint=checkpoint, resumed=launch.resumes, run=run)
+    return JobOutcome(spec=spec, history=history, checkpoint=checkpoint, resumed=trained.launch.resumes, run=run)
 
 
 def read_history(checkpoint: str, s3: S3Access) -> list[dict]:

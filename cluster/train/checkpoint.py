@@ -11,9 +11,14 @@ One checkpoint directory, merged by Ray from every rank's files:
     mlflow-outbox.json  rank 0, when tracked: what MLflow had not yet acknowledged (sent again on resume)
     model.safetensors   rank 0, at the end of an epoch: the weights alone, loadable without the job
                         (`effnet.weights.load_checkpoint` for EfficientNets)
+    uploaded-<r>-of-<n> every rank, written once all its files are in the store
 
 Checkpoints are uploaded in the background (`CheckpointUploadMode.ASYNC`) through an upload
-function that retries through a store outage for the S3 access's retry window.
+function that retries through a store outage for the S3 access's retry window. Ray registers a
+checkpoint only once every rank's upload has reached its controller, seconds later; a worker that
+dies in between would make a restart go back a checkpoint further than needed. So a restart takes
+the newest checkpoint every rank marked uploaded when that is newer than Ray's (`resume_point`),
+and the driver removes, at the end, the folders Ray never registered (`remove_unregistered`).
 """
 
 from __future__ import annotations
@@ -108,16 +113,26 @@ def stored_spec(directory: Path) -> dict:
     return json.loads((directory / PROGRESS_FILE).read_text())["spec"]
 
 
+def upload_marker(rank: int, world_size: int) -> str:
+    return f"uploaded-{rank}-of-{world_size}"
+
+
 def upload_with_retries(window_s: float):
-    """A `checkpoint_upload_fn` for `ray.train.report`: Ray's own upload, retried through an outage."""
+    """A `checkpoint_upload_fn` for `ray.train.report`: Ray's own upload, retried through an outage,
+    then this rank's upload marker."""
     def upload(checkpoint, checkpoint_dir_name: str):
         import ray.train
 
-        storage = ray.train.get_context().get_storage()
+        context = ray.train.get_context()
+        storage = context.get_storage()
+        marker = upload_marker(context.get_world_rank(), context.get_world_size())
         started, attempt = time.monotonic(), 0
         while True:
             try:
-                return storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+                persisted = storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+                with persisted.filesystem.open_output_stream(f"{persisted.path}/{marker}"):
+                    pass
+                return persisted
             except OSError as error:  # pyarrow raises OSError for S3 failures
                 if time.monotonic() - started >= window_s:
                     raise OSError(f"could not upload checkpoint {checkpoint_dir_name} for {window_s:.0f} s "
@@ -127,3 +142,58 @@ def upload_with_retries(window_s: float):
                 attempt += 1
 
     return upload
+
+
+def checkpoint_folders(filesystem, experiment_path: str) -> list[str]:
+    """The names of the checkpoint folders under a run's storage path, oldest first (names sort by point)."""
+    from pyarrow.fs import FileSelector, FileType
+
+    entries = filesystem.get_file_info(FileSelector(experiment_path, allow_not_found=True))
+    return sorted(e.base_name for e in entries if e.type == FileType.Directory
+                  and e.base_name.startswith(CHECKPOINT_PREFIX))
+
+
+def newest_uploaded(filesystem, experiment_path: str, world_size: int) -> str | None:
+    """The path of the newest checkpoint folder that every one of `world_size` ranks marked uploaded."""
+    from pyarrow.fs import FileSelector
+
+    markers = {upload_marker(rank, world_size) for rank in range(world_size)}
+    for name in reversed(checkpoint_folders(filesystem, experiment_path)):
+        path = f"{experiment_path}/{name}"
+        if markers <= {e.base_name for e in filesystem.get_file_info(FileSelector(path))}:
+            return path
+    return None
+
+
+def resume_point(registered, *, rank: int, world_size: int, device: torch.device):
+    """The checkpoint a (re)started worker group resumes from: Ray's latest registered one, or a newer one
+    every rank had finished uploading when a failure cut its registration short. The same on every rank."""
+    import ray.train
+    import torch.distributed as dist
+
+    storage = ray.train.get_context().get_storage()
+    choice: list[str | None] = [None]
+    if rank == 0:
+        newest = newest_uploaded(storage.storage_filesystem, storage.experiment_fs_path, world_size)
+        if newest is not None and (registered is None or Path(newest).name > Path(registered.path).name):
+            choice = [newest]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0, device=device)
+    if choice[0] is None:
+        return registered
+    if rank == 0:
+        log.info("checkpoint %s was uploaded by every rank but not yet registered: resuming from it", choice[0])
+    return ray.train.Checkpoint(path=choice[0], filesystem=storage.storage_filesystem)
+
+
+def remove_unregistered(filesystem, experiment_path: str, registered: list[str]) -> list[str]:
+    """Delete the checkpoint folders Ray did not register (uploads a failure cut short, or resumed from
+    before their registration); the names removed."""
+    kept = {Path(path).name for path in registered}
+    removed = [name for name in checkpoint_folders(filesystem, experiment_path) if name not in kept]
+    for name in removed:
+        try:
+            filesystem.delete_dir(f"{experiment_path}/{name}")
+        except FileNotFoundError:  # an empty folder: some stores (SeaweedFS) list one after its files are gone
+            pass
+    return removed

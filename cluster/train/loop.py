@@ -12,8 +12,8 @@ One epoch on one rank:
     rank 0: the metrics, a training-curve plot and a confusion matrix to the job's MLflow run
 
 Every rank calls `ray.train.report` at the same steps (it is a barrier). A restarted worker group
-starts from `ray.train.get_checkpoint()`: model, optimiser, EMA, scaler, RNG, and the loader at the
-exact batch, so the interrupted epoch trains on every sample once. Rank 0's MLflow outbox (what the
+starts from its latest checkpoint (`checkpoint.resume_point`): model, optimiser, EMA, scaler, RNG,
+and the loader at the exact batch, so the interrupted epoch trains on every sample once. Rank 0's MLflow outbox (what the
 server has not acknowledged yet) is saved with every checkpoint and queued again on restart.
 """
 
@@ -45,6 +45,7 @@ from cluster.train.checkpoint import (
     Progress,
     load_progress,
     new_checkpoint_dir,
+    resume_point,
     save_progress,
     upload_with_retries,
 )
@@ -99,7 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
     schedule = _schedule(spec, train_loader)
 
     progress, pending = Progress(), None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = resume_point(ray.train.get_checkpoint(), rank=rank, world_size=world_size, device=device)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             progress = _restore(Path(directory), strategy, ema, rank)

@@ -9,6 +9,7 @@ workers start from the latest checkpoint.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from cluster.storage import S3Access, split_s3_url
 from cluster.tracking import WORKER_MLFLOW_ENV, RunRef, TrackingSpec
@@ -38,7 +39,7 @@ def worker_env(spec: TrainingSpec) -> dict[str, str]:
 
 def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: str,
                  dataset_ids: dict[str, str], run: RunRef | None = None,
-                 tracking: TrackingSpec | None = None):  # -> TorchTrainer
+                 tracking: TrackingSpec | None = None, callbacks: Sequence = ()):  # -> TorchTrainer
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -60,6 +61,6 @@ def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: s
             name=spec.name, storage_path=storage_path(storage), storage_filesystem=s3.filesystem(),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            worker_runtime_env={"env_vars": worker_env(spec)},
+            worker_runtime_env={"env_vars": worker_env(spec)}, callbacks=list(callbacks),
         ),
     )

@@ -23,18 +23,20 @@ from jobs.driver import prepare_job
 from jobs.resolve import check_relaunch, record_launch
 from jobs.spec import load_job_spec
 from tests.jobs.helpers import (
+    DRILL_CHECKPOINTS,
     SMALL,
     check_lineage,
+    check_no_orphans,
     finish,
     first_new_step,
     kill_rank,
-    latest_registered,
+    latest_uploaded,
     launch,
     make_spec,
     reached,
-    registered,
     sample_log,
     split_keys,
+    uploaded,
     wait_for,
 )
 
@@ -43,20 +45,23 @@ from tests.jobs.helpers import (
 def test_deepspeed_trains_checkpoints_and_resumes_after_a_worker_kill(
     stack: Stack, s3: S3Access, digits: ShardManifest, tmp_path: Path, zero_stage: int, dtype: str,
 ) -> None:
-    spec_path, spec = make_spec(tmp_path, **SMALL, strategy={"name": "deepspeed", "zero_stage": zero_stage},
+    spec_path, spec = make_spec(tmp_path, **SMALL, checkpoint=DRILL_CHECKPOINTS,
+                                strategy={"name": "deepspeed", "zero_stage": zero_stage},
                                 precision={"dtype": dtype})
     every = spec["checkpoint"]["every_steps"]
     process = launch(spec_path, stack)
-    wait_for(registered(s3, spec, epoch=0, step=2 * every), "a checkpoint in epoch 0", process)
-    seen = latest_registered(s3, spec)
+    wait_for(uploaded(s3, spec, epoch=0, step=2 * every), "a checkpoint in epoch 0", process)
+    seen = latest_uploaded(s3, spec)
     wait_for(reached(tmp_path, epoch=seen[0], step=seen[1] + 3), "a few steps after it", process)
     old_pids = kill_rank(tmp_path, rank=0)
     outcome = finish(process)
 
     assert [e["train_samples_epoch"] for e in outcome["epochs"]] == [digits.split("train").samples]
     log = sample_log(tmp_path)
-    check_lineage(log, split_keys(digits, s3), epochs=1)
+    redone = check_lineage(log, split_keys(digits, s3), epochs=1)
     assert first_new_step(log, old_pids, rank=0) > seen
+    assert max(redone.values()) <= every, f"steps redone per rank: {redone}"
+    check_no_orphans(s3, spec)
     listing = s3.client().list_objects_v2(Bucket="checkpoints", Prefix=outcome["checkpoint"].split("checkpoints/")[1])
     files = {o["Key"].rsplit("/", 1)[1] for o in listing["Contents"]}
     shards = {f for f in files if "zero_pp_rank" in f}  # ZeRO: every rank saved its own shard

@@ -25,16 +25,18 @@ from infra.stack import Stack
 from jobs.cli import cli
 from jobs.driver import read_history
 from tests.jobs.helpers import (
+    DRILL_CHECKPOINTS,
     SMALL,
     check_lineage,
+    check_no_orphans,
     first_new_step,
     kill_rank,
-    latest_registered,
+    latest_uploaded,
     make_spec,
     reached,
-    registered,
     sample_log,
     split_keys,
+    uploaded,
     wait_for,
 )
 
@@ -99,7 +101,7 @@ def _expected_step_metrics(history: list[dict], every: int) -> set[int]:
 def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_worker_kill(
     stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
 ) -> None:
-    spec_path, spec = make_spec(tmp_path)
+    spec_path, spec = make_spec(tmp_path, checkpoint=DRILL_CHECKPOINTS)
     every = spec["checkpoint"]["every_steps"]
     job = _submit(spec_path, stack, settings)
     wait_for(reached(tmp_path, epoch=0, step=5), "training to start", job)
@@ -107,8 +109,8 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
     try:
         stack.stop_service("mlflow")
         # A worker dies while rank 0 holds unsent MLflow entries: its checkpoint keeps them.
-        wait_for(registered(s3, spec, epoch=0, step=every), "a mid-epoch checkpoint", job)
-        seen = latest_registered(s3, spec)
+        wait_for(uploaded(s3, spec, epoch=0, step=every), "a mid-epoch checkpoint", job)
+        seen = latest_uploaded(s3, spec)
         wait_for(reached(tmp_path, epoch=seen[0], step=seen[1] + 3), "a few steps after it", job)
         old_pids = kill_rank(tmp_path, rank=1)
         time.sleep(max(0.0, 30 - (time.monotonic() - outage_started)))
@@ -119,8 +121,10 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
 
     # Exact training through the worker kill, resumed from a mid-epoch checkpoint.
     log = sample_log(tmp_path)
-    check_lineage(log, split_keys(digits, s3), epochs=3)
+    redone = check_lineage(log, split_keys(digits, s3), epochs=3)
     assert first_new_step(log, old_pids, rank=1) > seen
+    assert max(redone.values()) <= every, f"steps redone per rank: {redone}"
+    check_no_orphans(s3, spec)
 
     # One MLflow run, and nothing missing from it.
     client = MlflowClient(settings.mlflow_tracking_uri)
@@ -192,8 +196,8 @@ def test_a_job_whose_driver_died_is_submitted_again_and_resumes_in_the_same_mlfl
     spec_path, spec = make_spec(tmp_path, **SMALL)
     every = spec["checkpoint"]["every_steps"]
     first = _submit(spec_path, stack, settings)
-    wait_for(registered(s3, spec, epoch=0, step=2 * every), "a checkpoint in epoch 0", first)
-    seen = latest_registered(s3, spec)
+    wait_for(uploaded(s3, spec, epoch=0, step=2 * every), "a checkpoint in epoch 0", first)
+    seen = latest_uploaded(s3, spec)
 
     again = CliRunner().invoke(cli, ["job", "submit", str(spec_path), "--home", str(stack.home)])
     assert again.exit_code == 1 and f"is already running as submission {first.id}" in again.output, again.output
@@ -208,6 +212,7 @@ def test_a_job_whose_driver_died_is_submitted_again_and_resumes_in_the_same_mlfl
     log = sample_log(tmp_path)
     assert first_new_step(log, old_pids, rank=0) > seen
     check_lineage(log, split_keys(digits, s3), epochs=1)
+    check_no_orphans(s3, spec)
 
     client = MlflowClient(settings.mlflow_tracking_uri)
     (run,) = _runs_of(client, spec["name"])
