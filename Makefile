@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_orchestration.py
 	$(BIN)/python tests/benchmarks/bench_training.py
 	$(BIN)/python tests/benchmarks/bench_activation_checkpointing.py
+	$(BIN)/python tests/benchmarks/bench_sweep.py
 
 # Re-pin every transitive dependency after changing pyproject.toml.
 lock: $(STAMP)

@@ -66,3 +66,40 @@ def confusion_matrix(counts: torch.Tensor, classes: list[str], *, title: str) ->
                     axes.text(predicted, true, f"{int(counts[true, predicted])}", ha="center", va="center",
                               fontsize=8, color="white" if shares[true, predicted] > 0.5 else "black")
     return _png(figure)
+
+
+def parallel_coordinates(trials: list[dict], dimensions: list[str], metric: str, *, title: str) -> bytes:
+    """One line per trial across the swept values and the metric, each axis scaled to its own range
+    (choices as categories), coloured by the metric: which regions of the space did well."""
+    from matplotlib import colormaps
+
+    axes_names = [*dimensions, metric]
+    figure = _figure((max(6.0, 1.8 * len(axes_names)), 4.5))
+    axes = figure.subplots()
+    scaled, labels = [], []
+    for name in axes_names:
+        values = [trial.get(name) for trial in trials]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric:
+            low, high = min(values), max(values)
+            scaled.append([(v - low) / (high - low) if high > low else 0.5 for v in values])
+            labels.append((f"{high:.3g}", f"{low:.3g}"))
+        else:
+            categories = sorted({repr(v) for v in values})
+            step = 1 / max(len(categories) - 1, 1)
+            scaled.append([categories.index(repr(v)) * step if len(categories) > 1 else 0.5 for v in values])
+            labels.append((categories[-1], categories[0]))
+    scores = scaled[-1]
+    colours = colormaps["viridis"]
+    for index in range(len(trials)):
+        axes.plot(range(len(axes_names)), [column[index] for column in scaled], color=colours(scores[index]),
+                  marker="o", alpha=0.85)
+    for position, (high, low) in enumerate(labels):
+        axes.axvline(position, color="grey", linewidth=0.8)
+        axes.annotate(high, (position, 1.0), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=8)
+        axes.annotate(low, (position, 0.0), xytext=(0, -12), textcoords="offset points", ha="center", fontsize=8)
+    axes.set_xticks(range(len(axes_names)), axes_names, rotation=15)
+    axes.set_yticks([])
+    axes.set_ylim(-0.1, 1.1)
+    axes.set_title(f"{title}: {len(trials)} trials, coloured by {metric}")
+    return _png(figure)

@@ -1,4 +1,4 @@
-"""YAML → validated, frozen job specs.
+"""YAML → validated, frozen job and sweep specs.
 
 A job spec assembles the sections owned by the packages that use them (`cluster.train.config`,
 `cluster.data.spec`, `cluster.tracking`); this module only reads YAML safely, puts the sections
@@ -11,18 +11,26 @@ alias bombs), no explicit tags, no duplicate keys; unknown keys are refused at e
 
 from __future__ import annotations
 
+import copy
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.tracking import TrackingSpec
 from cluster.train.config import TrainingSpec
+from cluster.tune import AshaSpec, Dimension, SearcherSpec
 
 MAX_SPEC_BYTES = 1 << 20
 MAX_SHOWN_VALUE = 80
+# A trial's job is named <sweep>-<Tune trial id> (12 characters), within a job name's 63.
+SWEEP_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,49}$"
+# What a trial may not change: its identity, where it is stored and tracked, what it reads, and the
+# resources every trial shares (so the cluster's room for trials is known before any starts).
+NOT_SWEPT = ("name", "tracking", "scaling", "checkpoint", "failure", "data.train", "data.val", "data.sample_log")
+SWEEP_METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "ema_val_top1", "ema_val_top5", "ema_val_loss")
 
 
 class SpecError(ValueError):
@@ -42,6 +50,50 @@ class JobSpec(TrainingSpec):
     def run_names(self) -> tuple[str, str]:
         """(MLflow experiment, run name): the tracking section's, or the job name."""
         return self.tracking.experiment or self.name, self.tracking.run_name or self.name
+
+
+class SweepSpec(BaseModel):
+    """A sweep: a base job, the space its trials sample over job fields (by path), and how to search.
+    `job` is the base job spec's mapping, as written inline or in the file it names."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=SWEEP_NAME_PATTERN, description="names the sweep's parent run and its trials' jobs")
+    job: dict[str, Any] = Field(description="the base job: a job spec's path (relative to this file) or inline")
+    space: dict[str, Dimension] = Field(min_length=1, description="job field path → choice/uniform/loguniform/randint")
+    searcher: SearcherSpec = SearcherSpec()
+    scheduler: AshaSpec = AshaSpec()
+    trials: int = Field(ge=1, le=1000, description="how many configs to sample and train")
+    metric: Literal[SWEEP_METRICS] = "val_top1"
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int | None = Field(default=None, ge=1,
+                                              description="default: as many as the cluster holds with every worker")
+    tracking: TrackingSpec = TrackingSpec()
+
+    @property
+    def base_job(self) -> JobSpec:
+        return parse_spec(JobSpec, self.job, "job")
+
+    @property
+    def max_epochs(self) -> int:
+        return self.scheduler.max_epochs or self.base_job.optim.epochs
+
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment of the parent run and of every trial's child run: by default the base job's,
+        beside the job's own runs."""
+        return self.tracking.experiment or self.base_job.run_names[0]
+
+    def trial_data(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The base job's mapping with the values of one sampled config put in at their paths."""
+        data = copy.deepcopy(self.job)
+        for path, value in config.items():
+            *sections, leaf = path.split(".")
+            place = data
+            for section in sections:
+                place = place.setdefault(section, {})
+            place[leaf] = value
+        return data
 
 
 # --- YAML --------------------------------------------------------------------------------------------
@@ -110,14 +162,90 @@ def parse_spec(model: type[BaseModel], data: dict[str, Any], source: str) -> Any
 
 def load_job_spec(path: Path) -> JobSpec:
     """A job spec file → `JobSpec`. A relative `model.pretrained` is relative to the spec's folder."""
-    data = read_yaml(path)
+    return parse_spec(JobSpec, _job_data(read_yaml(path), path.parent, str(path)), str(path))
+
+
+def _job_data(data: dict[str, Any], folder: Path, source: str) -> dict[str, Any]:
+    """A job spec's mapping with a relative `model.pretrained` made absolute (from `folder`)."""
     pretrained = (data.get("model") or {}).get("pretrained") if isinstance(data.get("model"), dict) else None
     if isinstance(pretrained, str):
-        weights = (path.parent / pretrained).expanduser().resolve()
+        weights = (folder / pretrained).expanduser().resolve()
         if not weights.is_file():
-            raise SpecError(str(path), [f"model.pretrained: no weights file at {weights}"])
+            raise SpecError(source, [f"model.pretrained: no weights file at {weights}"])
         data = {**data, "model": {**data["model"], "pretrained": str(weights)}}
-    return parse_spec(JobSpec, data, str(path))
+    return data
+
+
+def load_sweep_spec(path: Path) -> SweepSpec:
+    """A sweep spec file → `SweepSpec`, its base job read (a path is relative to the sweep's folder) and
+    checked, and every trial a valid job spec (see `check_sweep`)."""
+    data = read_yaml(path)
+    job = data.get("job")
+    if isinstance(job, str):
+        job_path = (path.parent / job).expanduser()
+        data = {**data, "job": _job_data(read_yaml(job_path), job_path.parent, f"{path}: job {job_path}")}
+    elif isinstance(job, dict):
+        data = {**data, "job": _job_data(job, path.parent, str(path))}
+    return check_sweep(parse_spec(SweepSpec, data, str(path)), str(path))
+
+
+def load_sweep_spec_text(text: str, source: str) -> SweepSpec:
+    """A sweep spec from YAML text (as `submit` stores it: the base job inline)."""
+    return check_sweep(parse_spec(SweepSpec, parse_yaml(text, source), source), source)
+
+
+def check_sweep(sweep: SweepSpec, source: str) -> SweepSpec:
+    """Refuse a sweep whose base job is invalid, whose space names a field a trial cannot change, or
+    whose range reaches a value no job accepts: each dimension is tried at its extremes alone, and
+    all dimensions at their lows and at their highs together, as job specs."""
+    try:
+        base = sweep.base_job
+    except SpecError as error:
+        raise SpecError(source, [f"job.{problem}" for problem in error.problems]) from None
+    problems = [f"space.{path}: {problem}" for path in sweep.space if (problem := _sweepable(path))]
+    if problems:
+        raise SpecError(source, problems)
+    if sweep.max_epochs > base.optim.epochs:
+        problems.append(f"scheduler.max_epochs: {sweep.max_epochs}, but the job trains {base.optim.epochs} epochs")
+    if sweep.scheduler.grace_period > sweep.max_epochs:
+        problems.append(f"scheduler.grace_period: {sweep.scheduler.grace_period} epochs, longer than the "
+                        f"{sweep.max_epochs} a trial trains: no trial could be stopped early")
+    if sweep.metric.startswith("ema_") and not base.optim.ema_decay:
+        problems.append(f"metric: {sweep.metric} needs an EMA of weights; set job optim.ema_decay, or use "
+                        f"{sweep.metric.removeprefix('ema_')}")
+    trials = [{path: value} for path, dimension in sweep.space.items() for value in dimension.extremes()]
+    trials += [{path: d.extremes()[0] for path, d in sweep.space.items()},
+               {path: d.extremes()[-1] for path, d in sweep.space.items()}]
+    seen: set[str] = set()
+    for config in trials:
+        try:
+            parse_spec(JobSpec, sweep.trial_data(config), "trial")
+        except SpecError as error:
+            where = ", ".join(f"{path}={value!r}" for path, value in config.items())
+            for problem in error.problems:
+                if problem not in seen:
+                    seen.add(problem)
+                    problems.append(f"space: a trial with {where} is not a valid job: {problem}")
+    if problems:
+        raise SpecError(source, problems)
+    return sweep
+
+
+def _sweepable(path: str) -> str | None:
+    """Why a trial cannot change the job field at `path`; None if it can."""
+    if any(path == fixed or path.startswith(f"{fixed}.") for fixed in NOT_SWEPT):
+        return "every trial keeps the base job's value (a trial's name, storage, tracking, data and resources are fixed)"
+    models: list[type[BaseModel]] = [JobSpec]
+    for depth, part in enumerate(parts := path.split(".")):
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        if not fields:
+            allowed = sorted({name for m in models for name in m.model_fields})
+            where = ".".join(parts[:depth]) or "the top level"
+            return f"no field {part!r} in {where}; fields there: {', '.join(allowed)}"
+        models = [m for f in fields for m in _models_in(f.annotation)]
+        if depth == len(parts) - 1 and models:
+            return f"a section, not a value; sweep one of its fields: {', '.join(sorted(models[0].model_fields))}"
+    return None
 
 
 def load_job_spec_text(text: str, source: str) -> JobSpec:

@@ -25,13 +25,14 @@ from cluster.storage import split_s3_url
 from infra.settings import Settings
 from jobs.connect import s3_access
 from jobs.driver import prepare_job
-from jobs.spec import JobSpec, dump_spec, load_job_spec
+from jobs.spec import JobSpec, SweepSpec, dump_spec, load_job_spec, load_sweep_spec
 
 log = logging.getLogger(__name__)
 
 JOB_KEY = "compound.job"  # Ray job metadata: the job's name
 EXPERIMENT_KEY = "compound.experiment"
 SPEC_KEY = "compound.spec"
+KIND_KEY = "compound.kind"  # "sweep" for a sweep's driver; absent for a job's
 ACTIVE = ("PENDING", "RUNNING")
 SUBMISSIONS_FOLDER = "submissions"
 STOP_WAIT_S = 60.0
@@ -74,7 +75,7 @@ class Submission:
 class Plan:
     """What `submit` sends (or, with --dry-run, would send)."""
 
-    spec: JobSpec
+    spec: JobSpec | SweepSpec
     submission_id: str
     spec_uri: str
     entrypoint: str
@@ -172,6 +173,27 @@ def plan_submission(spec_path: Path, settings: Settings, client: JobsClient, *, 
     return Plan(spec=spec, submission_id=submission_id, spec_uri=spec_uri, entrypoint=entrypoint, metadata=metadata)
 
 
+def plan_sweep_submission(spec_path: Path, settings: Settings, client: JobsClient) -> Plan:
+    """Check the sweep spec, its base job's data and storage, the cluster's room for its trials and the
+    sweep's earlier submissions; the sweep's driver (`compound sweep run`) runs as the Ray job."""
+    from jobs.sweep import SWEEP_STORAGE_PREFIX, check_concurrency
+
+    sweep = load_sweep_spec(spec_path)
+    base = prepare_job(sweep.base_job, settings, source=f"{spec_path}: job").spec
+    check_concurrency(sweep, base, client.capacity(), str(spec_path))
+    running = [s for s in client.submissions() if s.job == sweep.name and s.active]
+    if running:
+        raise SubmissionError(f"sweep {sweep.name} is already {running[-1].status.lower()} as submission "
+                              f"{running[-1].submission_id}; follow it with `compound job logs {sweep.name} --follow`, "
+                              f"or stop it with `compound job stop {sweep.name}`")
+    submission_id = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    spec_uri = (f"s3://{settings.checkpoints_bucket}/{SWEEP_STORAGE_PREFIX}/{sweep.name}/{SUBMISSIONS_FOLDER}/"
+                f"{submission_id}.yaml")
+    entrypoint = shlex.join(["compound", "sweep", "run", spec_uri, "--submission-id", submission_id])
+    metadata = {JOB_KEY: sweep.name, EXPERIMENT_KEY: sweep.experiment, SPEC_KEY: spec_uri, KIND_KEY: "sweep"}
+    return Plan(spec=sweep, submission_id=submission_id, spec_uri=spec_uri, entrypoint=entrypoint, metadata=metadata)
+
+
 def submit(plan: Plan, settings: Settings, client: JobsClient) -> None:
     """Put the spec on S3 and submit the job; the spec is removed again if Ray refuses it."""
     bucket, key = split_s3_url(plan.spec_uri)
@@ -205,16 +227,22 @@ def autoscaling_groups(gcs_address: str) -> list[tuple[dict[str, float], int]]:
     return [(dict(group.resources), group.max_count) for group in config.node_group_configs]
 
 
-def fits(spec: JobSpec, nodes: list[dict[str, float]],
-         groups: list[tuple[dict[str, float], int]] = ()) -> str | None:
-    """Why the alive nodes, and any the autoscaler may add, can never hold the job's workers at once;
-    None if they can."""
+def worker_needs(spec: JobSpec) -> dict[str, float]:
+    """What one of the job's workers takes from a node."""
     scaling = spec.scaling
     need = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         need["GPU"] = scaling.gpus_per_worker
     if scaling.memory_per_worker_gb is not None:
         need["memory"] = scaling.memory_per_worker_gb * 2**30
+    return need
+
+
+def worker_slots(spec: JobSpec, nodes: list[dict[str, float]],
+                 groups: list[tuple[dict[str, float], int]] = ()) -> int | None:
+    """How many of the job's workers the alive nodes, and any the autoscaler may add, hold at once
+    (None: no limit)."""
+    need = worker_needs(spec)
 
     def workers_on(node: dict[str, float]) -> int:
         return min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in need.items())
@@ -225,8 +253,18 @@ def fits(spec: JobSpec, nodes: list[dict[str, float]],
             if most < 0:
                 return None
             room += most * workers_on(resources)
-    if room >= scaling.num_workers:
+    return room
+
+
+def fits(spec: JobSpec, nodes: list[dict[str, float]],
+         groups: list[tuple[dict[str, float], int]] = ()) -> str | None:
+    """Why the alive nodes, and any the autoscaler may add, can never hold the job's workers at once;
+    None if they can."""
+    room = worker_slots(spec, nodes, groups)
+    scaling = spec.scaling
+    if room is None or room >= scaling.num_workers:
         return None
+    need = worker_needs(spec)
     wanted = ", ".join(_amount(name, amount) for name, amount in need.items())
     totals = ", ".join(_amount(name, sum(node.get(name, 0.0) for node in nodes)) for name in need)
     scaled = " and the node groups its autoscaler may add" if groups else ""

@@ -277,3 +277,88 @@ def _best_checkpoint(latest: str, history: list[dict], s3: S3Access) -> str | No
         return latest
     _, epoch = max(scored)
     return f"{base}/{Progress(epoch=epoch + 1).name}"
+
+
+# --- sweeps: one parent run, a child run per trial (each trial is a job with the parent's id) --------
+
+SWEEP_TAG = "compound.sweep"  # the parent run's: the sweep's name
+TRIAL_TAG = "compound.trial"  # a child run's: its Tune trial id
+TRIAL_STATUS_TAG = "compound.trial_status"
+PARENT_TAG = "mlflow.parentRunId"  # what nests a run under another in the MLflow UI
+
+
+def open_sweep_run(tracking_uri: str, *, experiment: str, sweep_name: str, params: dict[str, str],
+                   tags: dict[str, str], spec_yaml: str) -> RunRef:
+    """The sweep's one parent run (found by its tag, else created), marked running, with the search's settings."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    try:
+        experiment_id = _experiment(client, experiment)
+        name = sweep_name.replace("'", "\\'")
+        runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}'",
+                                  order_by=["attributes.start_time ASC"], max_results=1)
+        if runs:
+            run = runs[0]
+            if run.info.status != "RUNNING":
+                client.update_run(run.info.run_id, status="RUNNING")
+        else:
+            run = client.create_run(experiment_id, run_name=sweep_name, tags={SWEEP_TAG: sweep_name})
+        _log_params(client, run.info.run_id, params, logged=run.data.params)
+        _log_tags(client, run.info.run_id, {**tags, SWEEP_TAG: sweep_name, "compound.code_version": code_version(),
+                                            "mlflow.source.name": f"compound {code_version()}",
+                                            "mlflow.source.type": "JOB"})
+        client.log_text(run.info.run_id, spec_yaml, "sweep.yaml")
+    except MlflowException as error:
+        raise TrackingUnavailableError(
+            f"cannot use the MLflow server at {tracking_uri}: {str(error).splitlines()[0][:300]}. Start the local "
+            "stack with `compound up`, or point COMPOUND_MLFLOW_TRACKING_URI at your MLflow server") from None
+    return RunRef(tracking_uri=tracking_uri, experiment_id=experiment_id, run_id=run.info.run_id,
+                  started_s=run.info.start_time / 1000)
+
+
+def mark_trial(tracking_uri: str, *, experiment_id: str, job_name: str, status: str, ended: str | None) -> None:
+    """Tag a trial's child run with how the trial ended; `ended`: the run status to set (KILLED for a
+    trial ASHA stopped, whose driver was stopped with it). Best effort: the sweep goes on without MLflow."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    try:
+        run = _existing_run(client, experiment_id, job_name, None)
+        if run is None:
+            return
+        client.set_tag(run.info.run_id, TRIAL_STATUS_TAG, status)
+        if ended is not None and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status=ended)
+    except MlflowException as error:
+        log.warning("could not mark the MLflow run of trial %s: %s", job_name, str(error).splitlines()[0][:200])
+
+
+def trial_run_id(tracking_uri: str, *, experiment_id: str, job_name: str) -> str | None:
+    from mlflow import MlflowClient
+
+    run = _existing_run(MlflowClient(tracking_uri), experiment_id, job_name, None)
+    return run.info.run_id if run else None
+
+
+def record_sweep_result(parent: RunRef, *, best: dict, trials: list[dict], plot: bytes) -> None:
+    """The best trial (config as `best.<path>` params, metric, checkpoint, child run) and every trial, on the
+    parent run, which is then marked finished."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(parent.tracking_uri)
+    logged = client.get_run(parent.run_id).data.params
+    _log_params(client, parent.run_id, {f"best.{path}": str(value)[:MAX_PARAM_VALUE_LENGTH]
+                                        for path, value in best["config"].items()}, logged=logged)
+    client.log_metric(parent.run_id, f"best_{best['metric']}", best["value"])
+    _log_tags(client, parent.run_id, {"compound.best_trial": best["trial"], "compound.best_job": best["job"],
+                                      "compound.best_checkpoint": best["checkpoint"],
+                                      "compound.best_run_id": best.get("mlflow_run_id") or ""})
+    client.log_text(parent.run_id, json.dumps(best, indent=2), "best.json")
+    client.log_text(parent.run_id, json.dumps(trials, indent=2), "trials.json")
+    with tempfile.TemporaryDirectory(prefix="compound-plot-") as directory:
+        (Path(directory) / "parallel_coordinates.png").write_bytes(plot)
+        client.log_artifact(parent.run_id, str(Path(directory) / "parallel_coordinates.png"), "plots")
+    client.set_terminated(parent.run_id, status="FINISHED")

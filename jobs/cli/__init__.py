@@ -12,6 +12,7 @@ from jobs.cli.data import data
 from jobs.cli.job import job
 from jobs.cli.model import model
 from jobs.cli.stack import down, stack, up
+from jobs.cli.sweep import sweep
 
 OUR_PACKAGES = ("effnet", "cluster", "pipelines", "jobs", "infra")
 
@@ -26,7 +27,7 @@ def cli(verbose: bool) -> None:
         logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-for command in (up, down, stack, data, model, job):
+for command in (up, down, stack, data, model, job, sweep):
     cli.add_command(command)
 
 

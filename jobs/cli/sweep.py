@@ -1,0 +1,141 @@
+"""`compound sweep …`: validate a sweep spec, run its driver against the Ray cluster, or submit it as a
+Ray job (then watched with `compound job list|status|logs|stop`, as any submission)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from jobs.cli.common import console, home_option
+from jobs.cli.job import (
+    _address_option,
+    _client,
+    _fail_on_spec_error,
+    _follow,
+    _settings,
+    _spec_argument,
+    _submission_errors,
+)
+
+
+@click.group()
+def sweep() -> None:
+    """Sweeps: Ray Tune over a training job's fields, ASHA stopping bad trials, one MLflow parent run."""
+
+
+@sweep.command("validate")
+@_spec_argument
+@click.option("--offline", is_flag=True, help="Check the spec alone, not the base job's datasets and storage.")
+@home_option
+def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
+    """Print SPEC with every default, the base job resolved inline; or what is wrong with it (exit 2).
+
+    Every value the space can sample is checked as a job spec: each dimension at its extremes, and all
+    dimensions at their lows and at their highs together.
+    """
+    from jobs.driver import prepare_job
+    from jobs.spec import SpecError, dump_spec, load_sweep_spec
+
+    try:
+        spec = load_sweep_spec(spec_path)
+        job = spec.base_job
+        if not offline:
+            job = prepare_job(job, _settings(home), source=f"{spec_path}: job").spec
+    except SpecError as error:
+        _fail_on_spec_error(error)
+    shown = spec.model_copy(update={"job": job.model_dump(mode="json")})
+    console.print(dump_spec(shown), highlight=False, markup=False, end="")
+
+
+@sweep.command("run")
+@click.argument("spec_ref", metavar="SPEC")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (for scripts).")
+@click.option("--submission-id", default=None, hidden=True, help="The Ray submission running this driver.")
+@home_option
+def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | None) -> None:
+    """Run the sweep SPEC (a file, or an s3:// URI) on the configured Ray cluster and wait for it.
+
+    Run again after an interruption, the sweep resumes: finished trials stay finished, unfinished ones
+    continue from their checkpoints, each in its own child run.
+    """
+    from jobs.driver import ClusterUnreachableError, JobFailedError
+    from jobs.spec import SpecError, load_sweep_spec
+    from jobs.sweep import SweepFailedError, run_sweep_job
+    from jobs.tracking import TrackingUnavailableError
+
+    try:
+        spec = None if spec_ref.startswith("s3://") else load_sweep_spec(Path(spec_ref))
+        settings = _settings(home)
+        spec = spec or _sweep_from_s3(spec_ref, settings)
+        outcome = run_sweep_job(spec, settings, source=spec_ref, submission_id=submission_id)
+    except SpecError as error:
+        _fail_on_spec_error(error)
+    except (SweepFailedError, JobFailedError, ClusterUnreachableError, TrackingUnavailableError) as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps({"sweep": spec.name, "best": outcome.best, "best_uri": outcome.best_uri,
+                               "parent_run_id": outcome.parent.run_id, "trials": outcome.trials}))
+        return
+    table = Table("trial", *spec.space, spec.metric, "epochs", "status", title=f"sweep {spec.name}: done")
+    for trial in outcome.trials:
+        value = "-" if trial["value"] is None else f"{trial['value']:.4g}"
+        marker = " (best)" if trial["trial"] == outcome.best["trial"] else ""
+        table.add_row(trial["trial"] + marker, *(f"{trial['config'][p]:.4g}" if isinstance(trial["config"][p], float)
+                                                 else str(trial["config"][p]) for p in spec.space),
+                      value, str(trial["epochs"]), trial["status"])
+    console.print(table)
+    console.print(f"best: trial {outcome.best['trial']}, {spec.metric} {outcome.best['value']:.4g}, checkpoint "
+                  f"{outcome.best['checkpoint']}\nrecorded in {outcome.best_uri}\nMLflow parent run: {outcome.parent.url}",
+                  highlight=False, soft_wrap=True)
+
+
+def _sweep_from_s3(spec_ref: str, settings):
+    """A sweep spec from S3, where `submit` puts it (the base job inline)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from cluster.storage import split_s3_url
+    from jobs.connect import s3_access
+    from jobs.spec import SpecError, load_sweep_spec_text
+
+    bucket, key = split_s3_url(spec_ref)
+    try:
+        text = s3_access(settings).client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except (ClientError, BotoCoreError, UnicodeDecodeError) as error:
+        raise SpecError(spec_ref, [f"cannot read the spec: {error}"]) from None
+    return load_sweep_spec_text(text, spec_ref)
+
+
+@sweep.command("submit")
+@_spec_argument
+@_address_option
+@click.option("--dry-run", is_flag=True, help="Check everything, submit nothing.")
+@click.option("--follow", is_flag=True, help="Print the sweep's log until it ends; exit non-zero unless it succeeds.")
+@home_option
+@_submission_errors
+def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, home: Path | None) -> None:
+    """Submit the sweep SPEC to the Ray cluster as a Ray job running `compound sweep run`.
+
+    Watch it with `compound job status|logs|stop NAME` and in the MLflow parent run.
+    """
+    from jobs.spec import SpecError
+    from jobs.submit import plan_sweep_submission
+    from jobs.submit import submit as submit_plan
+
+    settings = _settings(home)
+    client = _client(settings, address)
+    try:
+        plan = plan_sweep_submission(spec_path, settings, client)
+    except SpecError as error:
+        _fail_on_spec_error(error)
+    if dry_run:
+        console.print(f"[green]ok:[/green] sweep {plan.spec.name} can be submitted to {client.address}; nothing was "
+                      f"submitted (--dry-run)\nentrypoint: {plan.entrypoint}", highlight=False, soft_wrap=True)
+        return
+    submit_plan(plan, settings, client)
+    console.print(f"submitted sweep {plan.spec.name} as [bold]{plan.submission_id}[/bold]\n"
+                  f"Ray dashboard: {client.dashboard_url(plan.submission_id)}", highlight=False, soft_wrap=True)
+    if follow:
+        _follow(settings, client, plan.submission_id)
