@@ -7,9 +7,11 @@ import yaml
 from click.testing import CliRunner
 
 from jobs.cli import cli
-from jobs.spec import MAX_SPEC_BYTES, JobSpec, SpecError, load_job_spec
+from jobs.spec import MAX_SPEC_BYTES, JobSpec, SpecError, load_job_spec, load_sweep_spec
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "jobs" / "examples").glob("*.yaml"))
+SWEEP_EXAMPLES = [path for path in EXAMPLES if path.stem.endswith("-sweep")]
+JOB_EXAMPLES = [path for path in EXAMPLES if path not in SWEEP_EXAMPLES]
 MINIMAL = {"name": "tiny", "data": {"train": {"manifest": "s3://shards/digits/manifest.json"}}}
 
 
@@ -29,10 +31,16 @@ def _with(section: str, **values: object) -> dict:
     return {**MINIMAL, section: {**MINIMAL.get(section, {}), **values}}
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_every_example_is_a_valid_spec(path: Path) -> None:
+@pytest.mark.parametrize("path", JOB_EXAMPLES, ids=lambda p: p.name)
+def test_every_job_example_is_a_valid_spec(path: Path) -> None:
     spec = load_job_spec(path)
     assert spec.name and spec.data.val is not None and spec.model.resolution
+
+
+@pytest.mark.parametrize("path", SWEEP_EXAMPLES, ids=lambda p: p.name)
+def test_every_sweep_example_is_a_valid_sweep_of_a_job_example(path: Path) -> None:
+    sweep = load_sweep_spec(path)
+    assert sweep.base_job.name in {load_job_spec(job).name for job in JOB_EXAMPLES} and len(sweep.space) >= 4
 
 
 def test_defaults_are_resolved_from_the_model() -> None:
