@@ -142,27 +142,31 @@ def test_a_sweep_whose_driver_was_killed_resumes_without_running_finished_trials
         return [json.loads(line) for f in sorted(folder.glob("rank-*.jsonl")) for line in f.read_text().splitlines()
                 if line.endswith("}")]
 
-    def second_trial_checkpoint() -> tuple[int, int]:
-        if len(trial_logs()) < 2:
-            return (-1, -1)
-        return latest_uploaded(s3, {"name": trial_logs()[1].name, "scaling": job["scaling"]})
+    def uploaded_points() -> dict[str, tuple[int, int]]:
+        """Each trial's newest uploaded checkpoint, by its job's name."""
+        return {folder.name: latest_uploaded(s3, {"name": folder.name, "scaling": job["scaling"]})
+                for folder in trial_logs()}
+
+    def one_done_one_midway() -> bool:
+        points = sorted(uploaded_points().values())
+        return len(points) == 2 and points[0] > (0, 0) and points[1] == (1, 0)
 
     first = _run(spec_path, stack)
-    # One trial at a time (2 workers on 2 CPUs): the second starts once the first is done.
-    wait_for(lambda: second_trial_checkpoint() > (0, 0), "a checkpoint of the second trial", first,
-             timeout_s=RUN_TIMEOUT_S)
-    seen = second_trial_checkpoint()
+    # One trial at a time (2 workers on 2 CPUs; Tune picks which first): one has finished its epoch, the
+    # other has a mid-epoch checkpoint.
+    wait_for(one_done_one_midway, "one trial done and the other midway", first, timeout_s=RUN_TIMEOUT_S)
+    points = uploaded_points()
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     before = {folder.name: {r["pid"] for r in records(folder)} for folder in trial_logs()}
+    done, midway = sorted(points, key=points.get, reverse=True)
 
     outcome = _finish(_run(spec_path, stack))
     assert sorted(t["status"] for t in outcome["trials"]) == ["completed", "completed"]
-    done_first, resumed = trial_logs()
-    assert {r["pid"] for r in records(done_first)} == before[done_first.name], "a finished trial ran again"
-    new = [r for r in records(resumed) if r["pid"] not in before[resumed.name]]
-    assert new and min((r["epoch"], r["step"]) for r in new) > seen, "the interrupted trial did not resume"
-    check_lineage(records(resumed), split_keys(digits, s3), epochs=1)
+    assert {r["pid"] for r in records(logs / done)} == before[done], "a finished trial ran again"
+    new = [r for r in records(logs / midway) if r["pid"] not in before[midway]]
+    assert new and min((r["epoch"], r["step"]) for r in new) > points[midway], "the interrupted trial did not resume"
+    check_lineage(records(logs / midway), split_keys(digits, s3), epochs=1)
 
     client = MlflowClient(settings.mlflow_tracking_uri)
     children = _children(client, _parent(client, "smoke", sweep["name"]))
