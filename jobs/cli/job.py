@@ -104,18 +104,24 @@ def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | No
 
 def _spec_from_s3(spec_ref: str, settings):
     """A job spec from S3, where `submit` puts it."""
+    from jobs.spec import load_job_spec_text
+
+    return load_job_spec_text(_spec_text_from_s3(spec_ref, settings), spec_ref)
+
+
+def _spec_text_from_s3(spec_ref: str, settings) -> str:
+    """A spec's YAML text at an s3:// URI (`SpecError` if it cannot be read): what a submitted driver runs."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from cluster.storage import split_s3_url
     from jobs.connect import s3_access
-    from jobs.spec import SpecError, load_job_spec_text
+    from jobs.spec import SpecError
 
     bucket, key = split_s3_url(spec_ref)
     try:
-        text = s3_access(settings).client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        return s3_access(settings).client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
     except (ClientError, BotoCoreError, UnicodeDecodeError) as error:
         raise SpecError(spec_ref, [f"cannot read the spec: {error}"]) from None
-    return load_job_spec_text(text, spec_ref)
 
 
 # --- submissions ------------------------------------------------------------------------------------

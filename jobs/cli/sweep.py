@@ -17,6 +17,7 @@ from jobs.cli.job import (
     _follow,
     _settings,
     _spec_argument,
+    _spec_text_from_s3,
     _submission_errors,
 )
 
@@ -94,18 +95,9 @@ def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | No
 
 def _sweep_from_s3(spec_ref: str, settings):
     """A sweep spec from S3, where `submit` puts it (the base job inline)."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from jobs.spec import load_sweep_spec_text
 
-    from cluster.storage import split_s3_url
-    from jobs.connect import s3_access
-    from jobs.spec import SpecError, load_sweep_spec_text
-
-    bucket, key = split_s3_url(spec_ref)
-    try:
-        text = s3_access(settings).client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-    except (ClientError, BotoCoreError, UnicodeDecodeError) as error:
-        raise SpecError(spec_ref, [f"cannot read the spec: {error}"]) from None
-    return load_sweep_spec_text(text, spec_ref)
+    return load_sweep_spec_text(_spec_text_from_s3(spec_ref, settings), spec_ref)
 
 
 @sweep.command("submit")
