@@ -23,6 +23,7 @@ from infra.settings import RAY_CLIENT_ENV, Settings
 from jobs.connect import s3_access
 from jobs.resolve import Launch, ResolvedJob, check_relaunch, record_launch, resolve_job
 from jobs.spec import JobSpec
+from jobs.teacher import pin_teacher
 from jobs.tracking import TrackingUnavailableError, finish_run, log_final_model, open_run
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ class JobOutcome:
 def prepare_job(spec: JobSpec, settings: Settings, *, source: str) -> ResolvedJob:
     """The spec resolved against its data and storage (`SpecError` if anything is wrong)."""
     default_storage = f"s3://{settings.checkpoints_bucket}/{DEFAULT_STORAGE_PREFIX}"
-    return resolve_job(spec, s3=s3_access(settings), default_storage=default_storage, source=source)
+    return resolve_job(spec, s3=s3_access(settings), default_storage=default_storage, source=source,
+                       tracking_uri=settings.mlflow_tracking_uri)
 
 
 def run_job(spec: JobSpec, settings: Settings, *, source: str, submission_id: str | None = None) -> JobOutcome:
@@ -96,6 +98,8 @@ def train_job(job: ResolvedJob, *, s3: S3Access, tracking_uri: str, source: str,
     if launch.resumes:
         log.info("job %s was launched before: resuming from its latest checkpoint", spec.name)
     log.info("MLflow run: %s", run.url)
+    if spec.distill is not None:
+        log.info("teacher pinned at %s", pin_teacher(spec, s3=s3, tracking_uri=tracking_uri))
     trainer = make_trainer(spec, s3=s3.without_keys(), storage=spec.checkpoint.storage,
                            spec_json=spec.model_dump_json(), dataset_ids=job.dataset_ids, run=run,
                            tracking=spec.tracking, callbacks=callbacks)

@@ -17,6 +17,7 @@ from cluster.train.checkpoint import CHECKPOINT_PREFIX
 from cluster.train.config import ModelSpec
 from cluster.train.models import build_model
 from jobs.spec import JobSpec, SpecError
+from jobs.teacher import TeacherError, resolve_teacher
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ class ResolvedJob:
         return {"spec": self.spec.model_dump(mode="json"), "datasets": self.dataset_ids}
 
 
-def resolve_job(spec: JobSpec, *, s3: S3Access, default_storage: str, source: str) -> ResolvedJob:
-    """The spec with the dataset's class count and the storage filled in, after checking that the
-    datasets exist, hold the named splits, and have enough shards for every reader."""
+def resolve_job(spec: JobSpec, *, s3: S3Access, default_storage: str, source: str, tracking_uri: str) -> ResolvedJob:
+    """The spec with the dataset's class count, the storage and a distilling teacher's model filled in,
+    after checking that the datasets exist, hold the named splits, and have enough shards for every
+    reader, and that the teacher loads and predicts the same classes."""
     problems: list[str] = []
     manifests: dict[str, ShardManifest] = {}
     dataset_ids: dict[str, str] = {}
@@ -68,6 +70,12 @@ def resolve_job(spec: JobSpec, *, s3: S3Access, default_storage: str, source: st
         raise SpecError(source, problems)
     resolved = spec.model_copy(update={"model": model,
                                        "checkpoint": spec.checkpoint.model_copy(update={"storage": storage})})
+    if spec.distill is not None:
+        try:
+            distill = resolve_teacher(resolved, s3=s3, tracking_uri=tracking_uri)
+        except TeacherError as error:
+            raise SpecError(source, [f"distill.teacher: {error}"]) from None
+        resolved = resolved.model_copy(update={"distill": distill})
     return ResolvedJob(resolved, dataset_ids)
 
 

@@ -21,6 +21,7 @@ from cluster.storage import S3Access, split_s3_url
 from cluster.tracking import MAX_TAG_VALUE_LENGTH, RunRef
 from cluster.train.checkpoint import CHECKPOINT_PREFIX, WEIGHTS_FILE, Progress
 from cluster.train.config import DeepSpeedStrategy
+from cluster.train.distill import teacher_url
 from cluster.train.models import build_model
 from cluster.train.strategy import deepspeed_config
 from jobs.resolve import ResolvedJob
@@ -33,6 +34,7 @@ MAX_PARAM_VALUE_LENGTH = 500  # what MLflow stores everywhere (some backends all
 MAX_PARAMS_PER_BATCH = 100  # params, and tags, per log_batch request
 MODEL_NAME = "model"
 MODEL_TAG = "compound.model_checkpoint"  # the checkpoint the logged model was made from
+TEACHER_TAG = "compound.teacher"  # a distillation job's: its spec's teacher
 BEST_METRIC = "val_top1"
 
 
@@ -65,6 +67,8 @@ def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None
                 **{f"compound.dataset.{field.split('.')[1]}": identity for field, identity in job.dataset_ids.items()}}
         if submission_id is not None:
             tags["compound.submission_id"] = submission_id
+        if spec.distill is not None:  # the run links what it was distilled from
+            tags |= {TEACHER_TAG: spec.distill.teacher, "compound.teacher_pinned": teacher_url(spec)}
         tags |= {"mlflow.source.name": f"compound {code_version()}", "mlflow.source.type": "JOB",
                  "mlflow.note.content": describe(spec)}
         _log_tags(client, run_id, tags)

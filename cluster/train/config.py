@@ -1,5 +1,5 @@
 """The training sections of a job spec: model, optimisation, precision, strategy, scaling,
-checkpoints and failures. Each is a frozen pydantic model validated on construction; `jobs/spec.py`
+checkpoints, failures and distillation. Each is a frozen pydantic model validated on construction; `jobs/spec.py`
 assembles them (with the data and tracking sections) into a job spec.
 
 Defaults that depend on the model (resolution, dropout, drop-path rate) are filled in when the
@@ -141,6 +141,41 @@ class FailureSpec(_Section):
     max_failures: int = Field(default=3, ge=0, description="worker-group restarts before the job fails")
 
 
+class FeatureDistillSpec(_Section):
+    """Distil the teacher's stage outputs into the student's through learned 1×1 adapters (EfficientNets)."""
+
+    stages: tuple[int, ...] = Field(default=(3, 4), min_length=1,
+                                    description="EfficientNet stage indices (0–6) matched between the two models")
+    weight: float = Field(default=1.0, gt=0, description="of the feature loss, added to the logit loss")
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> FeatureDistillSpec:
+        wrong = [stage for stage in self.stages if not 0 <= stage < len(B0_STAGES)]
+        if wrong or len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages {list(self.stages)}: give distinct EfficientNet stage indices in 0..{len(B0_STAGES) - 1}")
+        return self
+
+
+class DistillSpec(_Section):
+    """Train the model as a student of a frozen teacher: loss = α·CE(labels) + (1−α)·T²·KL(teacher ‖ student)."""
+
+    teacher: str = Field(min_length=1, description="a job's checkpoint folder on S3 (s3://…), an MLflow model "
+                                                   "(models:/NAME@alias, runs:/ID/model), or a weights file")
+    teacher_arch: str | None = Field(default=None, description="the teacher's model, when its file does not say")
+    teacher_resolution: int | None = Field(default=None, ge=16, le=2048,
+                                           description="the teacher's input side; default: what it was trained at")
+    alpha: float = Field(default=0.25, ge=0, le=1, description="weight of the label loss (0.25: hard:soft 1:3)")
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    features: FeatureDistillSpec | None = None
+
+    @model_validator(mode="after")
+    def _known_teacher_arch(self) -> DistillSpec:
+        if self.teacher_arch is not None and self.teacher_arch not in MODEL_NAMES:
+            raise ValueError(f"teacher_arch {self.teacher_arch!r} is not a model compound builds; "
+                             f"choose one of {', '.join(MODEL_NAMES)}")
+        return self
+
+
 class TrainingSpec(_Section):
     """Everything a training run needs: what the workers and the trainer read."""
 
@@ -153,6 +188,7 @@ class TrainingSpec(_Section):
     scaling: ScalingSpec = ScalingSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     failure: FailureSpec = FailureSpec()
+    distill: DistillSpec | None = None
 
     @model_validator(mode="after")
     def _sections_agree(self) -> TrainingSpec:
@@ -166,6 +202,9 @@ class TrainingSpec(_Section):
         if every is not None and every % self.optim.grad_accumulation:
             raise ValueError(f"checkpoint.every_steps ({every}) must be a multiple of optim.grad_accumulation "
                              f"({self.optim.grad_accumulation}): checkpoints fall on optimiser steps")
+        if self.distill is not None and self.distill.features is not None and not self.model.is_efficientnet:
+            raise ValueError(f"distill.features needs an EfficientNet student, not {self.model.arch}; "
+                             "remove distill.features")
         return self
 
     @property

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from cluster.data.loader import Batch, ShardLoader
 from cluster.data.manifest import ManifestError, ShardManifest, load_manifest
 from cluster.plots import confusion_matrix, training_curves
-from cluster.storage import S3Access
+from cluster.storage import S3Access, split_s3_url
 from cluster.tracking import RunLogger, RunRef, TrackingSpec
 from cluster.train.checkpoint import (
     EMA_FILE,
@@ -50,9 +51,18 @@ from cluster.train.checkpoint import (
     upload_with_retries,
 )
 from cluster.train.config import TrainingSpec
+from cluster.train.distill import (
+    TEACHER_FILE,
+    Distiller,
+    StudentWithAdapters,
+    load_teacher,
+    student_of,
+    student_state,
+    teacher_url,
+)
 from cluster.train.models import build_model, count_parameters
 from cluster.train.schedule import LrSchedule
-from cluster.train.strategy import Strategy, WeightEMA, make_strategy
+from cluster.train.strategy import DTYPES, Strategy, WeightEMA, make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +98,18 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.optim.seed * 1000 + rank)  # dropout and stochastic depth differ per rank
 
-    train_loader, val_loader = _loaders(job, rank, world_size)
     model = build_model(spec.model)
     if rank == 0:
         total, trainable = count_parameters(model)
         log.info("%s: %s, %d classes at %d px, %s parameters (%s trainable), %s on %d workers",
                  spec.name, spec.model.arch, spec.model.num_classes, spec.model.resolution, f"{total:,}",
                  f"{trainable:,}", spec.strategy.name, world_size)
+    distiller = _distiller(job, device, rank) if spec.distill is not None else None
+    if distiller is not None and distiller.spec.features is not None:
+        model = StudentWithAdapters(model, distiller.teacher_channels())
+    assert spec.model.resolution is not None
+    train_loader, val_loader = _loaders(job, rank, world_size,
+                                        crop_resolution=distiller.crop_resolution if distiller else spec.model.resolution)
     strategy = make_strategy(model.to(device), spec, device)
     ema = WeightEMA(strategy.module, spec.optim.ema_decay) if spec.optim.ema_decay else None
     schedule = _schedule(spec, train_loader)
@@ -112,7 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and job.run is not None:
         logger = RunLogger(job.run, pending=pending, system_metrics=job.tracking.system_metrics)
         log.info("MLflow run: %s", job.run.url)
-    trainer = _EpochTrainer(job, strategy, ema, schedule, rank, world_size, device, logger)
+    trainer = _EpochTrainer(job, strategy, ema, schedule, rank, world_size, device, logger, distiller)
     if logger is not None:  # an epoch logged before the restart is redone, not logged again
         trainer.epochs_logged = logger.last_step(EPOCH_METRIC)
     try:
@@ -149,17 +164,43 @@ def _log_to_stderr() -> None:
     logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # not "Found credentials" per process
 
 
-def _loaders(job: WorkerJob, rank: int, world_size: int) -> tuple[ShardLoader, ShardLoader]:
+def _loaders(job: WorkerJob, rank: int, world_size: int, *, crop_resolution: int) -> tuple[ShardLoader, ShardLoader]:
+    """The training split cropped at `crop_resolution` (a distilling teacher's may be larger than the
+    student's), the validation split at the model's resolution."""
     spec = job.spec
     assert spec.data.val is not None and spec.model.resolution is not None
-    common = {"batch_size": spec.data.batch_size, "resolution": spec.model.resolution, "s3": job.s3, "rank": rank,
+    common = {"batch_size": spec.data.batch_size, "s3": job.s3, "rank": rank,
               "world_size": world_size, "loader_workers": spec.data.loader_workers, "seed": spec.optim.seed}
     train_manifest = _expected_manifest(job, "data.train", spec.data.train.manifest)
     val_manifest = _expected_manifest(job, "data.val", spec.data.val.manifest)
     train = ShardLoader(train_manifest, spec.data.train.split, shuffle=True, augment=spec.data.augment,
-                        shuffle_buffer=spec.data.shuffle_buffer, **common)
-    val = ShardLoader(val_manifest, spec.data.val.split, shuffle=False, augment=None, **common)
+                        shuffle_buffer=spec.data.shuffle_buffer, resolution=crop_resolution, **common)
+    val = ShardLoader(val_manifest, spec.data.val.split, shuffle=False, augment=None,
+                      resolution=spec.model.resolution, **common)
     return train, val
+
+
+def _distiller(job: WorkerJob, device: torch.device, rank: int) -> Distiller:
+    """The job's pinned teacher, frozen on this worker's device."""
+    spec = job.spec
+    assert spec.distill is not None and spec.model.resolution is not None
+    url = teacher_url(spec)
+    bucket, key = split_s3_url(url)
+    with tempfile.TemporaryDirectory(prefix="compound-teacher-") as directory:
+        local = Path(directory) / TEACHER_FILE
+        job.s3.client().download_file(bucket, key, str(local))
+        teacher, info = load_teacher(local, device)
+    if spec.precision.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    if rank == 0:
+        log.info("distilling from %s (%s at %d px, from %s): alpha %g, temperature %g%s", url, info.arch,
+                 info.resolution, info.source, spec.distill.alpha, spec.distill.temperature,
+                 f", features of stages {list(spec.distill.features.stages)}" if spec.distill.features else "")
+    # bf16 on GPUs whatever the student's precision; on CPU the job's own
+    dtype = torch.bfloat16 if device.type == "cuda" else DTYPES[spec.precision.dtype]
+    return Distiller(spec.distill, teacher, teacher_resolution=info.resolution,
+                     student_resolution=spec.model.resolution,
+                     autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32))
 
 
 def _expected_manifest(job: WorkerJob, field: str, url: str) -> ShardManifest:
@@ -209,8 +250,9 @@ class _EpochTrainer:
     """The steps of one epoch, the end-of-epoch evaluation, and reports."""
 
     def __init__(self, job: WorkerJob, strategy: Strategy, ema: WeightEMA | None, schedule: LrSchedule,
-                 rank: int, world_size: int, device: torch.device, logger: RunLogger | None) -> None:
-        self.job, self.spec, self.logger = job, job.spec, logger
+                 rank: int, world_size: int, device: torch.device, logger: RunLogger | None,
+                 distiller: Distiller | None = None) -> None:
+        self.job, self.spec, self.logger, self.distiller = job, job.spec, logger, distiller
         self.strategy, self.ema, self.schedule = strategy, ema, schedule
         self.rank, self.world_size, self.device = rank, world_size, device
         self.memory_format = torch.channels_last if self.spec.precision.channels_last else torch.contiguous_format
@@ -238,8 +280,10 @@ class _EpochTrainer:
         for batch in loader:
             step = progress.step + 1
             sync = step % spec.optim.grad_accumulation == 0 or step == steps
-            loss = self.strategy.micro_step(batch.to(self.device, memory_format=self.memory_format), self._loss,
-                                            sync=sync)
+            batch, loss_fn = batch.to(self.device, memory_format=self.memory_format), self._loss
+            if self.distiller is not None:
+                batch, loss_fn = self.distiller.prepare(batch, self.strategy.module, self._loss)
+            loss = self.strategy.micro_step(batch, loss_fn, sync=sync)
             if sync:
                 lr = self.schedule(progress.optimizer_steps)
                 self.strategy.optimizer_step(lr)
@@ -380,8 +424,8 @@ class _EpochTrainer:
         state = self.strategy.full_state_dict()
         if self.rank != 0:
             return
+        state, module = student_state(state, self.strategy.module), student_of(self.strategy.module)
         weights = {k: v.detach().float().contiguous() for k, v in state.items()}
-        module = self.strategy.module
         if self.spec.model.is_efficientnet:
             from effnet.weights import save_checkpoint
 
