@@ -139,11 +139,15 @@ def _from_file(path: Path, distill: DistillSpec, num_classes: int, *, resolution
                 model = load_weights(path, arch, num_classes=num_classes)
             else:
                 model = build_model(ModelSpec(arch=arch, num_classes=num_classes))
-                model.load_state_dict(read_state_dict(path))
+                missing, unexpected = model.load_state_dict(read_state_dict(path), strict=False)
+                if missing or unexpected:
+                    raise TeacherError(f"{source} does not hold {arch} weights: {len(missing)} missing keys "
+                                       f"({', '.join(missing[:3])}), {len(unexpected)} unexpected "
+                                       f"({', '.join(unexpected[:3])}); give distill.teacher_arch its model")
     except TeacherError:
         raise
     except (ValueError, RuntimeError, OSError) as error:
-        raise TeacherError(f"{source}: {str(error).splitlines()[0][:400]}") from None
+        raise TeacherError(f"{source}: {' '.join(str(error).split())[:500]}") from None
     if distill.teacher_arch is not None and distill.teacher_arch != arch:
         raise TeacherError(f"distill.teacher_arch is {distill.teacher_arch}, but {source} holds {arch}; leave it out")
     info = TeacherInfo(arch=arch, num_classes=classes,

@@ -1,0 +1,174 @@
+"""Distillation jobs against the real local stack: every form of teacher a spec may name, what is refused,
+and a distillation job (features included) that resumes exactly after a worker kill."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+import effnet
+from cluster.data.manifest import ShardManifest
+from cluster.storage import S3Access
+from cluster.train.checkpoint import WEIGHTS_FILE, Progress, save_progress
+from cluster.train.config import ModelSpec
+from cluster.train.distill import TEACHER_FILE, teacher_info
+from cluster.train.models import build_model
+from effnet.weights import save_checkpoint
+from infra.settings import Settings
+from infra.stack import Stack
+from jobs.cli import cli
+from jobs.spec import JobSpec
+from jobs.teacher import TeacherError, resolve_teacher
+from jobs.tracking import MODEL_TAG, TEACHER_TAG
+from tests.jobs.helpers import (
+    DRILL_CHECKPOINTS,
+    SMALL,
+    check_lineage,
+    check_no_orphans,
+    finish,
+    first_new_step,
+    kill_rank,
+    latest_uploaded,
+    launch,
+    make_spec,
+    reached,
+    sample_log,
+    split_keys,
+    uploaded,
+    wait_for,
+)
+
+TEACHER_RESOLUTION = 48  # not the student's 32: the loader crops at 48 and the student sees it resized
+
+
+def _checkpoint(s3: S3Access, tmp_path: Path, *, classes: int) -> str:
+    """A finished job's epoch-end checkpoint on S3, as the training loop writes one: a B0 teacher."""
+    name = f"teacher-{uuid.uuid4().hex[:6]}"
+    folder = tmp_path / name
+    folder.mkdir()
+    torch.manual_seed(0)
+    save_checkpoint(effnet.build("efficientnet_b0", num_classes=classes), folder / WEIGHTS_FILE)
+    spec = {"name": name, "model": {"arch": "efficientnet_b0", "num_classes": classes,
+                                    "resolution": TEACHER_RESOLUTION}}
+    save_progress(folder, Progress(epoch=1), rank=0, spec_json=json.dumps(spec))
+    prefix = f"jobs/{name}/{Progress(epoch=1).name}"
+    for path in folder.iterdir():
+        s3.client().upload_file(str(path), "checkpoints", f"{prefix}/{path.name}")
+    return f"s3://checkpoints/{prefix}"
+
+
+def _registered(settings: Settings, checkpoint: str, *, tagged: bool = True) -> tuple[str, str]:
+    """A run whose logged model came from `checkpoint`, registered with the alias champion: (run id, model name)."""
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name("teachers") or client.get_experiment(
+        client.create_experiment("teachers"))
+    run = client.create_run(experiment.experiment_id, tags={MODEL_TAG: checkpoint} if tagged else {})
+    client.set_terminated(run.info.run_id)
+    name = f"teacher-{uuid.uuid4().hex[:6]}"
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "champion", version.version)
+    return run.info.run_id, name
+
+
+def _student(teacher: str, **distill) -> JobSpec:
+    return JobSpec(name="student", model={"arch": "efficientnet_b0", "num_classes": 10, "resolution": 32},
+                   data={"train": {"manifest": "s3://shards/digits/manifest.json", "split": "train"},
+                         "val": {"manifest": "s3://shards/digits/manifest.json", "split": "val"}},
+                   checkpoint={"storage": "s3://checkpoints/jobs"}, distill={"teacher": teacher, **distill})
+
+
+def test_every_form_of_teacher_resolves_to_the_same_model(settings: Settings, s3: S3Access, tmp_path: Path) -> None:
+    checkpoint = _checkpoint(s3, tmp_path, classes=10)
+    run_id, model_name = _registered(settings, checkpoint)
+    local = tmp_path / "local.safetensors"
+    s3.client().download_file("checkpoints", checkpoint.removeprefix("s3://checkpoints/") + f"/{WEIGHTS_FILE}",
+                              str(local))
+    sources = [checkpoint, f"models:/{model_name}@champion", f"models:/{model_name}/1", f"runs:/{run_id}/model"]
+    for source in sources:
+        distill = resolve_teacher(_student(source), s3=s3, tracking_uri=settings.mlflow_tracking_uri)
+        assert (distill.teacher_arch, distill.teacher_resolution) == ("efficientnet_b0", TEACHER_RESOLUTION), source
+    # A file alone does not know the resolution it was trained at: the model's, unless the spec says.
+    for source in (str(local), f"{checkpoint}/{WEIGHTS_FILE}"):
+        distill = resolve_teacher(_student(source, teacher_resolution=40), s3=s3,
+                                  tracking_uri=settings.mlflow_tracking_uri)
+        assert (distill.teacher_arch, distill.teacher_resolution) == ("efficientnet_b0", 40)
+
+
+def test_a_teacher_that_cannot_teach_is_refused_clearly(stack: Stack, settings: Settings, s3: S3Access,
+                                                        tmp_path: Path, digits: ShardManifest) -> None:
+    five_classes = _checkpoint(s3, tmp_path, classes=5)
+    _, untagged = _registered(settings, five_classes, tagged=False)
+    plain = tmp_path / "resnet.pt"
+    torch.save({"fc.weight": torch.zeros(10, 3)}, plain)
+    refused = {
+        five_classes: "predicts 5 classes, the student 10",
+        "s3://checkpoints/jobs/nobody/epoch0001-step0000000": "no such object",
+        f"models:/{untagged}@champion": "not logged by a compound job",
+        "models:/no-such-model@champion": "MLflow at",
+        str(plain): "name it with distill.teacher_arch",
+        str(tmp_path / "missing.pt"): "no such file here",
+        "https://example.com/w.pt": "give an s3:// checkpoint",
+    }
+    for source, message in refused.items():
+        with pytest.raises(TeacherError, match=message):
+            resolve_teacher(_student(source), s3=s3, tracking_uri=settings.mlflow_tracking_uri)
+    with pytest.raises(TeacherError, match="size mismatch for fc.weight"):
+        resolve_teacher(_student(str(plain), teacher_arch="resnet50"), s3=s3, tracking_uri=settings.mlflow_tracking_uri)
+    mobilenet = tmp_path / "mobilenet.pt"
+    torch.save(build_model(ModelSpec(arch="mobilenet_v3_large", num_classes=10)).state_dict(), mobilenet)
+    with pytest.raises(TeacherError, match="does not hold resnet50 weights: 267 missing keys"):
+        resolve_teacher(_student(str(mobilenet), teacher_arch="resnet50"), s3=s3, tracking_uri=settings.mlflow_tracking_uri)
+    with pytest.raises(TeacherError, match="features needs an EfficientNet teacher"):
+        resolve_teacher(_student(str(mobilenet), teacher_arch="mobilenet_v3_large", features={}), s3=s3,
+                        tracking_uri=settings.mlflow_tracking_uri)
+
+    spec_path, spec = make_spec(tmp_path, **SMALL, distill={"teacher": five_classes})
+    result = CliRunner().invoke(cli, ["job", "validate", str(spec_path), "--home", str(stack.home)])
+    assert result.exit_code == 2, result.output
+    assert "distill.teacher: the teacher predicts 5 classes" in result.output
+    listing = s3.client().list_objects_v2(Bucket="checkpoints", Prefix=f"jobs/{spec['name']}/")
+    assert listing.get("KeyCount", 0) == 0  # nothing pinned, nothing recorded
+
+
+def test_a_distillation_job_resumes_exactly_after_a_worker_kill(
+    stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
+) -> None:
+    _, model_name = _registered(settings, _checkpoint(s3, tmp_path, classes=10))
+    source = f"models:/{model_name}@champion"
+    spec_path, spec = make_spec(tmp_path, **SMALL, checkpoint=DRILL_CHECKPOINTS,
+                                distill={"teacher": source, "alpha": 0.5, "temperature": 4.0,
+                                         "features": {"stages": [3, 4], "weight": 0.5}})
+    every = spec["checkpoint"]["every_steps"]
+    process = launch(spec_path, stack)
+    wait_for(uploaded(s3, spec, epoch=0, step=every), "a checkpoint in epoch 0", process)
+    seen = latest_uploaded(s3, spec)
+    wait_for(reached(tmp_path, epoch=seen[0], step=seen[1] + 3), "a few steps after it", process)
+    old_pids = kill_rank(tmp_path, rank=0)
+    outcome = finish(process)
+
+    assert [e["train_samples_epoch"] for e in outcome["epochs"]] == [digits.split("train").samples]
+    log = sample_log(tmp_path)
+    redone = check_lineage(log, split_keys(digits, s3), epochs=1)
+    assert first_new_step(log, old_pids, rank=0) > seen
+    assert max(redone.values()) <= every, f"steps redone per rank: {redone}"
+    check_no_orphans(s3, spec)
+
+    pinned = tmp_path / TEACHER_FILE
+    s3.client().download_file("checkpoints", f"jobs/{spec['name']}/{TEACHER_FILE}", str(pinned))
+    assert teacher_info(pinned).source == source and teacher_info(pinned).resolution == TEACHER_RESOLUTION
+    weights = tmp_path / WEIGHTS_FILE  # the student's weights alone: no adapters
+    s3.client().download_file("checkpoints", outcome["checkpoint"].removeprefix("s3://checkpoints/")
+                              + f"/{WEIGHTS_FILE}", str(weights))
+    effnet.weights.load_checkpoint(weights)
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    run = client.get_run(outcome["mlflow_run_id"])
+    assert run.data.tags[TEACHER_TAG] == source
+    assert run.data.params["distill.features.stages"] == "[3, 4]"
+    assert run.data.tags[MODEL_TAG] == outcome["checkpoint"]
