@@ -58,10 +58,11 @@ def session(path: str | Path, threads: int):
 
 
 def split_batches(manifest: ShardManifest, split: str, *, resolution: int, s3: S3Access | None,
-                  batch_size: int = EVAL_BATCH, limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray,
-                                                                                            np.ndarray]]:
-    """(images, labels, weights) of the split in order, at most `limit` batches."""
-    loader = ShardLoader(manifest, split, batch_size=batch_size, resolution=resolution, s3=s3, shuffle=False)
+                  batch_size: int = EVAL_BATCH, limit: int | None = None,
+                  shuffle: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(images, labels, weights) of the split through the evaluation transform, in order unless `shuffle`
+    (seeded), at most `limit` batches."""
+    loader = ShardLoader(manifest, split, batch_size=batch_size, resolution=resolution, s3=s3, shuffle=shuffle)
     for index, batch in enumerate(loader):
         if limit is not None and index >= limit:
             return

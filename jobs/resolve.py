@@ -16,8 +16,8 @@ from cluster.storage import S3Access, is_not_found, s3_error_code, split_s3_url
 from cluster.train.checkpoint import CHECKPOINT_PREFIX
 from cluster.train.config import ModelSpec
 from cluster.train.models import build_model
+from jobs.model_source import ModelSourceError, resolve_teacher
 from jobs.spec import JobSpec, SpecError
-from jobs.teacher import TeacherError, resolve_teacher
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def resolve_job(spec: JobSpec, *, s3: S3Access, default_storage: str, source: st
     if spec.distill is not None:
         try:
             distill = resolve_teacher(resolved, s3=s3, tracking_uri=tracking_uri)
-        except TeacherError as error:
+        except ModelSourceError as error:
             raise SpecError(source, [f"distill.teacher: {error}"]) from None
         resolved = resolved.model_copy(update={"distill": distill})
     return ResolvedJob(resolved, dataset_ids)

@@ -30,7 +30,7 @@ from cluster.train.config import DistillSpec, ModelSpec, TrainingSpec
 from cluster.train.models import build_model
 
 TEACHER_FILE = "teacher.safetensors"  # in <storage>/<job name>/
-TEACHER_FORMAT = "compound-teacher/1"
+PINNED_FORMAT = "compound.pinned-model/1"
 
 
 def teacher_url(spec: TrainingSpec) -> str:
@@ -40,8 +40,8 @@ def teacher_url(spec: TrainingSpec) -> str:
 
 
 @dataclass(frozen=True)
-class TeacherInfo:
-    """What a pinned teacher file says of its model."""
+class PinnedModel:
+    """What a pinned-model file (a teacher, a model to quantize) says of its model: it rebuilds from the file alone."""
 
     arch: str
     num_classes: int
@@ -52,23 +52,23 @@ class TeacherInfo:
         return ModelSpec(arch=self.arch, num_classes=self.num_classes, resolution=self.resolution)
 
 
-def save_teacher(state: dict[str, torch.Tensor], info: TeacherInfo, path: str | Path) -> None:
-    metadata = {"format": TEACHER_FORMAT, "teacher": json.dumps(dataclasses.asdict(info))}
+def save_pinned(state: dict[str, torch.Tensor], info: PinnedModel, path: str | Path) -> None:
+    metadata = {"format": PINNED_FORMAT, "model": json.dumps(dataclasses.asdict(info))}
     safetensors.torch.save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(path),
                                 metadata=metadata)
 
 
-def teacher_info(path: str | Path) -> TeacherInfo:
+def pinned_info(path: str | Path) -> PinnedModel:
     with safetensors.safe_open(str(path), "pt") as file:
         metadata = file.metadata() or {}
-    if metadata.get("format") != TEACHER_FORMAT:
-        raise ValueError(f"{path} is not a pinned compound teacher (format {metadata.get('format')!r})")
-    return TeacherInfo(**json.loads(metadata["teacher"]))
+    if metadata.get("format") != PINNED_FORMAT:
+        raise ValueError(f"{path} is not a pinned compound model (format {metadata.get('format')!r})")
+    return PinnedModel(**json.loads(metadata["model"]))
 
 
-def load_teacher(path: str | Path, device: torch.device) -> tuple[nn.Module, TeacherInfo]:
-    """The pinned teacher, frozen in eval mode on `device`."""
-    info = teacher_info(path)
+def load_pinned(path: str | Path, device: torch.device) -> tuple[nn.Module, PinnedModel]:
+    """The pinned model, frozen in eval mode on `device`."""
+    info = pinned_info(path)
     model = build_model(info.model_spec())
     model.load_state_dict(safetensors.torch.load_file(str(path)))
     return freeze(model).to(device), info

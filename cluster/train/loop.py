@@ -55,7 +55,7 @@ from cluster.train.distill import (
     TEACHER_FILE,
     Distiller,
     StudentWithAdapters,
-    load_teacher,
+    load_pinned,
     student_of,
     student_state,
     teacher_url,
@@ -189,7 +189,7 @@ def _distiller(job: WorkerJob, device: torch.device, rank: int) -> Distiller:
     with tempfile.TemporaryDirectory(prefix="compound-teacher-") as directory:
         local = Path(directory) / TEACHER_FILE
         job.s3.client().download_file(bucket, key, str(local))
-        teacher, info = load_teacher(local, device)
+        teacher, info = load_pinned(local, device)
     if spec.precision.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     if rank == 0:

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
-from jobs.cli.common import console
+from jobs.cli.common import console, home_option
 
 if TYPE_CHECKING:
+    from cluster.evaluate import Evaluation
     from effnet.weights import NumClassesMismatchError
 
 ONNX_TOLERANCE = 1e-4  # exported logits may differ from PyTorch's by this much of the largest
@@ -18,7 +19,7 @@ ONNX_TOLERANCE = 1e-4  # exported logits may differ from PyTorch's by this much 
 
 @click.group()
 def model() -> None:
-    """Inspect and export EfficientNet variants."""
+    """Inspect, export, quantize and evaluate models."""
 
 
 @model.command("list")
@@ -106,3 +107,88 @@ def _onnxruntime_difference(net, path: Path, resolution: int) -> tuple[float, fl
     with torch.no_grad():
         torch_logits = net.eval()(images)
     return (torch.from_numpy(onnx_logits) - torch_logits).abs().max().item(), torch_logits.abs().max().item()
+
+
+@model.command("quantize")
+@click.argument("source")
+@click.option("--data", required=True, help="The dataset's manifest (s3://…/manifest.json): calibration on its "
+                                            "train split, evaluation on its val split.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to write model.fp32.onnx, model.int8.onnx and quantization.json into.")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Largest top-1 loss of int8 against fp32, in percentage points.")
+@click.option("--calibration-batches", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Batches of 32 training images to calibrate on.")
+@click.option("--arch", help="The model, when SOURCE is a weights file that does not say.")
+@click.option("--resolution", type=click.IntRange(min=16), help="Input size; default: what SOURCE trained at.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="ONNX Runtime threads.")
+@click.option("--run", "run_id", help="An MLflow run to log the evaluation to.")
+@home_option
+def quantize(source: str, data: str, out_dir: Path, max_drop: float, calibration_batches: int, arch: str | None,
+             resolution: int | None, threads: int, run_id: str | None, home: Path | None) -> None:
+    """Export SOURCE to ONNX and quantize it to int8, keeping the accuracy within --max-drop.
+
+    SOURCE: a job's checkpoint (s3://…), an MLflow model (models:/NAME@ALIAS, runs:/ID/model), or a
+    weights file. Recipes are tried from the fastest (everything in int8) to the most careful (SiLU,
+    squeeze-excite, stem and head in float); the first within the limit is kept. If none is, nothing
+    is written and the command exits 1.
+    """
+    from cluster.data.manifest import ManifestError
+    from cluster.quantize import QuantizationError
+    from jobs.cli.job import _settings
+    from jobs.connect import s3_access
+    from jobs.deploy import quantize_model
+    from jobs.model_source import ModelRef, ModelSourceError
+
+    settings = _settings(home)
+    try:
+        with console.status(f"quantizing {source}"):
+            outcome = quantize_model(ModelRef(source, arch, resolution, "--arch"), data=data, out=out_dir,
+                                     max_drop_points=max_drop, calibration_batches=calibration_batches,
+                                     threads=threads, s3=s3_access(settings),
+                                     tracking_uri=settings.mlflow_tracking_uri, run_id=run_id)
+    except (ModelSourceError, ManifestError, QuantizationError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    for attempt in outcome.attempts:
+        console.print(f"recipe {attempt.recipe}: top-1 {attempt.top1:.4f}, drop {attempt.drop_points:.2f} points")
+    console.print(f"kept recipe [bold]{outcome.recipe.name}[/]: {outcome.recipe.description}")
+    _print_evaluations([outcome.fp32, outcome.int8])
+    console.print(f"wrote {outcome.out}/")
+
+
+@model.command("evaluate")
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", required=True, help="The dataset's manifest (s3://…/manifest.json).")
+@click.option("--split", default="val", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="ONNX Runtime threads.")
+@click.option("--run", "run_id", help="An MLflow run to log the figures and confusion matrices to.")
+@home_option
+def evaluate(models: tuple[Path, ...], data: str, split: str, threads: int, run_id: str | None,
+             home: Path | None) -> None:
+    """Top-1/top-5, agreement with the first model, latency p50/p95 at batch 1 and 32, and file size
+    of each ONNX model in MODELS on a split of the shards."""
+    from cluster.data.manifest import ManifestError
+    from jobs.cli.job import _settings
+    from jobs.connect import s3_access
+    from jobs.deploy import evaluate_models
+
+    settings = _settings(home)
+    try:
+        with console.status(f"evaluating on {data} ({split})"):
+            evaluations = evaluate_models(list(models), data=data, split=split, threads=threads,
+                                          s3=s3_access(settings), tracking_uri=settings.mlflow_tracking_uri,
+                                          run_id=run_id)
+    except (ManifestError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    _print_evaluations(evaluations)
+
+
+def _print_evaluations(evaluations: list[Evaluation]) -> None:
+    table = Table("model", "images", "top-1", "top-5", "agreement", "b1 p50/p95 ms", "b32 p50/p95 ms", "MB",
+                  title=f"ONNX Runtime, {evaluations[0].threads} threads")
+    for e in evaluations:
+        b1, b32 = e.latency_ms[1], e.latency_ms[32]
+        table.add_row(Path(e.path).name, str(e.samples), f"{e.top1:.4f}", f"{e.top5:.4f}",
+                      "—" if e.agreement is None else f"{e.agreement:.4f}", f"{b1['p50']:.1f} / {b1['p95']:.1f}",
+                      f"{b32['p50']:.1f} / {b32['p95']:.1f}", f"{e.size_mb:.1f}")
+    console.print(table)

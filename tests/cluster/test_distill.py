@@ -18,12 +18,12 @@ from cluster.data.loader import Batch
 from cluster.train.config import DistillSpec, TrainingSpec
 from cluster.train.distill import (
     Distiller,
+    PinnedModel,
     StudentWithAdapters,
-    TeacherInfo,
     freeze,
     kd_loss,
-    load_teacher,
-    save_teacher,
+    load_pinned,
+    save_pinned,
     student_state,
 )
 from cluster.train.loop import weighted_loss
@@ -147,9 +147,9 @@ def test_feature_adapters_train_with_the_student_and_stay_out_of_its_weights() -
 
 def test_a_pinned_teacher_rebuilds_frozen(tmp_path) -> None:
     model = effnet.build("efficientnet_b0", num_classes=4)
-    info = TeacherInfo(arch="efficientnet_b0", num_classes=4, resolution=40, source="models:/t@champion")
-    save_teacher(model.state_dict(), info, tmp_path / "teacher.safetensors")
-    teacher, read = load_teacher(tmp_path / "teacher.safetensors", torch.device("cpu"))
+    info = PinnedModel(arch="efficientnet_b0", num_classes=4, resolution=40, source="models:/t@champion")
+    save_pinned(model.state_dict(), info, tmp_path / "teacher.safetensors")
+    teacher, read = load_pinned(tmp_path / "teacher.safetensors", torch.device("cpu"))
     assert read == info and not teacher.training
     images = torch.randn(1, 3, 40, 40)
     torch.testing.assert_close(teacher(images), model.eval()(images))

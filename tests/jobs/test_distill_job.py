@@ -17,14 +17,14 @@ from cluster.data.manifest import ShardManifest
 from cluster.storage import S3Access
 from cluster.train.checkpoint import WEIGHTS_FILE, Progress, save_progress
 from cluster.train.config import ModelSpec
-from cluster.train.distill import TEACHER_FILE, teacher_info
+from cluster.train.distill import TEACHER_FILE, pinned_info
 from cluster.train.models import build_model
 from effnet.weights import save_checkpoint
 from infra.settings import Settings
 from infra.stack import Stack
 from jobs.cli import cli
+from jobs.model_source import ModelSourceError, resolve_teacher
 from jobs.spec import JobSpec
-from jobs.teacher import TeacherError, resolve_teacher
 from jobs.tracking import MODEL_TAG, TEACHER_TAG
 from tests.jobs.helpers import (
     DRILL_CHECKPOINTS,
@@ -117,15 +117,15 @@ def test_a_teacher_that_cannot_teach_is_refused_clearly(stack: Stack, settings: 
         "https://example.com/w.pt": "give an s3:// checkpoint",
     }
     for source, message in refused.items():
-        with pytest.raises(TeacherError, match=message):
+        with pytest.raises(ModelSourceError, match=message):
             resolve_teacher(_student(source), s3=s3, tracking_uri=settings.mlflow_tracking_uri)
-    with pytest.raises(TeacherError, match="size mismatch for fc.weight"):
+    with pytest.raises(ModelSourceError, match="size mismatch for fc.weight"):
         resolve_teacher(_student(str(plain), teacher_arch="resnet50"), s3=s3, tracking_uri=settings.mlflow_tracking_uri)
     mobilenet = tmp_path / "mobilenet.pt"
     torch.save(build_model(ModelSpec(arch="mobilenet_v3_large", num_classes=10)).state_dict(), mobilenet)
-    with pytest.raises(TeacherError, match="does not hold resnet50 weights: 267 missing keys"):
+    with pytest.raises(ModelSourceError, match="does not hold resnet50 weights: 267 missing keys"):
         resolve_teacher(_student(str(mobilenet), teacher_arch="resnet50"), s3=s3, tracking_uri=settings.mlflow_tracking_uri)
-    with pytest.raises(TeacherError, match="features needs an EfficientNet teacher"):
+    with pytest.raises(ModelSourceError, match="features needs an EfficientNet teacher"):
         resolve_teacher(_student(str(mobilenet), teacher_arch="mobilenet_v3_large", features={}), s3=s3,
                         tracking_uri=settings.mlflow_tracking_uri)
 
@@ -162,7 +162,7 @@ def test_a_distillation_job_resumes_exactly_after_a_worker_kill(
 
     pinned = tmp_path / TEACHER_FILE
     s3.client().download_file("checkpoints", f"jobs/{spec['name']}/{TEACHER_FILE}", str(pinned))
-    assert teacher_info(pinned).source == source and teacher_info(pinned).resolution == TEACHER_RESOLUTION
+    assert pinned_info(pinned).source == source and pinned_info(pinned).resolution == TEACHER_RESOLUTION
     weights = tmp_path / WEIGHTS_FILE  # the student's weights alone: no adapters
     s3.client().download_file("checkpoints", outcome["checkpoint"].removeprefix("s3://checkpoints/")
                               + f"/{WEIGHTS_FILE}", str(weights))

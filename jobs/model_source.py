@@ -1,15 +1,15 @@
-"""A distillation job's teacher, found from what its spec names and pinned beside the job's checkpoints.
+"""Trained models named by a user (a distillation's teacher, a model to quantize), found and checked.
 
-`distill.teacher` may be:
+A source may be:
 - `s3://…/<checkpoint folder>`: a compound job's checkpoint (its weights and the spec it trained with),
   or `s3://…/<file>`: a weights file in the store;
 - `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID/…`: a model a compound job logged to
   MLflow, followed to the checkpoint it was made from;
-- a local weights file: a compound checkpoint, or a torchvision/timm state dict (`distill.teacher_arch`
-  names its model when the file does not).
+- a local weights file: a compound checkpoint, or a torchvision/timm state dict (`arch` names its model
+  when the file does not).
 
-The teacher is read and checked when the job is resolved (nothing starts with a teacher that does not
-fit), and pinned (`TEACHER_FILE` in `<storage>/<job>/`) when the job is launched: every worker and
+`fetch_model` writes it as one pinned-model file (`cluster.train.distill`). A teacher is read and
+checked when the job is resolved (nothing starts with a teacher that does not fit), and pinned (`TEACHER_FILE` in `<storage>/<job>/`) when the job is launched: every worker and
 every restart distils from those weights, wherever the source points later.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -24,13 +25,27 @@ from botocore.exceptions import BotoCoreError, ClientError
 from cluster.storage import S3Access, is_not_found, split_s3_url
 from cluster.train.checkpoint import PROGRESS_FILE, WEIGHTS_FILE
 from cluster.train.config import DistillSpec, ModelSpec, TrainingSpec
-from cluster.train.distill import TEACHER_FILE, TeacherInfo, save_teacher, teacher_info, teacher_url
+from cluster.train.distill import TEACHER_FILE, PinnedModel, pinned_info, save_pinned, teacher_url
 from cluster.train.models import build_model
 from effnet import VARIANTS
 
 
-class TeacherError(ValueError):
-    """The teacher named by a spec cannot be used; the message says why and what to give instead."""
+class ModelSourceError(ValueError):
+    """The model named cannot be used; the message says why and what to give instead."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a user gave: the source, and what it may not say itself."""
+
+    source: str
+    arch: str | None = None
+    resolution: int | None = None
+    arch_field: str = "arch"  # how the user names the model: a spec field or a flag
+
+    @classmethod
+    def teacher(cls, distill: DistillSpec) -> ModelRef:
+        return cls(distill.teacher, distill.teacher_arch, distill.teacher_resolution, "distill.teacher_arch")
 
 
 def resolve_teacher(spec: TrainingSpec, *, s3: S3Access, tracking_uri: str) -> DistillSpec:
@@ -39,14 +54,15 @@ def resolve_teacher(spec: TrainingSpec, *, s3: S3Access, tracking_uri: str) -> D
     distill = spec.distill
     assert distill is not None and spec.model.num_classes is not None
     with tempfile.TemporaryDirectory(prefix="compound-teacher-") as directory:
-        info = _pinned(spec, s3, Path(directory)) or _fetch(distill, spec.model.num_classes, s3=s3,
-                                                            tracking_uri=tracking_uri, out=Path(directory))[1]
+        info = _pinned(spec, s3, Path(directory)) or fetch_model(ModelRef.teacher(distill), spec.model.num_classes,
+                                                                 s3=s3, tracking_uri=tracking_uri,
+                                                                 out=Path(directory))[1]
     if info.num_classes != spec.model.num_classes:
-        raise TeacherError(f"the teacher predicts {info.num_classes} classes, the student "
+        raise ModelSourceError(f"the teacher predicts {info.num_classes} classes, the student "
                            f"{spec.model.num_classes}; distil from a teacher trained on the same classes")
     if distill.features is not None and info.arch not in VARIANTS:
-        raise TeacherError(f"distill.features needs an EfficientNet teacher, not {info.arch}; remove distill.features")
-    return replace_distill(distill, info)
+        raise ModelSourceError(f"distill.features needs an EfficientNet teacher, not {info.arch}; remove distill.features")
+    return _with_teacher(distill, info)
 
 
 def pin_teacher(spec: TrainingSpec, *, s3: S3Access, tracking_uri: str) -> str:
@@ -56,17 +72,18 @@ def pin_teacher(spec: TrainingSpec, *, s3: S3Access, tracking_uri: str) -> str:
     url = teacher_url(spec)
     with tempfile.TemporaryDirectory(prefix="compound-teacher-") as directory:
         if _pinned(spec, s3, Path(directory)) is None:
-            path, _ = _fetch(distill, spec.model.num_classes, s3=s3, tracking_uri=tracking_uri, out=Path(directory))
+            path, _ = fetch_model(ModelRef.teacher(distill), spec.model.num_classes, s3=s3, tracking_uri=tracking_uri,
+                                  out=Path(directory))
             bucket, key = split_s3_url(url)
             s3.client().upload_file(str(path), bucket, key)
     return url
 
 
-def replace_distill(distill: DistillSpec, info: TeacherInfo) -> DistillSpec:
+def _with_teacher(distill: DistillSpec, info: PinnedModel) -> DistillSpec:
     return distill.model_copy(update={"teacher_arch": info.arch, "teacher_resolution": info.resolution})
 
 
-def _pinned(spec: TrainingSpec, s3: S3Access, out: Path) -> TeacherInfo | None:
+def _pinned(spec: TrainingSpec, s3: S3Access, out: Path) -> PinnedModel | None:
     """The teacher this job pinned at an earlier launch, if it came from the same source."""
     bucket, key = split_s3_url(teacher_url(spec))
     path = out / TEACHER_FILE
@@ -76,35 +93,36 @@ def _pinned(spec: TrainingSpec, s3: S3Access, out: Path) -> TeacherInfo | None:
         if is_not_found(error):
             return None
         raise
-    info = teacher_info(path)
+    info = pinned_info(path)
     return info if info.source == spec.distill.teacher else None
 
 
-def _fetch(distill: DistillSpec, num_classes: int, *, s3: S3Access, tracking_uri: str,
-           out: Path) -> tuple[Path, TeacherInfo]:
-    """The teacher named by `distill.teacher` as a pinned-format file in `out`, and what it is."""
-    source = distill.teacher
+def fetch_model(ref: ModelRef, num_classes: int, *, s3: S3Access, tracking_uri: str,
+                out: Path) -> tuple[Path, PinnedModel]:
+    """The model `ref` names, with a head for `num_classes` unless it knows its own, as a pinned-model
+    file in `out`; and what it is."""
+    source = ref.source
     if source.startswith(("models:/", "runs:/")):
         checkpoint = _logged_model_checkpoint(source, tracking_uri)
-        return _from_checkpoint(checkpoint, distill, num_classes, s3=s3, out=out, source=source)
+        return _from_checkpoint(checkpoint, ref, num_classes, s3=s3, out=out)
     if source.startswith("s3://"):
         if _exists(f"{source.rstrip('/')}/{PROGRESS_FILE}", s3):
-            return _from_checkpoint(source.rstrip("/"), distill, num_classes, s3=s3, out=out, source=source)
+            return _from_checkpoint(source.rstrip("/"), ref, num_classes, s3=s3, out=out)
         local = out / "weights"
         _download(source, local, s3)
-        return _from_file(local, distill, num_classes, resolution=None, out=out, source=source)
+        return _from_file(local, ref, num_classes, resolution=None, out=out)
     if "://" in source:
-        raise TeacherError(f"{source}: give an s3:// checkpoint or file, a models:/ or runs:/ MLflow URI, "
+        raise ModelSourceError(f"{source}: give an s3:// checkpoint or file, a models:/ or runs:/ MLflow URI, "
                            "or a local weights file")
     path = Path(source).expanduser()
     if not path.is_file():
-        raise TeacherError(f"{source}: no such file here; give an s3:// checkpoint or file, a models:/ or "
+        raise ModelSourceError(f"{source}: no such file here; give an s3:// checkpoint or file, a models:/ or "
                            "runs:/ MLflow URI, or a local weights file")
-    return _from_file(path, distill, num_classes, resolution=None, out=out, source=source)
+    return _from_file(path, ref, num_classes, resolution=None, out=out)
 
 
-def _from_checkpoint(checkpoint: str, distill: DistillSpec, num_classes: int, *, s3: S3Access, out: Path,
-                     source: str) -> tuple[Path, TeacherInfo]:
+def _from_checkpoint(checkpoint: str, ref: ModelRef, num_classes: int, *, s3: S3Access,
+                     out: Path) -> tuple[Path, PinnedModel]:
     """A compound job's checkpoint folder: its weights, at the resolution and model its spec trained."""
     progress = out / PROGRESS_FILE
     _download(f"{checkpoint}/{PROGRESS_FILE}", progress, s3)
@@ -112,19 +130,19 @@ def _from_checkpoint(checkpoint: str, distill: DistillSpec, num_classes: int, *,
     weights = out / WEIGHTS_FILE
     try:
         _download(f"{checkpoint}/{WEIGHTS_FILE}", weights, s3)
-    except TeacherError:
-        raise TeacherError(f"{checkpoint} is a checkpoint taken mid-epoch, without weights of their own; "
+    except ModelSourceError:
+        raise ModelSourceError(f"{checkpoint} is a checkpoint taken mid-epoch, without weights of their own; "
                            "give an epoch-end checkpoint (a job's latest at its end)") from None
-    arch = distill.teacher_arch or trained["arch"]
-    if arch != trained["arch"]:
-        raise TeacherError(f"distill.teacher_arch is {arch}, but {checkpoint} trained {trained['arch']}; leave it out")
-    return _from_file(weights, distill.model_copy(update={"teacher_arch": arch}), num_classes,
-                      resolution=trained["resolution"], out=out, source=source)
+    if ref.arch not in (None, trained["arch"]):
+        raise ModelSourceError(f"{ref.arch_field} is {ref.arch}, but {checkpoint} trained {trained['arch']}; leave it out")
+    return _from_file(weights, ModelRef(ref.source, trained["arch"], ref.resolution, ref.arch_field), num_classes,
+                      resolution=trained["resolution"], out=out)
 
 
-def _from_file(path: Path, distill: DistillSpec, num_classes: int, *, resolution: int | None, out: Path,
-               source: str) -> tuple[Path, TeacherInfo]:
-    """Load a weights file as the teacher (its head must have `num_classes`) and write it pinned."""
+def _from_file(path: Path, ref: ModelRef, num_classes: int, *, resolution: int | None,
+               out: Path) -> tuple[Path, PinnedModel]:
+    """Load a weights file (its head must have `num_classes`, unless it knows its own) and write it pinned."""
+    source = ref.source
     from effnet.weights import is_compound_checkpoint, load_checkpoint, load_weights, read_state_dict
 
     try:
@@ -132,29 +150,29 @@ def _from_file(path: Path, distill: DistillSpec, num_classes: int, *, resolution
             model = load_checkpoint(path)
             arch, classes = model.spec.name, model.spec.num_classes
         else:
-            arch, classes = distill.teacher_arch or _named_arch(path), num_classes
+            arch, classes = ref.arch or _named_arch(path), num_classes
             if arch is None:
-                raise TeacherError(f"{source} does not say which model it holds; name it with distill.teacher_arch")
+                raise ModelSourceError(f"{source} does not say which model it holds; name it with {ref.arch_field}")
             if arch in VARIANTS:
                 model = load_weights(path, arch, num_classes=num_classes)
             else:
                 model = build_model(ModelSpec(arch=arch, num_classes=num_classes))
                 missing, unexpected = model.load_state_dict(read_state_dict(path), strict=False)
                 if missing or unexpected:
-                    raise TeacherError(f"{source} does not hold {arch} weights: {len(missing)} missing keys "
+                    raise ModelSourceError(f"{source} does not hold {arch} weights: {len(missing)} missing keys "
                                        f"({', '.join(missing[:3])}), {len(unexpected)} unexpected "
-                                       f"({', '.join(unexpected[:3])}); give distill.teacher_arch its model")
-    except TeacherError:
+                                       f"({', '.join(unexpected[:3])}); give {ref.arch_field} its model")
+    except ModelSourceError:
         raise
     except (ValueError, RuntimeError, OSError) as error:
-        raise TeacherError(f"{source}: {' '.join(str(error).split())[:500]}") from None
-    if distill.teacher_arch is not None and distill.teacher_arch != arch:
-        raise TeacherError(f"distill.teacher_arch is {distill.teacher_arch}, but {source} holds {arch}; leave it out")
-    info = TeacherInfo(arch=arch, num_classes=classes,
-                       resolution=distill.teacher_resolution or resolution or ModelSpec(arch=arch).resolution,
+        raise ModelSourceError(f"{source}: {' '.join(str(error).split())[:500]}") from None
+    if ref.arch not in (None, arch):
+        raise ModelSourceError(f"{ref.arch_field} is {ref.arch}, but {source} holds {arch}; leave it out")
+    info = PinnedModel(arch=arch, num_classes=classes,
+                       resolution=ref.resolution or resolution or ModelSpec(arch=arch).resolution,
                        source=source)
     pinned = out / TEACHER_FILE
-    save_teacher(model.state_dict(), info, pinned)
+    save_pinned(model.state_dict(), info, pinned)
     return pinned, info
 
 
@@ -181,10 +199,10 @@ def _logged_model_checkpoint(uri: str, tracking_uri: str) -> str:
         run_id = _run_id(uri, client)
         tags = client.get_run(run_id).data.tags
     except MlflowException as error:
-        raise TeacherError(f"{uri}: MLflow at {tracking_uri} says {str(error).splitlines()[0][:300]}") from None
+        raise ModelSourceError(f"{uri}: MLflow at {tracking_uri} says {str(error).splitlines()[0][:300]}") from None
     checkpoint = tags.get(MODEL_TAG)
     if checkpoint is None:
-        raise TeacherError(f"{uri} was not logged by a compound job (its run {run_id} has no "
+        raise ModelSourceError(f"{uri} was not logged by a compound job (its run {run_id} has no "
                            f"{MODEL_TAG} tag); give its weights file instead")
     return checkpoint.rstrip("/")
 
@@ -198,7 +216,7 @@ def _run_id(uri: str, client) -> str:
         return client.get_model_version_by_alias(model, alias).run_id
     model, _, version = name.partition("/")
     if not version.isdigit():
-        raise TeacherError(f"{uri}: give models:/NAME@ALIAS or models:/NAME/VERSION")
+        raise ModelSourceError(f"{uri}: give models:/NAME@ALIAS or models:/NAME/VERSION")
     return client.get_model_version(model, version).run_id
 
 
@@ -209,7 +227,7 @@ def _exists(url: str, s3: S3Access) -> bool:
     except ClientError as error:
         if is_not_found(error):
             return False
-        raise TeacherError(f"{url}: {error}") from None
+        raise ModelSourceError(f"{url}: {error}") from None
     return True
 
 
@@ -219,6 +237,6 @@ def _download(url: str, path: Path, s3: S3Access) -> None:
         s3.client().download_file(bucket, key, str(path))
     except ClientError as error:
         found = "no such object" if is_not_found(error) else str(error)
-        raise TeacherError(f"{url}: {found}") from None
+        raise ModelSourceError(f"{url}: {found}") from None
     except BotoCoreError as error:
-        raise TeacherError(f"{url}: the store did not answer ({error})") from None
+        raise ModelSourceError(f"{url}: the store did not answer ({error})") from None
