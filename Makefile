@@ -37,6 +37,8 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_training.py
 	$(BIN)/python tests/benchmarks/bench_activation_checkpointing.py
 	$(BIN)/python tests/benchmarks/bench_sweep.py
+	$(BIN)/python tests/benchmarks/bench_quantize.py
+	$(BIN)/python tests/benchmarks/bench_distill.py
 
 # Re-pin every transitive dependency after changing pyproject.toml.
 lock: $(STAMP)

@@ -11,6 +11,10 @@ One epoch on one rank:
     report the epoch's metrics with a checkpoint
     rank 0: the metrics, a training-curve plot and a confusion matrix to the job's MLflow run
 
+A distillation job (`spec.distill`) adds a frozen teacher beside the model (`cluster.train.distill`):
+the training split is cropped at the larger of the two resolutions, the teacher scores the crop, and
+the loss is the distillation loss; the rest of the loop is the same.
+
 Every rank calls `ray.train.report` at the same steps (it is a barrier). A restarted worker group
 starts from its latest checkpoint (`checkpoint.resume_point`): model, optimiser, EMA, scaler, RNG,
 and the loader at the exact batch, so the interrupted epoch trains on every sample once. Rank 0's MLflow outbox (what the
