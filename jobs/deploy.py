@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cluster.data.manifest import ShardManifest, load_manifest
 from cluster.evaluate import Evaluation, evaluate, split_batches
-from cluster.quantize import Attempt, Recipe, quantize, write_atomically
+from cluster.quantize import RECIPES, Attempt, Recipe, quantize, write_atomically
 from cluster.storage import S3Access
 from cluster.train.distill import load_pinned
 from jobs.model_source import ModelRef, fetch_model
@@ -40,7 +40,8 @@ class QuantizeOutcome:
 
 
 def quantize_model(ref: ModelRef, *, data: str, out: Path, max_drop_points: float, calibration_batches: int,
-                   threads: int, s3: S3Access, tracking_uri: str, run_id: str | None = None) -> QuantizeOutcome:
+                   threads: int, s3: S3Access, tracking_uri: str, run_id: str | None = None,
+                   recipes: tuple[Recipe, ...] = RECIPES) -> QuantizeOutcome:
     from effnet.export import export_onnx
 
     manifest = _manifest(data, s3)
@@ -56,7 +57,7 @@ def quantize_model(ref: ModelRef, *, data: str, out: Path, max_drop_points: floa
                                          limit=calibration_batches))
         validation = list(split_batches(manifest, "val", resolution=info.resolution, s3=s3))
         recipe, attempts = quantize(fp32, work / INT8_FILE, calibration=calibration, evaluation=validation,
-                                    max_drop_points=max_drop_points, threads=threads)
+                                    max_drop_points=max_drop_points, threads=threads, recipes=recipes)
         fp32_eval, reference = evaluate(fp32, validation, num_classes=len(manifest.classes), threads=threads)
         int8_eval, _ = evaluate(work / INT8_FILE, validation, num_classes=len(manifest.classes), threads=threads,
                                 reference=reference)

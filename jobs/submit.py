@@ -25,6 +25,7 @@ from cluster.storage import split_s3_url
 from infra.settings import Settings
 from jobs.connect import s3_access
 from jobs.driver import prepare_job
+from jobs.model_source import pin_teacher
 from jobs.spec import JobSpec, SweepSpec, dump_spec, load_job_spec, load_sweep_spec
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class Plan:
     spec_uri: str
     entrypoint: str
     metadata: dict[str, str]
+    resolved: JobSpec | None = None  # a job's spec resolved here: its teacher is pinned before submitting
+
 
 
 class JobsClient:
@@ -170,7 +173,8 @@ def plan_submission(spec_path: Path, settings: Settings, client: JobsClient, *, 
     entrypoint = shlex.join(["compound", "job", "run", spec_uri, "--submission-id", submission_id])
     metadata = {JOB_KEY: spec.name, EXPERIMENT_KEY: resolved.run_names[0], SPEC_KEY: spec_uri}
     # The spec as the user wrote it, every default spelled out: the cluster resolves it against its own settings.
-    return Plan(spec=spec, submission_id=submission_id, spec_uri=spec_uri, entrypoint=entrypoint, metadata=metadata)
+    return Plan(spec=spec, submission_id=submission_id, spec_uri=spec_uri, entrypoint=entrypoint, metadata=metadata,
+                resolved=resolved)
 
 
 def plan_sweep_submission(spec_path: Path, settings: Settings, client: JobsClient) -> Plan:
@@ -197,6 +201,9 @@ def plan_sweep_submission(spec_path: Path, settings: Settings, client: JobsClien
 def submit(plan: Plan, settings: Settings, client: JobsClient) -> None:
     """Put the spec on S3 and submit the job; the spec is removed again if Ray refuses it."""
     bucket, key = split_s3_url(plan.spec_uri)
+    if plan.resolved is not None and plan.resolved.distill is not None:
+        # From here: the cluster's driver cannot read a teacher that is a file on this machine.
+        pin_teacher(plan.resolved, s3=s3_access(settings), tracking_uri=settings.mlflow_tracking_uri)
     store = s3_access(settings).client()
     store.put_object(Bucket=bucket, Key=key, Body=dump_spec(plan.spec).encode(), ContentType="application/yaml")
     try:

@@ -9,6 +9,7 @@ the split exactly once per epoch.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import re
@@ -22,16 +23,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from cluster.data.loader import read_shard
 from cluster.data.manifest import ShardManifest
 from cluster.storage import S3Access
 from cluster.train.checkpoint import newest_uploaded
+from infra.settings import Settings
 from infra.stack import Stack
+from jobs.cli import cli
 
 SMOKE = Path(__file__).parents[2] / "jobs" / "examples" / "b0-cpu-smoke.yaml"
 COMPOUND = str(Path(sys.executable).with_name("compound"))
 RUN_TIMEOUT_S = 420
+JOB_TIMEOUT_S = 480  # a submission's
 # Ray Train's record of the checkpoints it registered.
 RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"
 SMALL = {"model": {"resolution": 32}, "optim": {"epochs": 1}}  # the smoke job, quicker: for failure drills
@@ -148,3 +153,40 @@ def kill_rank(tmp_path: Path, rank: int) -> set[int]:
 def first_new_step(log: list[dict], old_pids: set[int], rank: int) -> tuple[int, int]:
     """(epoch, step) of the first step a worker started after `old_pids` ran: where training resumed."""
     return next((r["epoch"], r["step"]) for r in log if r["rank"] == rank and r["pid"] not in old_pids)
+
+
+
+class Submitted:
+    """A submission seen as a process: `poll()` is None while it runs, `stderr` is its log."""
+
+    def __init__(self, settings: Settings, submission_id: str) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        self.client = JobSubmissionClient(settings.ray_dashboard_url)
+        self.id = submission_id
+
+    def poll(self) -> str | None:
+        status = self.client.get_job_status(self.id)
+        return status.value if status.is_terminal() else None
+
+    @property
+    def stderr(self) -> io.StringIO:
+        return io.StringIO(self.logs())
+
+    def logs(self) -> str:
+        return self.client.get_job_logs(self.id)
+
+    def wait(self, timeout_s: float = JOB_TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout_s
+        while (status := self.poll()) is None:
+            assert time.monotonic() < deadline, f"{self.id} still running after {timeout_s} s:\n{self.logs()[-4000:]}"
+            time.sleep(1)
+        return status
+
+
+def submit(spec_path: Path, stack: Stack, settings: Settings, *options: str) -> Submitted:
+    result = CliRunner().invoke(cli, ["job", "submit", str(spec_path), "--home", str(stack.home), *options])
+    assert result.exit_code == 0, result.output
+    submission_id = re.search(r"as (\S+)\n", result.output).group(1)
+    assert f"{settings.ray_dashboard_url}/#/jobs/{submission_id}" in result.output
+    return Submitted(settings, submission_id)

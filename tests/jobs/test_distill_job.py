@@ -31,15 +31,14 @@ from tests.jobs.helpers import (
     SMALL,
     check_lineage,
     check_no_orphans,
-    finish,
     first_new_step,
     kill_rank,
     latest_uploaded,
-    launch,
     make_spec,
     reached,
     sample_log,
     split_keys,
+    submit,
     uploaded,
     wait_for,
 )
@@ -137,38 +136,46 @@ def test_a_teacher_that_cannot_teach_is_refused_clearly(stack: Stack, settings: 
     assert listing.get("KeyCount", 0) == 0  # nothing pinned, nothing recorded
 
 
-def test_a_distillation_job_resumes_exactly_after_a_worker_kill(
+def test_a_submitted_deepspeed_distillation_job_resumes_exactly_after_a_worker_kill(
     stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
 ) -> None:
-    _, model_name = _registered(settings, _checkpoint(s3, tmp_path, classes=10))
-    source = f"models:/{model_name}@champion"
+    # A teacher file on the submitting machine: pinned at submission, so the cluster never needs the file.
+    teacher = tmp_path / "teacher.safetensors"
+    checkpoint = _checkpoint(s3, tmp_path, classes=10)
+    s3.client().download_file("checkpoints", checkpoint.removeprefix("s3://checkpoints/") + f"/{WEIGHTS_FILE}",
+                              str(teacher))
     spec_path, spec = make_spec(tmp_path, **SMALL, checkpoint=DRILL_CHECKPOINTS,
-                                distill={"teacher": source, "alpha": 0.5, "temperature": 4.0,
+                                strategy={"name": "deepspeed", "zero_stage": 2}, precision={"dtype": "bf16"},
+                                distill={"teacher": str(teacher), "teacher_resolution": TEACHER_RESOLUTION,
+                                         "alpha": 0.5, "temperature": 4.0,
                                          "features": {"stages": [3, 4], "weight": 0.5}})
     every = spec["checkpoint"]["every_steps"]
-    process = launch(spec_path, stack)
-    wait_for(uploaded(s3, spec, epoch=0, step=every), "a checkpoint in epoch 0", process)
+    job = submit(spec_path, stack, settings)
+    teacher.unlink()
+    wait_for(uploaded(s3, spec, epoch=0, step=every), "a checkpoint in epoch 0", job)
     seen = latest_uploaded(s3, spec)
-    wait_for(reached(tmp_path, epoch=seen[0], step=seen[1] + 3), "a few steps after it", process)
+    wait_for(reached(tmp_path, epoch=seen[0], step=seen[1] + 3), "a few steps after it", job)
     old_pids = kill_rank(tmp_path, rank=0)
-    outcome = finish(process)
+    assert job.wait() == "SUCCEEDED", job.logs()[-6000:]
 
-    assert [e["train_samples_epoch"] for e in outcome["epochs"]] == [digits.split("train").samples]
     log = sample_log(tmp_path)
     redone = check_lineage(log, split_keys(digits, s3), epochs=1)
     assert first_new_step(log, old_pids, rank=0) > seen
     assert max(redone.values()) <= every, f"steps redone per rank: {redone}"
     check_no_orphans(s3, spec)
+    prefix = f"jobs/{spec['name']}/"
+    files = {o["Key"].rsplit("/", 1)[1] for o in s3.client().list_objects_v2(Bucket="checkpoints", Prefix=prefix)["Contents"]}
+    assert len({f for f in files if "zero_pp_rank" in f}) >= 2, files  # ZeRO: every rank saved its own shard
 
     pinned = tmp_path / TEACHER_FILE
     s3.client().download_file("checkpoints", f"jobs/{spec['name']}/{TEACHER_FILE}", str(pinned))
-    assert pinned_info(pinned).source == source and pinned_info(pinned).resolution == TEACHER_RESOLUTION
+    assert pinned_info(pinned).source == str(teacher) and pinned_info(pinned).resolution == TEACHER_RESOLUTION
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
+                                filter_string=f"tags.`compound.job` = '{spec['name']}'")
+    assert run.data.tags[TEACHER_TAG] == str(teacher)
+    assert run.data.params["distill.features.stages"] == "[3, 4]"
     weights = tmp_path / WEIGHTS_FILE  # the student's weights alone: no adapters
-    s3.client().download_file("checkpoints", outcome["checkpoint"].removeprefix("s3://checkpoints/")
+    s3.client().download_file("checkpoints", run.data.tags[MODEL_TAG].removeprefix("s3://checkpoints/")
                               + f"/{WEIGHTS_FILE}", str(weights))
     effnet.weights.load_checkpoint(weights)
-    client = MlflowClient(settings.mlflow_tracking_uri)
-    run = client.get_run(outcome["mlflow_run_id"])
-    assert run.data.tags[TEACHER_TAG] == source
-    assert run.data.params["distill.features.stages"] == "[3, 4]"
-    assert run.data.tags[MODEL_TAG] == outcome["checkpoint"]

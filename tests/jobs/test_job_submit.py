@@ -3,10 +3,8 @@ server, the S3 store; failures on purpose (MLflow stopped, a worker killed, the 
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
 import signal
 import time
 import urllib.request
@@ -36,47 +34,10 @@ from tests.jobs.helpers import (
     reached,
     sample_log,
     split_keys,
+    submit,
     uploaded,
     wait_for,
 )
-
-JOB_TIMEOUT_S = 480
-
-
-class Submitted:
-    """A submission seen as a process: `poll()` is None while it runs, `stderr` is its log."""
-
-    def __init__(self, settings: Settings, submission_id: str) -> None:
-        from ray.job_submission import JobSubmissionClient
-
-        self.client = JobSubmissionClient(settings.ray_dashboard_url)
-        self.id = submission_id
-
-    def poll(self) -> str | None:
-        status = self.client.get_job_status(self.id)
-        return status.value if status.is_terminal() else None
-
-    @property
-    def stderr(self) -> io.StringIO:
-        return io.StringIO(self.logs())
-
-    def logs(self) -> str:
-        return self.client.get_job_logs(self.id)
-
-    def wait(self, timeout_s: float = JOB_TIMEOUT_S) -> str:
-        deadline = time.monotonic() + timeout_s
-        while (status := self.poll()) is None:
-            assert time.monotonic() < deadline, f"{self.id} still running after {timeout_s} s:\n{self.logs()[-4000:]}"
-            time.sleep(1)
-        return status
-
-
-def _submit(spec_path: Path, stack: Stack, settings: Settings, *options: str) -> Submitted:
-    result = CliRunner().invoke(cli, ["job", "submit", str(spec_path), "--home", str(stack.home), *options])
-    assert result.exit_code == 0, result.output
-    submission_id = re.search(r"as (\S+)\n", result.output).group(1)
-    assert f"{settings.ray_dashboard_url}/#/jobs/{submission_id}" in result.output
-    return Submitted(settings, submission_id)
 
 
 def _runs_of(client: MlflowClient, job: str) -> list:
@@ -103,7 +64,7 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
 ) -> None:
     spec_path, spec = make_spec(tmp_path, checkpoint=DRILL_CHECKPOINTS)
     every = spec["checkpoint"]["every_steps"]
-    job = _submit(spec_path, stack, settings)
+    job = submit(spec_path, stack, settings)
     wait_for(reached(tmp_path, epoch=0, step=5), "training to start", job)
     outage_started = time.monotonic()
     try:
@@ -195,7 +156,7 @@ def test_a_job_whose_driver_died_is_submitted_again_and_resumes_in_the_same_mlfl
 ) -> None:
     spec_path, spec = make_spec(tmp_path, **SMALL)
     every = spec["checkpoint"]["every_steps"]
-    first = _submit(spec_path, stack, settings)
+    first = submit(spec_path, stack, settings)
     wait_for(uploaded(s3, spec, epoch=0, step=2 * every), "a checkpoint in epoch 0", first)
     seen = latest_uploaded(s3, spec)
 
@@ -205,7 +166,7 @@ def test_a_job_whose_driver_died_is_submitted_again_and_resumes_in_the_same_mlfl
     _kill_driver(first.id)
     assert first.wait(timeout_s=120) == "FAILED"
     old_pids = {r["pid"] for r in sample_log(tmp_path)}
-    second = _submit(spec_path, stack, settings)
+    second = submit(spec_path, stack, settings)
     assert second.wait() == "SUCCEEDED", second.logs()[-6000:]
 
     assert "resuming from its latest checkpoint" in second.logs()
@@ -244,7 +205,7 @@ def test_submit_refuses_what_can_never_run_and_stop_ends_a_submission(
     listed = CliRunner().invoke(cli, ["job", "list", "--json", "--home", str(stack.home)])
     assert spec["name"] not in listed.output
 
-    job = _submit(fine, stack, settings)
+    job = submit(fine, stack, settings)
     stopped = CliRunner().invoke(cli, ["job", "stop", spec["name"], "--home", str(stack.home)])
     assert stopped.exit_code == 0 and f"submission {job.id} of job {spec['name']}: STOPPED" in stopped.output, \
         stopped.output
