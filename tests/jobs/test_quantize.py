@@ -36,7 +36,7 @@ def trained_b0(digits: ShardManifest, s3: S3Access, tmp_path_factory: pytest.Tem
     torch.manual_seed(0)
     model = effnet.build("efficientnet_b0", num_classes=10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    loader = ShardLoader(digits, "train", batch_size=32, resolution=RESOLUTION, s3=s3,
+    loader = ShardLoader(digits, "train", batch_size=32, resolution=RESOLUTION, s3=s3, loader_workers=1,
                          augment=AugmentSpec(crop_scale=(0.5, 1.0), horizontal_flip=False))
     model.train()
     for epoch in range(EPOCHS):
