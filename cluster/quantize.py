@@ -11,6 +11,7 @@ and `quantize` keeps the first whose top-1 drop on the evaluation batches is wit
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 Batches = list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (images, labels, weights)
+CALIBRATION_MEMORY_BYTES = 6 * 2**30  # what ORT's calibration may hold
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ RECIPES = (
 class Attempt:
     recipe: str
     top1: float
-    drop_points: float  # fp32 top-1 − int8 top-1, in percentage points
+    drop_points: float  # fp32 top-1 − int8 top-1, in percentage points (inf: the recipe failed)
+    error: str | None = None  # why ONNX Runtime could not apply the recipe
 
 
 class QuantizationError(RuntimeError):
@@ -89,7 +92,12 @@ def quantize(fp32: Path, out: Path, *, calibration: Batches, evaluation: Batches
         _prepare(fp32, prepared)
         for recipe in recipes:
             candidate = Path(directory) / f"{recipe.name}.onnx"
-            _quantize(prepared, candidate, recipe, calibration)
+            try:
+                _quantize(prepared, candidate, recipe, calibration)
+            except (ValueError, RuntimeError) as error:  # e.g. a histogram over a constant tensor
+                log.warning("recipe %s failed: %s", recipe.name, str(error).splitlines()[0][:300])
+                attempts.append(Attempt(recipe.name, float("nan"), float("inf"), str(error).splitlines()[0][:300]))
+                continue
             score = top1(predict(candidate, evaluation, threads), evaluation)
             attempt = Attempt(recipe.name, score, (reference - score) * 100)
             attempts.append(attempt)
@@ -115,13 +123,37 @@ def _quantize(prepared: Path, out: Path, recipe: Recipe, calibration: Batches) -
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     graph = onnx.load(str(prepared)).graph
+    extra = {"UseQDQContribOps": recipe.activations == "QUInt16"}  # 16-bit Q/DQ are contrib ops
+    # ORT's calibrators hold every intermediate output of every calibration image at once (a B0 at 224 px:
+    # 87 MB an image); their CalibMaxIntermediateOutputs drops data without merging it in ORT 1.31.
+    calibration = _within(calibration, CALIBRATION_MEMORY_BYTES // max(1, _activation_bytes_per_image(graph)))
     quantize_static(
         str(prepared), str(out), _Reader(calibration, graph.input[0].name), quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(recipe.op_types) if recipe.op_types else None, per_channel=True,
         activation_type=QuantType[recipe.activations], weight_type=QuantType.QInt8,
         nodes_to_exclude=recipe.keep_float(graph), calibrate_method=CalibrationMethod[recipe.calibration],
-        extra_options={"UseQDQContribOps": recipe.activations == "QUInt16"},  # 16-bit Q/DQ are contrib ops
+        extra_options=extra,
     )
+
+
+def _activation_bytes_per_image(graph) -> int:
+    """fp32 bytes of every intermediate tensor for one image, from the shapes ORT's pre-processing inferred."""
+    total = 0
+    for value in graph.value_info:
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
+        if dims and all(dims):
+            total += 4 * math.prod(dims)
+    return total
+
+
+def _within(batches: Batches, images: int) -> Batches:
+    """Whole batches holding at most `images` images, or part of the first (ORT's histograms need one shape)."""
+    size = len(batches[0][0])
+    kept = batches[:images // size] or [tuple(part[:max(1, images)] for part in batches[0])]
+    if len(kept) < len(batches) or len(kept[0][0]) < size:
+        log.info("calibrating on %d of the %d calibration images (memory)", sum(len(b[0]) for b in kept),
+                 sum(len(b[0]) for b in batches))
+    return kept
 
 
 class _Reader:

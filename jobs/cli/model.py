@@ -150,7 +150,8 @@ def quantize(source: str, data: str, out_dir: Path, max_drop: float, calibration
     except (ModelSourceError, ManifestError, QuantizationError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     for attempt in outcome.attempts:
-        console.print(f"recipe {attempt.recipe}: top-1 {attempt.top1:.4f}, drop {attempt.drop_points:.2f} points")
+        console.print(f"recipe {attempt.recipe}: " + (f"failed ({attempt.error})" if attempt.error else
+                                                      f"top-1 {attempt.top1:.4f}, drop {attempt.drop_points:.2f} points"))
     console.print(f"kept recipe [bold]{outcome.recipe.name}[/]: {outcome.recipe.description}")
     _print_evaluations([outcome.fp32, outcome.int8])
     console.print(f"wrote {outcome.out}/")

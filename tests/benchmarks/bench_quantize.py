@@ -12,6 +12,7 @@ int8 ÷ fp32. Bars (issue 11): batch-32 latency ≤ 0.6×, size ≤ 0.35×, drop
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import sys
 import tempfile
@@ -41,6 +42,7 @@ def main() -> None:
     from jobs.deploy import FP32_FILE, INT8_FILE, quantize_model
     from jobs.model_source import ModelRef
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(THREADS)
     home = Path(tempfile.mkdtemp(prefix="cquant", dir="/tmp"))
     stack = Stack(home)

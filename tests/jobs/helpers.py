@@ -184,8 +184,9 @@ class Submitted:
         return status
 
 
-def submit(spec_path: Path, stack: Stack, settings: Settings, *options: str) -> Submitted:
-    result = CliRunner().invoke(cli, ["job", "submit", str(spec_path), "--home", str(stack.home), *options])
+def submit(spec_path: Path, stack: Stack, settings: Settings, *options: str, group: str = "job") -> Submitted:
+    """`compound job submit SPEC` (or `sweep submit`, by `group`), checked to have printed its dashboard link."""
+    result = CliRunner().invoke(cli, [group, "submit", str(spec_path), "--home", str(stack.home), *options])
     assert result.exit_code == 0, result.output
     submission_id = re.search(r"as (\S+)\n", result.output).group(1)
     assert f"{settings.ray_dashboard_url}/#/jobs/{submission_id}" in result.output

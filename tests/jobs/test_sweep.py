@@ -31,6 +31,7 @@ from tests.jobs.helpers import (
     latest_uploaded,
     make_spec,
     split_keys,
+    submit,
     wait_for,
 )
 
@@ -127,7 +128,7 @@ def test_a_sweep_stops_bad_trials_early_and_is_one_parent_run_with_a_child_per_t
     assert best["mlflow_run_id"] == by_trial[best["trial"]].info.run_id
 
 
-def test_a_sweep_whose_driver_was_killed_resumes_without_running_finished_trials_again(
+def test_a_sweep_whose_driver_was_killed_resumes_when_submitted_without_running_finished_trials_again(
     stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
 ) -> None:
     job_path, job = make_spec(tmp_path, **SMALL)
@@ -161,16 +162,20 @@ def test_a_sweep_whose_driver_was_killed_resumes_without_running_finished_trials
     before = {folder.name: {r["pid"] for r in records(folder)} for folder in trial_logs()}
     done, midway = sorted(points, key=points.get, reverse=True)
 
-    outcome = _finish(_run(spec_path, stack))
-    assert sorted(t["status"] for t in outcome["trials"]) == ["completed", "completed"]
+    # Run again as a submitted sweep: its driver is a Ray job on the cluster.
+    resumed = submit(spec_path, stack, settings, group="sweep")
+    assert resumed.wait() == "SUCCEEDED", resumed.logs()[-6000:]
     assert {r["pid"] for r in records(logs / done)} == before[done], "a finished trial ran again"
     new = [r for r in records(logs / midway) if r["pid"] not in before[midway]]
     assert new and min((r["epoch"], r["step"]) for r in new) > points[midway], "the interrupted trial did not resume"
     check_lineage(records(logs / midway), split_keys(digits, s3), epochs=1)
 
     client = MlflowClient(settings.mlflow_tracking_uri)
-    children = _children(client, _parent(client, "smoke", sweep["name"]))
-    assert sorted(c.data.tags["compound.job"] for c in children) == sorted(t["job"] for t in outcome["trials"])
+    parent = _parent(client, "smoke", sweep["name"])
+    children = _children(client, parent)
+    assert sorted(c.data.tags["compound.job"] for c in children) == sorted([done, midway])
+    assert [c.data.tags["compound.trial_status"] for c in children] == ["completed", "completed"]
+    assert parent.info.status == "FINISHED" and read_best(sweep["name"], settings)["job"] in (done, midway)
 
 
 @pytest.mark.parametrize(("space", "expected"), [
