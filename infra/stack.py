@@ -276,11 +276,12 @@ class Stack:
         write_settings(settings, self.home)
         return settings, [s.name for s in started]
 
-    def down(self) -> list[str]:
-        """Stop the services this state dir's `up` started; returns the names stopped."""
+    def down(self, *, grace_s: float = STOP_TIMEOUT_S) -> list[str]:
+        """Stop the services this state dir's `up` started; returns the names stopped. Each may take
+        `grace_s` to exit before it is killed (0: killed at once, its state not needed again)."""
         stopped = []
         for name in reversed(SERVICE_NAMES):  # clients first, the store last
-            if self.stop_service(name):
+            if self.stop_service(name, grace_s=grace_s):
                 stopped.append(name)
         return stopped
 
@@ -346,7 +347,7 @@ class Stack:
                     raise StackError(f"could not create the S3 bucket {bucket!r}: {error}\n{self._log_tail('s3')}")
                 time.sleep(0.25)
 
-    def stop_service(self, name: str) -> bool:
+    def stop_service(self, name: str, *, grace_s: float = STOP_TIMEOUT_S) -> bool:
         """Stop one service this state dir's `up` started; False if it was not running."""
         process = self._process(name)
         if process is None:
@@ -355,7 +356,7 @@ class Stack:
         group = os.getpgid(process.pid)
         process.terminate()  # the leader stops its children itself (Ray drains its node first)
         with contextlib.suppress(psutil.TimeoutExpired):
-            process.wait(STOP_TIMEOUT_S)
+            process.wait(grace_s)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)  # whatever of the group is left
         self._pid_file(name).unlink(missing_ok=True)

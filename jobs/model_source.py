@@ -59,9 +59,10 @@ def resolve_teacher(spec: TrainingSpec, *, s3: S3Access, tracking_uri: str) -> D
                                                                  out=Path(directory))[1]
     if info.num_classes != spec.model.num_classes:
         raise ModelSourceError(f"the teacher predicts {info.num_classes} classes, the student "
-                           f"{spec.model.num_classes}; distil from a teacher trained on the same classes")
+                               f"{spec.model.num_classes}; distil from a teacher trained on the same classes")
     if distill.features is not None and info.arch not in VARIANTS:
-        raise ModelSourceError(f"distill.features needs an EfficientNet teacher, not {info.arch}; remove distill.features")
+        raise ModelSourceError(f"distill.features needs an EfficientNet teacher, not {info.arch}; "
+                               "remove distill.features")
     return _with_teacher(distill, info)
 
 
@@ -113,11 +114,11 @@ def fetch_model(ref: ModelRef, num_classes: int, *, s3: S3Access, tracking_uri: 
         return _from_file(local, ref, num_classes, resolution=None, out=out)
     if "://" in source:
         raise ModelSourceError(f"{source}: give an s3:// checkpoint or file, a models:/ or runs:/ MLflow URI, "
-                           "or a local weights file")
+                               "or a local weights file")
     path = Path(source).expanduser()
     if not path.is_file():
         raise ModelSourceError(f"{source}: no such file here; give an s3:// checkpoint or file, a models:/ or "
-                           "runs:/ MLflow URI, or a local weights file")
+                               "runs:/ MLflow URI, or a local weights file")
     return _from_file(path, ref, num_classes, resolution=None, out=out)
 
 
@@ -132,7 +133,7 @@ def _from_checkpoint(checkpoint: str, ref: ModelRef, num_classes: int, *, s3: S3
         _download(f"{checkpoint}/{WEIGHTS_FILE}", weights, s3)
     except ModelSourceError:
         raise ModelSourceError(f"{checkpoint} is a checkpoint taken mid-epoch, without weights of their own; "
-                           "give an epoch-end checkpoint (a job's latest at its end)") from None
+                               "give an epoch-end checkpoint (a job's latest at its end)") from None
     if ref.arch not in (None, trained["arch"]):
         raise ModelSourceError(f"{ref.arch_field} is {ref.arch}, but {checkpoint} trained {trained['arch']}; leave it out")
     return _from_file(weights, ModelRef(ref.source, trained["arch"], ref.resolution, ref.arch_field), num_classes,
@@ -160,8 +161,8 @@ def _from_file(path: Path, ref: ModelRef, num_classes: int, *, resolution: int |
                 missing, unexpected = model.load_state_dict(read_state_dict(path), strict=False)
                 if missing or unexpected:
                     raise ModelSourceError(f"{source} does not hold {arch} weights: {len(missing)} missing keys "
-                                       f"({', '.join(missing[:3])}), {len(unexpected)} unexpected "
-                                       f"({', '.join(unexpected[:3])}); give {ref.arch_field} its model")
+                                           f"({', '.join(missing[:3])}), {len(unexpected)} unexpected "
+                                           f"({', '.join(unexpected[:3])}); give {ref.arch_field} its model")
     except ModelSourceError:
         raise
     except (ValueError, RuntimeError, OSError) as error:
@@ -203,7 +204,7 @@ def _logged_model_checkpoint(uri: str, tracking_uri: str) -> str:
     checkpoint = tags.get(MODEL_TAG)
     if checkpoint is None:
         raise ModelSourceError(f"{uri} was not logged by a compound job (its run {run_id} has no "
-                           f"{MODEL_TAG} tag); give its weights file instead")
+                               f"{MODEL_TAG} tag); give its weights file instead")
     return checkpoint.rstrip("/")
 
 

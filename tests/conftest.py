@@ -42,7 +42,7 @@ def stack(stack_home: Path) -> Iterator[Stack]:
     local = Stack(stack_home)
     local.up(StackPorts.free())
     yield local
-    local.down()
+    local.down(grace_s=0)  # the session's stack is thrown away: no Ray drain
     shutil.rmtree(local.ray_dir, ignore_errors=True)
 
 

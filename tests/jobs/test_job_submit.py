@@ -74,7 +74,7 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
         seen = latest_uploaded(s3, spec)
         wait_for(reached(tmp_path, epoch=seen[0], step=seen[1] + 3), "a few steps after it", job)
         old_pids = kill_rank(tmp_path, rank=1)
-        time.sleep(max(0.0, 30 - (time.monotonic() - outage_started)))
+        time.sleep(max(0.0, 20 - (time.monotonic() - outage_started)))
         assert job.poll() is None, "the job ended while MLflow was down"
     finally:
         stack.up()
