@@ -44,6 +44,8 @@ class Settings(BaseModel):
     shards_bucket: str = "shards"
     checkpoints_bucket: str = "checkpoints"
     mlflow_bucket: str = "mlflow"
+    # The scheduler's job store (SQLAlchemy URL, e.g. postgresql://…); default: SQLite in the stack's home.
+    scheduler_store: str | None = None
 
     @model_validator(mode="after")
     def _keys_come_in_pairs(self) -> Settings:

@@ -1,4 +1,4 @@
-"""The local stack: SeaweedFS (S3 API), an MLflow server and a Ray head, all on 127.0.0.1.
+"""The local stack: SeaweedFS (S3 API), an MLflow server, a Ray head and the pipeline scheduler, all on 127.0.0.1.
 
 `up` starts what is not running, waits for each health check and writes the settings file;
 `down` stops what `up` started, by the pids it recorded. Data, logs and pid files live under the
@@ -7,6 +7,7 @@ state dir (`$COMPOUND_HOME`, default `~/.compound`):
     settings.json  endpoints and S3 keys (0600)     ports.json  the ports the stack uses
     s3/            SeaweedFS data and s3.json        mlflow/     SQLite tracking store
     ray/           link to Ray's session dir         logs/, run/ one log and pid file per service
+    scheduler/     the schedules' job store and history (SQLite)
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ GRPC_OFFSET = 10_000  # SeaweedFS serves gRPC at each HTTP port + 10000
 STARTUP_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 45.0  # Ray drains its node before it exits
 LOG_TAIL_LINES = 25
-SERVICE_NAMES = ("s3", "mlflow", "ray")  # start order: the store first
+SERVICE_NAMES = ("s3", "mlflow", "ray", "scheduler")  # start order: the store first, the scheduler last
 # Ray starts its workers at nice 15 so a busy node's control plane stays responsive; on a laptop the
 # workers are the point, and at nice 15 the head's own processes (and the store) preempt training.
 RAY_HEAD_ENV = {"RAY_worker_niceness": "0"}
@@ -77,6 +78,7 @@ class StackPorts(BaseModel):
     weed_volume: int = 9340
     weed_filer: int = 8888
     weed_admin: int = 23646
+    scheduler: int = 8766  # its health check
 
     @classmethod
     def free(cls) -> StackPorts:
@@ -94,7 +96,7 @@ class StackPorts(BaseModel):
 
         worker = pick(span=101)
         weed = {name: pick(with_grpc=True) for name in ("s3", "weed_master", "weed_volume", "weed_filer", "weed_admin")}
-        others = {name: pick() for name in ("mlflow", "ray", "ray_dashboard", "ray_client", "ray_agent")}
+        others = {name: pick() for name in ("mlflow", "ray", "ray_dashboard", "ray_client", "ray_agent", "scheduler")}
         return cls(**weed, **others, ray_min_worker=worker, ray_max_worker=worker + 100)
 
 
@@ -119,7 +121,7 @@ class ServiceStatus:
 
 
 class Stack:
-    """The three services of one state dir."""
+    """The four services of one state dir."""
 
     def __init__(self, home: Path) -> None:
         self.home = home.expanduser()
@@ -232,7 +234,15 @@ class Stack:
             env={**RAY_CLIENT_ENV, **RAY_HEAD_ENV, **settings.s3_env(), "COMPOUND_HOME": str(self.home),
                  "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
         )
-        return [s3, mlflow, ray]
+        scheduler = Service(
+            name="scheduler",
+            command=[sys.executable, "-m", "pipelines.scheduler", "--home", str(self.home), "--port",
+                     str(ports.scheduler)],
+            health_url=f"http://{HOST}:{ports.scheduler}/health",
+            ports={"scheduler": ports.scheduler},
+            env={**RAY_CLIENT_ENV, "COMPOUND_HOME": str(self.home)},
+        )
+        return [s3, mlflow, ray, scheduler]
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def up(self, ports: StackPorts | None = None, timeout_s: float = STARTUP_TIMEOUT_S) -> tuple[Settings, list[str]]:

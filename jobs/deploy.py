@@ -80,12 +80,12 @@ def evaluate_models(paths: list[Path], *, data: str, split: str, threads: int, s
                     run_id: str | None = None) -> list[Evaluation]:
     """Each ONNX model on the split, agreement against the first."""
     manifest = _manifest(data, s3)
-    resolution = _input_resolution(paths[0])
+    resolution = input_resolution(paths[0])
     batches = list(split_batches(manifest, split, resolution=resolution, s3=s3))
     evaluations, reference = [], None
     for path in paths:
-        if _input_resolution(path) != resolution:
-            raise ValueError(f"{path} takes {_input_resolution(path)} px images, {paths[0]} {resolution} px; "
+        if input_resolution(path) != resolution:
+            raise ValueError(f"{path} takes {input_resolution(path)} px images, {paths[0]} {resolution} px; "
                              "compare models of one input size")
         evaluation, logits = evaluate(path, batches, num_classes=len(manifest.classes), threads=threads,
                                       reference=reference)
@@ -127,7 +127,7 @@ def _manifest(data: str, s3: S3Access) -> ShardManifest:
     return load_manifest(data, s3=s3)[0]
 
 
-def _input_resolution(path: Path) -> int:
+def input_resolution(path: Path) -> int:
     import onnx
 
     dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim

@@ -162,7 +162,12 @@ def parse_spec(model: type[BaseModel], data: dict[str, Any], source: str) -> Any
 
 def load_job_spec(path: Path) -> JobSpec:
     """A job spec file → `JobSpec`. A relative `model.pretrained` is relative to the spec's folder."""
-    return parse_spec(JobSpec, _job_data(read_yaml(path), path.parent, str(path)), str(path))
+    return parse_spec(JobSpec, read_job_data(path), str(path))
+
+
+def read_job_data(path: Path) -> dict[str, Any]:
+    """A job spec file's mapping, its relative paths made absolute."""
+    return _job_data(read_yaml(path), path.parent, str(path))
 
 
 def _job_data(data: dict[str, Any], folder: Path, source: str) -> dict[str, Any]:
@@ -179,6 +184,11 @@ def _job_data(data: dict[str, Any], folder: Path, source: str) -> dict[str, Any]
 def load_sweep_spec(path: Path) -> SweepSpec:
     """A sweep spec file → `SweepSpec`, its base job read (a path is relative to the sweep's folder) and
     checked, and every trial a valid job spec (see `check_sweep`)."""
+    return check_sweep(parse_spec(SweepSpec, read_sweep_data(path), str(path)), str(path))
+
+
+def read_sweep_data(path: Path) -> dict[str, Any]:
+    """A sweep spec file's mapping, its base job read in (a path is relative to the sweep's folder)."""
     data = read_yaml(path)
     job = data.get("job")
     if isinstance(job, str):
@@ -186,7 +196,7 @@ def load_sweep_spec(path: Path) -> SweepSpec:
         data = {**data, "job": _job_data(read_yaml(job_path), job_path.parent, f"{path}: job {job_path}")}
     elif isinstance(job, dict):
         data = {**data, "job": _job_data(job, path.parent, str(path))}
-    return check_sweep(parse_spec(SweepSpec, data, str(path)), str(path))
+    return data
 
 
 def load_sweep_spec_text(text: str, source: str) -> SweepSpec:
@@ -255,7 +265,7 @@ def load_job_spec_text(text: str, source: str) -> JobSpec:
 
 def dump_spec(spec: BaseModel) -> str:
     """The spec as YAML, every default included: what `compound job validate` prints."""
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False, default_flow_style=False)
 
 
 # --- error messages ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cluster.storage import split_s3_url
 from infra.settings import Settings
@@ -28,12 +29,15 @@ from jobs.driver import prepare_job
 from jobs.model_source import pin_teacher
 from jobs.spec import JobSpec, SweepSpec, dump_spec, load_job_spec, load_sweep_spec
 
+if TYPE_CHECKING:
+    from pipelines.spec import PipelineSpec
+
 log = logging.getLogger(__name__)
 
 JOB_KEY = "compound.job"  # Ray job metadata: the job's name
 EXPERIMENT_KEY = "compound.experiment"
 SPEC_KEY = "compound.spec"
-KIND_KEY = "compound.kind"  # "sweep" for a sweep's driver; absent for a job's
+KIND_KEY = "compound.kind"  # "sweep" or "pipeline" for their drivers; absent for a job's
 ACTIVE = ("PENDING", "RUNNING")
 SUBMISSIONS_FOLDER = "submissions"
 STOP_WAIT_S = 60.0
@@ -76,7 +80,7 @@ class Submission:
 class Plan:
     """What `submit` sends (or, with --dry-run, would send)."""
 
-    spec: JobSpec | SweepSpec
+    spec: JobSpec | SweepSpec | PipelineSpec
     submission_id: str
     spec_uri: str
     entrypoint: str
@@ -162,19 +166,10 @@ def plan_submission(spec_path: Path, settings: Settings, client: JobsClient, *, 
     room_problem = fits(resolved, client.capacity(), groups)
     if room_problem is not None:
         raise SubmissionError(f"job {spec.name} can never run on the cluster at {client.address}: {room_problem}")
-    running = [s for s in client.submissions() if s.job == spec.name and s.active]
-    if running:
-        raise SubmissionError(f"job {spec.name} is already {running[-1].status.lower()} as submission "
-                              f"{running[-1].submission_id}; follow it with `compound job logs {spec.name} --follow`, "
-                              f"or stop it with `compound job stop {spec.name}`")
-    submission_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     assert resolved.checkpoint.storage is not None
-    spec_uri = f"{resolved.checkpoint.storage.rstrip('/')}/{spec.name}/{SUBMISSIONS_FOLDER}/{submission_id}.yaml"
-    entrypoint = shlex.join(["compound", "job", "run", spec_uri, "--submission-id", submission_id])
-    metadata = {JOB_KEY: spec.name, EXPERIMENT_KEY: resolved.run_names[0], SPEC_KEY: spec_uri}
     # The spec as the user wrote it, every default spelled out: the cluster resolves it against its own settings.
-    return Plan(spec=spec, submission_id=submission_id, spec_uri=spec_uri, entrypoint=entrypoint, metadata=metadata,
-                resolved=resolved)
+    return _plan(spec, kind="job", name=spec.name, experiment=resolved.run_names[0], client=client,
+                 folder=f"{resolved.checkpoint.storage.rstrip('/')}/{spec.name}", resolved=resolved)
 
 
 def plan_sweep_submission(spec_path: Path, settings: Settings, client: JobsClient) -> Plan:
@@ -185,17 +180,35 @@ def plan_sweep_submission(spec_path: Path, settings: Settings, client: JobsClien
     sweep = load_sweep_spec(spec_path)
     base = prepare_job(sweep.base_job, settings, source=f"{spec_path}: job").spec
     check_concurrency(sweep, base, client.capacity(), str(spec_path))
-    running = [s for s in client.submissions() if s.job == sweep.name and s.active]
+    return _plan(sweep, kind="sweep", name=sweep.name, experiment=sweep.experiment, client=client,
+                 folder=f"s3://{settings.checkpoints_bucket}/{SWEEP_STORAGE_PREFIX}/{sweep.name}")
+
+
+def plan_pipeline_submission(spec: PipelineSpec, settings: Settings, client: JobsClient, *,
+                             options: tuple[str, ...] = ()) -> Plan:
+    """The pipeline's driver (`compound pipeline run`, with `options`) as a Ray job, unless one is active."""
+    from pipelines.stages.base import PIPELINE_STORAGE_PREFIX
+
+    return _plan(spec, kind="pipeline", name=spec.name, experiment=spec.experiment_name, client=client,
+                 folder=f"s3://{settings.checkpoints_bucket}/{PIPELINE_STORAGE_PREFIX}/{spec.name}", options=options)
+
+
+def _plan(spec: JobSpec | SweepSpec | PipelineSpec, *, kind: str, name: str, experiment: str, client: JobsClient,
+          folder: str, resolved: JobSpec | None = None, options: tuple[str, ...] = ()) -> Plan:
+    """A submission of `compound <kind> run` for the spec, refused while one of the same name is active."""
+    running = [s for s in client.submissions() if s.job == name and s.active]
     if running:
-        raise SubmissionError(f"sweep {sweep.name} is already {running[-1].status.lower()} as submission "
-                              f"{running[-1].submission_id}; follow it with `compound job logs {sweep.name} --follow`, "
-                              f"or stop it with `compound job stop {sweep.name}`")
-    submission_id = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    spec_uri = (f"s3://{settings.checkpoints_bucket}/{SWEEP_STORAGE_PREFIX}/{sweep.name}/{SUBMISSIONS_FOLDER}/"
-                f"{submission_id}.yaml")
-    entrypoint = shlex.join(["compound", "sweep", "run", spec_uri, "--submission-id", submission_id])
-    metadata = {JOB_KEY: sweep.name, EXPERIMENT_KEY: sweep.experiment, SPEC_KEY: spec_uri, KIND_KEY: "sweep"}
-    return Plan(spec=sweep, submission_id=submission_id, spec_uri=spec_uri, entrypoint=entrypoint, metadata=metadata)
+        raise SubmissionError(f"{kind} {name} is already {running[-1].status.lower()} as submission "
+                              f"{running[-1].submission_id}; follow it with `compound job logs {name} --follow`, "
+                              f"or stop it with `compound job stop {name}`")
+    submission_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    spec_uri = f"{folder}/{SUBMISSIONS_FOLDER}/{submission_id}.yaml"
+    entrypoint = shlex.join(["compound", kind, "run", spec_uri, "--submission-id", submission_id, *options])
+    metadata = {JOB_KEY: name, EXPERIMENT_KEY: experiment, SPEC_KEY: spec_uri}
+    if kind != "job":
+        metadata[KIND_KEY] = kind
+    return Plan(spec=spec, submission_id=submission_id, spec_uri=spec_uri, entrypoint=entrypoint, metadata=metadata,
+                resolved=resolved)
 
 
 def submit(plan: Plan, settings: Settings, client: JobsClient) -> None:
@@ -211,6 +224,19 @@ def submit(plan: Plan, settings: Settings, client: JobsClient) -> None:
     except BaseException:
         store.delete_object(Bucket=bucket, Key=key)
         raise
+
+
+def read_spec_text(spec_uri: str, settings: Settings) -> str:
+    """A spec's YAML text at an s3:// URI (`SpecError` if it cannot be read): what a submitted driver runs."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from jobs.spec import SpecError
+
+    bucket, key = split_s3_url(spec_uri)
+    try:
+        return s3_access(settings).client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except (ClientError, BotoCoreError, UnicodeDecodeError) as error:
+        raise SpecError(spec_uri, [f"cannot read the spec: {error}"]) from None
 
 
 def autoscaling_groups(gcs_address: str) -> list[tuple[dict[str, float], int]]:

@@ -52,7 +52,7 @@ def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None
     client = MlflowClient(tracking_uri)
     try:
         experiment, run_name = spec.run_names
-        experiment_id = _experiment(client, experiment)
+        experiment_id = experiment_id_of(client, experiment)
         run = _existing_run(client, experiment_id, spec.name, recorded_run_id)
         if run is None:
             run = client.create_run(experiment_id, run_name=run_name, tags={JOB_TAG: spec.name})
@@ -71,7 +71,7 @@ def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None
             tags |= {TEACHER_TAG: spec.distill.teacher, "compound.teacher_pinned": teacher_url(spec)}
         tags |= {"mlflow.source.name": f"compound {code_version()}", "mlflow.source.type": "JOB",
                  "mlflow.note.content": describe(spec)}
-        _log_tags(client, run_id, tags)
+        log_tags(client, run_id, tags)
         client.log_text(run_id, dump_spec(spec), "spec.yaml")
         if isinstance(spec.strategy, DeepSpeedStrategy):
             client.log_text(run_id, json.dumps(deepspeed_config(spec), indent=2), "deepspeed_config.json")
@@ -83,7 +83,7 @@ def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None
                   started_s=run.info.start_time / 1000)
 
 
-def _experiment(client, name: str) -> str:
+def experiment_id_of(client, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -169,7 +169,7 @@ def describe(spec: JobSpec) -> str:
             f"Checkpoints: {spec.checkpoint.storage.rstrip('/')}/{spec.name}/")
 
 
-def _log_tags(client, run_id: str, tags: dict[str, str]) -> None:
+def log_tags(client, run_id: str, tags: dict[str, str]) -> None:
     """Set the tags, as few requests as MLflow's per-batch limit allows."""
     from mlflow.entities import RunTag
 
@@ -299,7 +299,7 @@ def open_sweep_run(tracking_uri: str, *, experiment: str, sweep_name: str, param
 
     client = MlflowClient(tracking_uri)
     try:
-        experiment_id = _experiment(client, experiment)
+        experiment_id = experiment_id_of(client, experiment)
         name = sweep_name.replace("'", "\\'")
         runs = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}'",
                                   order_by=["attributes.start_time ASC"], max_results=1)
@@ -310,7 +310,7 @@ def open_sweep_run(tracking_uri: str, *, experiment: str, sweep_name: str, param
         else:
             run = client.create_run(experiment_id, run_name=sweep_name, tags={SWEEP_TAG: sweep_name})
         _log_params(client, run.info.run_id, params, logged=run.data.params)
-        _log_tags(client, run.info.run_id, {**tags, SWEEP_TAG: sweep_name, "compound.code_version": code_version(),
+        log_tags(client, run.info.run_id, {**tags, SWEEP_TAG: sweep_name, "compound.code_version": code_version(),
                                             "mlflow.source.name": f"compound {code_version()}",
                                             "mlflow.source.type": "JOB"})
         client.log_text(run.info.run_id, spec_yaml, "sweep.yaml")
@@ -357,7 +357,7 @@ def record_sweep_result(parent: RunRef, *, best: dict, trials: list[dict], plot:
     _log_params(client, parent.run_id, {f"best.{path}": str(value)[:MAX_PARAM_VALUE_LENGTH]
                                         for path, value in best["config"].items()}, logged=logged)
     client.log_metric(parent.run_id, f"best_{best['metric']}", best["value"])
-    _log_tags(client, parent.run_id, {"compound.best_trial": best["trial"], "compound.best_job": best["job"],
+    log_tags(client, parent.run_id, {"compound.best_trial": best["trial"], "compound.best_job": best["job"],
                                       "compound.best_checkpoint": best["checkpoint"],
                                       "compound.best_run_id": best.get("mlflow_run_id") or ""})
     client.log_text(parent.run_id, json.dumps(best, indent=2), "best.json")

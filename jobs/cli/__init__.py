@@ -11,6 +11,9 @@ import click
 from jobs.cli.data import data
 from jobs.cli.job import job
 from jobs.cli.model import model
+from jobs.cli.pipeline import pipeline
+from jobs.cli.registry import registry
+from jobs.cli.schedule import schedule
 from jobs.cli.stack import down, stack, up
 from jobs.cli.sweep import sweep
 
@@ -27,7 +30,7 @@ def cli(verbose: bool) -> None:
         logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-for command in (up, down, stack, data, model, job, sweep):
+for command in (up, down, stack, data, model, job, sweep, pipeline, registry, schedule):
     cli.add_command(command)
 
 

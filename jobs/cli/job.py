@@ -37,7 +37,9 @@ def _spec_argument(function):
 
 def _fail_on_spec_error(error: Exception) -> None:
     """Print a spec's problems and exit 2: nothing was started."""
-    console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
     sys.exit(SPEC_ERROR_EXIT)
 
 
@@ -110,18 +112,9 @@ def _spec_from_s3(spec_ref: str, settings):
 
 
 def _spec_text_from_s3(spec_ref: str, settings) -> str:
-    """A spec's YAML text at an s3:// URI (`SpecError` if it cannot be read): what a submitted driver runs."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from jobs.submit import read_spec_text
 
-    from cluster.storage import split_s3_url
-    from jobs.connect import s3_access
-    from jobs.spec import SpecError
-
-    bucket, key = split_s3_url(spec_ref)
-    try:
-        return s3_access(settings).client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-    except (ClientError, BotoCoreError, UnicodeDecodeError) as error:
-        raise SpecError(spec_ref, [f"cannot read the spec: {error}"]) from None
+    return read_spec_text(spec_ref, settings)
 
 
 # --- submissions ------------------------------------------------------------------------------------

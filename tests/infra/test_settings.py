@@ -38,7 +38,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_environment_alone_is_enough(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for field, value in SETTINGS.model_dump().items():
+    for field, value in SETTINGS.model_dump(exclude_none=True).items():
         raw = value.get_secret_value() if isinstance(value, SecretStr) else value
         monkeypatch.setenv(f"COMPOUND_{field.upper()}", str(raw))
     assert load_settings(tmp_path / "nothing-here") == SETTINGS

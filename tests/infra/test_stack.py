@@ -160,11 +160,11 @@ def test_data_survives_down_and_up(stack: Stack, settings: Settings, tmp_path: P
     client.log_artifact(run.info.run_id, str(tmp_path / "model.txt"))
 
     pids = [s.pid for s in stack.status()]
-    assert sorted(stack.down()) == ["mlflow", "ray", "s3"]
+    assert sorted(stack.down()) == ["mlflow", "ray", "s3", "scheduler"]
     assert not any(psutil.pid_exists(pid) for pid in pids)
     assert all(s.pid is None for s in stack.status())
     _, started = stack.up()
-    assert sorted(started) == ["mlflow", "ray", "s3"]
+    assert sorted(started) == ["mlflow", "ray", "s3", "scheduler"]
 
     assert settings.s3_client().get_object(Bucket=settings.checkpoints_bucket, Key=key)["Body"].read() == b"kept"
     assert client.get_run(run.info.run_id).data.metrics["accuracy"] == 0.9

@@ -1,0 +1,172 @@
+"""`compound pipeline …`: validate a pipeline, run its driver against the cluster, submit it as a Ray job,
+and see its runs with each stage's status and outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from jobs.cli.common import console, home_option
+from jobs.cli.job import (
+    _address_option,
+    _client,
+    _fail_on_spec_error,
+    _follow,
+    _json_option,
+    _settings,
+    _spec_argument,
+    _spec_text_from_s3,
+    _submission_errors,
+    _when,
+)
+
+
+@click.group()
+def pipeline() -> None:
+    """Pipelines: stages (train, sweep, distill, quantize, evaluate, register, promote) wired by their outputs."""
+
+
+def _data_option(function):
+    return click.option("--data", default=None, metavar="S3_MANIFEST",
+                        help="Run on this dataset manifest instead of the spec's `data`.")(function)
+
+
+def _from_option(function):
+    return click.option("--from", "from_stage", default=None, metavar="STAGE",
+                        help="Run STAGE and every stage after it anew, reusing the stages before it.")(function)
+
+
+@pipeline.command("validate")
+@_spec_argument
+@_data_option
+def validate(spec_path: Path, data: str | None) -> None:
+    """Print SPEC with its job and sweep files read in, every default spelled out; or every problem (exit 2)."""
+    from jobs.spec import SpecError, dump_spec
+    from pipelines.spec import load_pipeline_spec, with_data
+
+    try:
+        spec = with_data(load_pipeline_spec(spec_path), data, str(spec_path))
+    except SpecError as error:
+        _fail_on_spec_error(error)
+    console.print(dump_spec(spec), highlight=False, markup=False, end="")
+    console.print(f"# order: {' → '.join(spec.order())}", highlight=False, markup=False)
+
+
+@pipeline.command("run")
+@click.argument("spec_ref", metavar="SPEC")
+@_data_option
+@_from_option
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (for scripts).")
+@click.option("--submission-id", default=None, hidden=True, help="The Ray submission running this driver.")
+@home_option
+def run(spec_ref: str, data: str | None, from_stage: str | None, as_json: bool, submission_id: str | None,
+        home: Path | None) -> None:
+    """Run the pipeline SPEC (a file, or an s3:// URI) in this process against the cluster, and wait for it.
+
+    Run again after it failed, it resumes at the failed stage, reusing the stages that finished.
+    """
+    from jobs.driver import ClusterUnreachableError
+    from jobs.spec import SpecError
+    from jobs.tracking import TrackingUnavailableError
+    from pipelines.runner import StageFailedError, run_pipeline
+    from pipelines.spec import load_pipeline_spec, load_pipeline_spec_text, with_data
+
+    try:
+        spec = None if spec_ref.startswith("s3://") else load_pipeline_spec(Path(spec_ref))
+        settings = _settings(home)
+        spec = spec or load_pipeline_spec_text(_spec_text_from_s3(spec_ref, settings), spec_ref)
+        spec = with_data(spec, data, spec_ref)
+        outcome = run_pipeline(spec, settings, from_stage=from_stage, submission_id=submission_id)
+    except SpecError as error:
+        _fail_on_spec_error(error)
+    except (StageFailedError, ClusterUnreachableError, TrackingUnavailableError) as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps({"pipeline": spec.name, "mlflow_run_id": outcome.run.run_id, "resumed": outcome.resumed,
+                               "reused": outcome.reused, "outputs": outcome.outputs}))
+        return
+    table = Table("stage", "kind", "outputs", title=f"pipeline {spec.name}: done")
+    for name in spec.order():
+        note = " (reused)" if name in outcome.reused else ""
+        table.add_row(name + note, spec.stages[name].uses, _short(outcome.outputs[name]))
+    console.print(table)
+    console.print(f"MLflow run: {outcome.run.url}", highlight=False, soft_wrap=True)
+
+
+@pipeline.command("submit")
+@_spec_argument
+@_data_option
+@_from_option
+@_address_option
+@click.option("--follow", is_flag=True, help="Print the driver's log until it ends; exit non-zero unless it succeeds.")
+@home_option
+@_submission_errors
+def submit(spec_path: Path, data: str | None, from_stage: str | None, address: str | None, follow: bool,
+           home: Path | None) -> None:
+    """Submit the pipeline SPEC to the Ray cluster as a Ray job running `compound pipeline run`.
+
+    Refused while a run of the same pipeline is active. Watch it with `compound pipeline status NAME`,
+    `compound job logs NAME` and in MLflow.
+    """
+    from jobs.spec import SpecError
+    from jobs.submit import plan_pipeline_submission
+    from jobs.submit import submit as submit_plan
+    from pipelines.spec import load_pipeline_spec, with_data
+
+    settings = _settings(home)
+    client = _client(settings, address)
+    try:
+        spec = with_data(load_pipeline_spec(spec_path), data, str(spec_path))
+        if from_stage is not None and from_stage not in spec.stages:
+            raise SpecError("--from", [f"no stage {from_stage!r}; stages: {', '.join(spec.stages)}"])
+    except SpecError as error:
+        _fail_on_spec_error(error)
+    plan = plan_pipeline_submission(spec, settings, client, options=("--from", from_stage) if from_stage else ())
+    submit_plan(plan, settings, client)
+    console.print(f"submitted pipeline {spec.name} as [bold]{plan.submission_id}[/bold]\n"
+                  f"Ray dashboard: {client.dashboard_url(plan.submission_id)}", highlight=False, soft_wrap=True)
+    if follow:
+        _follow(settings, client, plan.submission_id)
+
+
+@pipeline.command("status")
+@click.argument("name", required=False)
+@click.option("--limit", default=5, show_default=True, type=click.IntRange(min=1), help="Runs shown per pipeline.")
+@_json_option
+@home_option
+def status(name: str | None, limit: int, as_json: bool, home: Path | None) -> None:
+    """The latest runs of pipeline NAME (or of every pipeline), each stage's status and outputs."""
+    from pipelines.status import pipeline_runs
+
+    runs = pipeline_runs(_settings(home).mlflow_tracking_uri, name, limit=limit)
+    if as_json:
+        click.echo(json.dumps(runs))
+        return
+    if not runs:
+        console.print(f"no runs of {'pipeline ' + name if name else 'any pipeline'} yet")
+        return
+    for entry in runs:
+        table = Table("stage", "status", "seconds", "outputs / error",
+                      title=f"pipeline {entry['pipeline']}: run {entry['run_id']} {entry['status']} "
+                            f"(started {_when(entry['start_s'])}, data {entry['data']})")
+        for stage, record in entry["stages"].items():
+            seconds = f"{record['seconds']:.0f}" if record.get("seconds") is not None else "-"
+            detail = record.get("error") or _short(record.get("outputs") or {})
+            table.add_row(stage, record["status"], seconds, detail)
+        console.print(table)
+        console.print(f"MLflow: {entry['url']}", highlight=False, soft_wrap=True)
+
+
+def _short(outputs: dict) -> str:
+    """A stage's outputs on a line or two: ids and URIs in full, figures rounded."""
+    parts = []
+    for key, value in outputs.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, dict | list):
+            value = json.dumps(value, separators=(",", ":"))[:120]
+        parts.append(f"{key}={value}")
+    return "\n".join(parts)

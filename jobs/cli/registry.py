@@ -1,0 +1,174 @@
+"""`compound registry …`: the registered models, their versions with lineage and figures, and the gated
+promotion of a version to `champion` (or a rollback to the previous champion)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from jobs.cli.common import console, home_option
+from jobs.cli.job import _json_option, _settings
+
+REJECTED_EXIT = 3  # a promotion the gate refused: not an error, but not what was asked
+
+
+@click.group()
+def registry() -> None:
+    """The MLflow model registry: versions, aliases (champion, challenger), promotion and rollback."""
+
+
+def _client(settings):
+    from mlflow import MlflowClient
+
+    return MlflowClient(settings.mlflow_tracking_uri)
+
+
+def _registry_errors(function):
+    """A missing model or version, or a held lock → a clear message and exit 1."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from mlflow.exceptions import MlflowException
+
+        from pipelines.registry import RegistryError
+
+        try:
+            return function(*args, **kwargs)
+        except RegistryError as error:
+            raise click.ClickException(str(error)) from None
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise click.ClickException(f"{str(error).splitlines()[0]}; `compound registry list` shows the "
+                                           "registered models") from None
+            raise click.ClickException(f"the MLflow server failed: {str(error).splitlines()[0][:300]}") from None
+    return wrapper
+
+
+@registry.command("list")
+@_json_option
+@home_option
+@_registry_errors
+def list_(as_json: bool, home: Path | None) -> None:
+    """Every registered model, its latest version and its aliases."""
+    client = _client(_settings(home))
+    models = []
+    for model in client.search_registered_models():
+        versions = client.search_model_versions(f"name = '{model.name}'")
+        models.append({"name": model.name, "versions": len(versions),
+                       "latest": max((int(v.version) for v in versions), default=None),
+                       "aliases": {alias: int(version) for alias, version in (model.aliases or {}).items()}})
+    if as_json:
+        click.echo(json.dumps(models))
+        return
+    table = Table("model", "versions", "latest", "aliases")
+    for model in models:
+        aliases = ", ".join(f"{alias}=v{version}" for alias, version in sorted(model["aliases"].items()))
+        table.add_row(model["name"], str(model["versions"]), f"v{model['latest']}" if model["latest"] else "-",
+                      aliases or "-")
+    console.print(table)
+
+
+@registry.command("show")
+@click.argument("name")
+@_json_option
+@home_option
+@_registry_errors
+def show(name: str, as_json: bool, home: Path | None) -> None:
+    """NAME's versions: aliases, figures, lineage, the last promotion decision; and the champion history."""
+    from pipelines.registry import DECISION_TAG, METRIC_TAG_PREFIX, REASONS_TAG, history
+
+    client = _client(_settings(home))
+    model = client.get_registered_model(name)
+    aliases: dict[int, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(int(version), []).append(alias)
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    shown = [{"version": int(v.version), "aliases": sorted(aliases.get(int(v.version), [])), "run_id": v.run_id,
+              "tags": dict(v.tags)} for v in versions]
+    changes = history(client, name)
+    if as_json:
+        click.echo(json.dumps({"name": name, "versions": shown, "history": changes}))
+        return
+    table = Table("version", "aliases", "int8 top-1", "drop", "int8 ms", "recipe", "decision", "lineage",
+                  title=f"model {name}")
+    def figure(tags: dict[str, str], key: str, fmt: str) -> str:
+        value = tags.get(f"{METRIC_TAG_PREFIX}{key}")
+        return "-" if value is None else fmt.format(float(value))
+
+    for v in shown:
+        tags = v["tags"]
+        lineage = "\n".join(f"{key.removeprefix('compound.')}={tags[key]}" for key in
+                            ("compound.pipeline_run", "compound.teacher_run", "compound.dataset_id",
+                             "compound.code_version") if tags.get(key))
+        table.add_row(f"v{v['version']}", ", ".join(v["aliases"]) or "-", figure(tags, "int8_top1", "{:.2%}"),
+                      figure(tags, "int8_drop_points", "{:.2f}"), figure(tags, "int8_latency_ms", "{:.2f}"),
+                      tags.get("compound.quantization_recipe", "-"), tags.get(DECISION_TAG, "-"), lineage or "-")
+    console.print(table)
+    for v in shown:
+        if v["tags"].get(REASONS_TAG):
+            console.print(f"v{v['version']} {v['tags'][DECISION_TAG]}:\n  " +
+                          v["tags"][REASONS_TAG].replace("\n", "\n  "), highlight=False, soft_wrap=True)
+    if changes:
+        console.print("champion history: " + ", ".join(
+            f"v{c['version']} ({c['action']} {c['at']})" for c in changes), highlight=False, soft_wrap=True)
+
+
+@registry.command("promote")
+@click.argument("name")
+@click.option("--version", "version", required=True, type=click.IntRange(min=1), help="The version to promote.")
+@click.option("--force", is_flag=True, help="Promote even if the gate does not hold (say why with --reason).")
+@click.option("--reason", default=None, help="Why; recorded with the decision.")
+@_json_option
+@home_option
+@_registry_errors
+def promote(name: str, version: int, force: bool, reason: str | None, as_json: bool, home: Path | None) -> None:
+    """Make version V of NAME the champion if its gate holds (the gate its pipeline recorded on it).
+
+    Exits 3 when the gate refuses; the decision and its reasons are recorded on the version either way.
+    """
+    from jobs.connect import s3_access
+    from pipelines.registry import promote as promote_version
+
+    if force and not reason:
+        raise click.UsageError("--force needs a --reason: it is recorded with the decision")
+    settings = _settings(home)
+    decision = promote_version(settings.mlflow_tracking_uri, s3_access(settings),
+                               lock_bucket=settings.checkpoints_bucket, name=name, version=version, force=force,
+                               reason=reason)
+    _print_decision(decision, as_json)
+    if decision.action == "rejected":
+        sys.exit(REJECTED_EXIT)
+
+
+@registry.command("rollback")
+@click.argument("name")
+@click.option("--reason", default=None, help="Why; recorded with the rollback.")
+@_json_option
+@home_option
+@_registry_errors
+def rollback(name: str, reason: str | None, as_json: bool, home: Path | None) -> None:
+    """Make the previous champion of NAME champion again, recorded as a rollback."""
+    from jobs.connect import s3_access
+    from pipelines.registry import rollback as rollback_model
+
+    settings = _settings(home)
+    _print_decision(rollback_model(settings.mlflow_tracking_uri, s3_access(settings),
+                                   lock_bucket=settings.checkpoints_bucket, name=name, reason=reason), as_json)
+
+
+def _print_decision(decision, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"model": decision.model, "version": decision.version, "action": decision.action,
+                               "champion": decision.champion, "previous": decision.previous,
+                               "reasons": decision.reasons}))
+        return
+    style = "red" if decision.action == "rejected" else "green"
+    console.print(f"model {decision.model} v{decision.version}: [{style}]{decision.action}[/{style}]; champion: "
+                  f"{'v' + str(decision.champion) if decision.champion else 'none'}", highlight=False)
+    for line in decision.reasons:
+        console.print(f"  {line}", highlight=False, markup=False)

@@ -1,0 +1,94 @@
+"""The wiring of a pipeline: references between stages, their order, and what a re-run invalidates.
+
+An input is a value or a reference: `${data}` (the pipeline's dataset manifest) or
+`${stages.NAME.outputs.FIELD}`. A string that is one reference takes the referenced value whatever its
+type; a reference inside a longer string is put in as text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+REFERENCE = re.compile(r"\$\{([^}]*)\}")
+STAGE_REFERENCE = re.compile(r"^stages\.([^.]+)\.outputs\.([^.]+)$")
+DATA_REFERENCE = "data"
+
+
+@dataclass(frozen=True)
+class Reference:
+    text: str  # what is inside ${…}
+    path: str  # where in the stage's inputs, e.g. "with.teacher"
+
+    @property
+    def stage(self) -> str | None:
+        match = STAGE_REFERENCE.match(self.text)
+        return match.group(1) if match else None
+
+    @property
+    def output(self) -> str | None:
+        match = STAGE_REFERENCE.match(self.text)
+        return match.group(2) if match else None
+
+
+def references(value: Any, path: str = "with") -> list[Reference]:
+    """Every reference in an input value, with where it is."""
+    if isinstance(value, str):
+        return [Reference(text.strip(), path) for text in REFERENCE.findall(value)]
+    if isinstance(value, Mapping):
+        return [ref for key, item in value.items() for ref in references(item, f"{path}.{key}")]
+    if isinstance(value, list):
+        return [ref for index, item in enumerate(value) for ref in references(item, f"{path}[{index}]")]
+    return []
+
+
+def substitute(value: Any, lookup: Callable[[str], Any]) -> Any:
+    """The value with every reference replaced by `lookup(text inside ${…})`."""
+    if isinstance(value, str):
+        whole = REFERENCE.fullmatch(value)
+        if whole:
+            return lookup(whole.group(1).strip())
+        return REFERENCE.sub(lambda match: str(lookup(match.group(1).strip())), value)
+    if isinstance(value, Mapping):
+        return {key: substitute(item, lookup) for key, item in value.items()}
+    if isinstance(value, list):
+        return [substitute(item, lookup) for item in value]
+    return value
+
+
+def topological_order(needs: Mapping[str, set[str]]) -> list[str]:
+    """The stages so that each comes after those it needs, otherwise in the order written.
+    `ValueError` naming a cycle if there is one."""
+    order: list[str] = []
+    state: dict[str, str] = {}  # "visiting" | "done"
+
+    def visit(stage: str, trail: list[str]) -> None:
+        if state.get(stage) == "done":
+            return
+        if state.get(stage) == "visiting":
+            cycle = trail[trail.index(stage):] + [stage]
+            raise ValueError(" → ".join(cycle))
+        state[stage] = "visiting"
+        for needed in needs[stage]:
+            visit(needed, [*trail, stage])
+        state[stage] = "done"
+        order.append(stage)
+
+    for stage in needs:
+        visit(stage, [])
+    return order
+
+
+def downstream(needs: Mapping[str, set[str]], start: str) -> set[str]:
+    """`start` and every stage that needs it, directly or through others."""
+    found = {start}
+    changed = True
+    while changed:
+        changed = False
+        for stage, needed in needs.items():
+            if stage not in found and needed & found:
+                found.add(stage)
+                changed = True
+    return found

@@ -1,0 +1,294 @@
+"""The model registry on MLflow: versions with their lineage, the `challenger` and `champion` aliases,
+gated promotion and rollback (`compound registry …`, and a pipeline's register and promote stages).
+
+MLflow is the source of truth: the champion is whatever the alias points at when a promotion starts,
+so an alias moved by hand in the MLflow UI is respected. Each promotion and rollback is recorded as
+tags on the versions involved and appended to the registered model's champion history; a lock on S3
+(a conditional write: exactly one writer creates the object) makes two promotions at once happen one
+after the other, leaving one champion and a history that agrees with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.storage import S3Access, s3_error_code
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+METRIC_TAG_PREFIX = "compound.metric."  # a version's figures, e.g. compound.metric.int8_top1
+GATE_TAG = "compound.gate"  # a version's: the gate its pipeline asked for (JSON)
+DECISION_TAG = "compound.promotion"  # a version's: promoted | rejected | forced | rolled back | restored
+REASONS_TAG = "compound.promotion_reasons"
+HISTORY_TAG = "compound.champion_history"  # the registered model's: JSON list of changes, oldest first
+HISTORY_KEPT = 40  # within MLflow's 5000 characters a tag value
+LOCK_FOLDER = "registry-locks"  # s3://<checkpoints bucket>/registry-locks/<model>.lock
+LOCK_WAIT_S = 60.0
+LOCK_STALE_S = 300.0  # a lock older than this was left by a process that died holding it
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot be done; the message says why and what to do."""
+
+
+class Gate(BaseModel):
+    """What a challenger must show to become champion."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tolerance: float = Field(default=0.5, ge=0, le=100,
+                             description="top-1 points the challenger may be below the current champion")
+    max_int8_drop: float = Field(default=1.0, ge=0, le=100, description="the most top-1 points int8 may lose")
+    max_latency_ms: float | None = Field(default=None, gt=0, description="int8 latency bound, batch 1, median")
+
+
+@dataclass(frozen=True)
+class Decision:
+    model: str
+    version: int
+    action: str  # promoted | forced | rejected | unchanged | rolled back
+    champion: int | None  # after the decision
+    previous: int | None  # the champion before it
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def promoted(self) -> bool:
+        return self.action in ("promoted", "forced", "rolled back")
+
+
+# --- register ----------------------------------------------------------------------------------------
+
+def register_version(tracking_uri: str, *, name: str, run_id: str, tags: dict[str, str],
+                     metrics: dict[str, float], gate: Gate | None) -> int:
+    """A new version of `name` from the model logged to `run_id`, with lineage tags and figures, aliased
+    `challenger`."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    try:
+        client.create_registered_model(name, description="EfficientNet models registered by compound pipelines")
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    all_tags = {**tags, **{f"{METRIC_TAG_PREFIX}{key}": f"{value:.6g}" for key, value in metrics.items()}}
+    if gate is not None:
+        all_tags[GATE_TAG] = gate.model_dump_json()
+    mlflow.set_tracking_uri(tracking_uri)
+    version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=all_tags)
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return int(version.version)
+
+
+# --- promote and roll back ---------------------------------------------------------------------------
+
+def promote(tracking_uri: str, s3: S3Access, *, lock_bucket: str, name: str, version: int, gate: Gate | None = None,
+            force: bool = False, reason: str | None = None) -> Decision:
+    """Make `version` the champion if the gate holds (the version's own gate unless one is given), or
+    regardless with `force`; record the decision and its reasons either way."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    with registry_lock(s3, lock_bucket, name):
+        challenger = _version(client, name, version)
+        champion = alias_version(client, name, CHAMPION)
+        if champion == version:
+            return Decision(name, version, "unchanged", champion, champion, [f"v{version} is already the champion"])
+        gate = gate or _recorded_gate(challenger)
+        reasons, holds = check_gate(gate, _metrics(challenger),
+                                    _metrics(_version(client, name, champion)) if champion else None, champion)
+        if not holds and not force:
+            _record(client, name, version, "rejected", reasons)
+            return Decision(name, version, "rejected", champion, champion, reasons)
+        action = "promoted" if holds else "forced"
+        if reason:
+            reasons = [*reasons, f"reason: {reason}"]
+        client.set_registered_model_alias(name, CHAMPION, version)
+        _record(client, name, version, action, reasons)
+        _append_history(client, name, {"version": version, "previous": champion, "action": action, "reason": reason})
+        return Decision(name, version, action, version, champion, reasons)
+
+
+def rollback(tracking_uri: str, s3: S3Access, *, lock_bucket: str, name: str, reason: str | None = None) -> Decision:
+    """Make the champion before the current one champion again, recorded as a rollback."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    with registry_lock(s3, lock_bucket, name):
+        current = alias_version(client, name, CHAMPION)
+        if current is None:
+            raise RegistryError(f"model {name} has no champion to roll back")
+        line = champion_line(history(client, name), current)
+        if len(line) < 2:
+            raise RegistryError(f"model {name}: no champion before v{current} is on record; make one champion with "
+                                f"`compound registry promote {name} --version V --force --reason …`")
+        previous = line[-2]
+        _version(client, name, previous)
+        reasons = [f"v{current} rolled back to v{previous}"] + ([f"reason: {reason}"] if reason else [])
+        client.set_registered_model_alias(name, CHAMPION, previous)
+        _record(client, name, current, "rolled back", reasons)
+        _record(client, name, previous, "restored", reasons)
+        _append_history(client, name, {"version": previous, "previous": current, "action": "rolled back",
+                                       "reason": reason})
+        return Decision(name, previous, "rolled back", previous, current, reasons)
+
+
+def check_gate(gate: Gate, challenger: dict[str, float], champion: dict[str, float] | None,
+               champion_version: int | None) -> tuple[list[str], bool]:
+    """Each condition of the gate, as a line saying whether it holds; and whether all do."""
+    lines, holds = [], True
+
+    def condition(ok: bool, text: str) -> None:
+        nonlocal holds
+        holds = holds and ok
+        lines.append(f"{'ok' if ok else 'FAILED'}: {text}")
+
+    top1 = challenger.get("int8_top1")
+    if top1 is None:
+        condition(False, "the version has no int8_top1 figure to judge it by")
+    elif champion is None or champion.get("int8_top1") is None:
+        lines.append(f"ok: int8 top-1 {top1:.2%}, and no champion to compare with")
+    else:
+        floor = champion["int8_top1"] - gate.tolerance / 100
+        condition(top1 >= floor, f"int8 top-1 {top1:.2%} ≥ champion v{champion_version}'s "
+                                 f"{champion['int8_top1']:.2%} − {gate.tolerance:g} points")
+    drop = challenger.get("int8_drop_points")
+    condition(drop is not None and drop <= gate.max_int8_drop,
+              f"int8 drop {_points(drop)} ≤ {gate.max_int8_drop:g} points")
+    if gate.max_latency_ms is not None:
+        latency = challenger.get("int8_latency_ms")
+        condition(latency is not None and latency <= gate.max_latency_ms,
+                  f"int8 latency {_ms(latency)} ≤ {gate.max_latency_ms:g} ms (batch 1, median)")
+    return lines, holds
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+def alias_version(client, name: str, alias: str) -> int | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return int(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def history(client, name: str) -> list[dict]:
+    """Every recorded change of champion, oldest first."""
+    tags = client.get_registered_model(name).tags
+    return json.loads(tags.get(HISTORY_TAG, "[]"))
+
+
+def champion_line(changes: list[dict], current: int) -> list[int]:
+    """The champions in the order they took over, as promotions push and rollbacks pop them; ending with
+    `current` (pushed when it was made champion outside compound, e.g. in the MLflow UI)."""
+    line: list[int] = []
+    for change in changes:
+        if change["action"] == "rolled back":
+            if line and line[-1] == change["previous"]:
+                line.pop()
+            if not line or line[-1] != change["version"]:
+                line.append(change["version"])
+        else:
+            line.append(change["version"])
+    if not line or line[-1] != current:
+        line.append(current)
+    return line
+
+
+def _version(client, name: str, version: int):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"model {name} has no version {version}; `compound registry show {name}` lists "
+                                "its versions") from None
+        raise
+
+
+def _metrics(version) -> dict[str, float]:
+    return {key.removeprefix(METRIC_TAG_PREFIX): float(value) for key, value in version.tags.items()
+            if key.startswith(METRIC_TAG_PREFIX)}
+
+
+def _recorded_gate(version) -> Gate:
+    recorded = version.tags.get(GATE_TAG)
+    return Gate.model_validate_json(recorded) if recorded else Gate()
+
+
+def _record(client, name: str, version: int, action: str, reasons: list[str]) -> None:
+    client.set_model_version_tag(name, str(version), DECISION_TAG, action)
+    client.set_model_version_tag(name, str(version), REASONS_TAG, "\n".join(reasons)[:5000])
+    client.set_model_version_tag(name, str(version), f"{DECISION_TAG}_at", _now())
+
+
+def _append_history(client, name: str, change: dict) -> None:
+    changes = [*history(client, name), {**change, "at": _now()}][-HISTORY_KEPT:]
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(changes, separators=(",", ":")))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _points(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
+
+
+def _ms(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.2f} ms"
+
+
+@contextlib.contextmanager
+def registry_lock(s3: S3Access, bucket: str, name: str) -> Iterator[None]:
+    """Hold the model's promotion lock: an object only one writer can create (S3 `If-None-Match: *`).
+    A lock older than LOCK_STALE_S is taken over: its holder died."""
+    from botocore.exceptions import ClientError
+
+    client, key = s3.client(), f"{LOCK_FOLDER}/{name}.lock"
+    token = secrets.token_hex(8)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=json.dumps({"token": token, "at": time.time()}).encode(),
+                              IfNoneMatch="*")
+            break
+        except ClientError as error:
+            if s3_error_code(error) not in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                raise
+        if _stale(client, bucket, key):
+            log.warning("taking over the promotion lock of %s: its holder left it %.0f s ago", name, LOCK_STALE_S)
+            client.delete_object(Bucket=bucket, Key=key)
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryError(f"model {name}: another promotion has held the lock s3://{bucket}/{key} for over "
+                                f"{LOCK_WAIT_S:.0f} s; try again")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        client.delete_object(Bucket=bucket, Key=key)
+
+
+def _stale(client, bucket: str, key: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        held = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except ClientError:
+        return False  # released meanwhile: the next try takes it
+    return time.time() - float(held.get("at", 0)) > LOCK_STALE_S

@@ -1,0 +1,293 @@
+"""Scheduled retraining: a pipeline submitted on a cron schedule, or when a new dataset manifest appears
+under an S3 prefix (the new manifest becomes the pipeline's data).
+
+Built on APScheduler 3. A schedule is an APScheduler job in its SQLAlchemy job store (SQLite in the
+stack's home here, PostgreSQL at scale), so schedules outlive the scheduler process. Every job has
+`coalesce=True` and no misfire limit: the runs missed while the scheduler was down collapse into one
+catch-up run when it is back. `max_instances=1` keeps one firing of a schedule at a time, and a
+firing submits nothing while a run of the pipeline is still active on the cluster: never two runs of
+one pipeline at once. Every firing that submits or skips is recorded in a history table beside the
+job store (`compound schedule history`).
+
+The service (`compound up` starts it, `serve`) runs the jobs; the CLI edits the same store, and the
+service looks at it again every POLL_S seconds, so a schedule added from the CLI is due within that.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, select
+
+from infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FIRE = "pipelines.scheduler:fire"  # what a schedule's APScheduler job calls (a textual reference: it is stored)
+POLL_S = 5.0
+JOBS_TABLE = "compound_schedules"
+SCHEDULE_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+MANIFEST_NAME = "manifest.json"
+
+_metadata = MetaData()
+HISTORY = Table(
+    "compound_schedule_history", _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("schedule", String(200), index=True, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("action", String(20), nullable=False),  # submitted | skipped | failed | seen
+    Column("data", String(1000)),  # the manifest the pipeline ran on
+    Column("submission_id", String(200)),
+    Column("detail", Text),
+)
+
+
+class ScheduleError(ValueError):
+    """A schedule cannot be added or changed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    pipeline: str
+    trigger: str  # as a person reads it
+    next_run: datetime.datetime | None  # None: paused
+    spec_uri: str
+    data_prefix: str | None
+
+
+def store_url(settings: Settings, home: Path | None) -> str:
+    """The job store: the settings' `scheduler_store`, else SQLite in the stack's home."""
+    from infra.settings import compound_home
+
+    if settings.scheduler_store:
+        return settings.scheduler_store
+    folder = (home or compound_home()).expanduser() / "scheduler"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'schedules.db'}"
+
+
+def make_scheduler(url: str):
+    """An APScheduler background scheduler on the store, with the job defaults every schedule keeps."""
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    engine = create_engine(url)
+    _metadata.create_all(engine)
+    return BackgroundScheduler(
+        jobstores={"default": SQLAlchemyJobStore(engine=engine, tablename=JOBS_TABLE)},
+        executors={"default": ThreadPoolExecutor(max_workers=4)},
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        timezone=datetime.UTC,
+    )
+
+
+@contextmanager
+def editing(url: str) -> Iterator:
+    """The store, opened to be edited by a process that runs no jobs (the CLI)."""
+    scheduler = make_scheduler(url)
+    scheduler.start(paused=True)
+    try:
+        yield scheduler
+    finally:
+        scheduler.shutdown(wait=False)
+
+
+# --- the CLI's side -----------------------------------------------------------------------------------
+
+def add_schedule(url: str, *, name: str, pipeline: str, spec_uri: str, home: str | None, cron: str | None = None,
+                 data_prefix: str | None = None, poll_s: float = 60.0, settings: Settings | None = None) -> Schedule:
+    """Add a schedule: a cron expression (five fields, UTC) or a prefix polled every `poll_s` for a new
+    manifest. Manifests already under the prefix are recorded as seen: only new ones trigger a run."""
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    if (cron is None) == (data_prefix is None):
+        raise ScheduleError("give either --cron or --on-new-data")
+    if cron is not None:
+        try:
+            trigger = CronTrigger.from_crontab(cron, timezone=datetime.UTC)
+        except ValueError as error:
+            raise ScheduleError(f"--cron {cron!r}: {error}; five fields, e.g. '0 2 * * *' (02:00 UTC daily)") from None
+    else:
+        if not data_prefix.startswith("s3://") or not data_prefix.endswith("/"):
+            raise ScheduleError(f"--on-new-data {data_prefix!r}: give an S3 prefix ending in /, e.g. "
+                                "s3://shards/digits/")
+        trigger = IntervalTrigger(seconds=poll_s, timezone=datetime.UTC)
+    with editing(url) as scheduler:
+        if scheduler.get_job(name) is not None:
+            raise ScheduleError(f"a schedule named {name} exists; remove it first, or pass --name")
+        if data_prefix is not None:
+            assert settings is not None
+            for manifest in manifests(settings, data_prefix):
+                record(url, name, "seen", data=manifest, detail="there when the schedule was added")
+        scheduler.add_job(FIRE, trigger, id=name, name=pipeline, replace_existing=False,
+                          kwargs={"schedule": name, "spec_uri": spec_uri, "data_prefix": data_prefix, "home": home,
+                                  "store": url})
+        return _schedule(scheduler.get_job(name))
+
+
+def list_schedules(url: str) -> list[Schedule]:
+    with editing(url) as scheduler:
+        return [_schedule(job) for job in scheduler.get_jobs()]
+
+
+def pause_schedule(url: str, name: str) -> Schedule:
+    with editing(url) as scheduler:
+        return _schedule(scheduler.pause_job(_known(scheduler, name).id))
+
+
+def resume_schedule(url: str, name: str) -> Schedule:
+    """Resume a paused schedule: its next run is the next time its trigger fires from now (the runs it
+    missed while paused are not made up)."""
+    with editing(url) as scheduler:
+        return _schedule(scheduler.resume_job(_known(scheduler, name).id))
+
+
+def remove_schedule(url: str, name: str) -> None:
+    with editing(url) as scheduler:
+        scheduler.remove_job(_known(scheduler, name).id)
+
+
+def history(url: str, name: str | None = None, limit: int = 50) -> list[dict]:
+    """The schedule's firings (every schedule's when None), newest first."""
+    engine = create_engine(url)
+    _metadata.create_all(engine)
+    query = select(HISTORY).order_by(HISTORY.c.id.desc()).limit(limit)
+    if name is not None:
+        query = query.where(HISTORY.c.schedule == name)
+    with engine.connect() as connection:
+        return [dict(row._mapping) for row in connection.execute(query)]
+
+
+def _known(scheduler, name: str):
+    job = scheduler.get_job(name)
+    if job is None:
+        names = ", ".join(j.id for j in scheduler.get_jobs()) or "none"
+        raise ScheduleError(f"no schedule named {name}; schedules: {names}")
+    return job
+
+
+def _schedule(job) -> Schedule:
+    kwargs = job.kwargs
+    trigger = f"new manifest under {kwargs['data_prefix']} (checked every {job.trigger.interval.total_seconds():g} s)" \
+        if kwargs["data_prefix"] else f"cron {_crontab(job.trigger)} (UTC)"
+    return Schedule(name=job.id, pipeline=job.name, trigger=trigger, next_run=job.next_run_time,
+                    spec_uri=kwargs["spec_uri"], data_prefix=kwargs["data_prefix"])
+
+
+def _crontab(trigger) -> str:
+    fields = {field.name: str(field) for field in trigger.fields}
+    return " ".join(fields[name] for name in ("minute", "hour", "day", "month", "day_of_week"))
+
+
+# --- the service's side -------------------------------------------------------------------------------
+
+def fire(*, schedule: str, spec_uri: str, data_prefix: str | None, home: str | None, store: str) -> None:
+    """One firing: submit the pipeline (on the newest unseen manifest, for a new-data schedule), unless a
+    run of it is still active. Recorded in the history; a failure is recorded and logged, not raised."""
+    from infra.settings import load_settings
+    from jobs.submit import JobsClient, plan_pipeline_submission, read_spec_text, submit
+    from pipelines.spec import load_pipeline_spec_text, with_data
+
+    data = None
+    try:
+        settings = load_settings(Path(home) if home else None)
+        spec = load_pipeline_spec_text(read_spec_text(spec_uri, settings), spec_uri)
+        if data_prefix is not None:
+            seen = {row["data"] for row in history(store, schedule, limit=10_000)}
+            new = [manifest for manifest in manifests(settings, data_prefix) if manifest not in seen]
+            if not new:
+                return
+            data = new[-1]  # the newest: the ones before it are superseded
+            spec = with_data(spec, data, spec_uri)
+        client = JobsClient(settings.ray_dashboard_url)
+        active = [s for s in client.submissions() if s.job == spec.name and s.active]
+        if active:
+            record(store, schedule, "skipped", data=data,
+                   detail=f"run {active[-1].submission_id} of pipeline {spec.name} is still {active[-1].status}")
+            log.info("schedule %s: skipped, pipeline %s still running", schedule, spec.name)
+            return
+        options = ("--data", data) if data else ()
+        plan = plan_pipeline_submission(spec, settings, client, options=options)
+        submit(plan, settings, client)
+        record(store, schedule, "submitted", data=data or spec.data, submission_id=plan.submission_id)
+        log.info("schedule %s: submitted pipeline %s as %s", schedule, spec.name, plan.submission_id)
+    except Exception as error:  # the scheduler goes on; the history says what went wrong
+        log.exception("schedule %s failed", schedule)
+        record(store, schedule, "failed", data=data, detail=str(error)[:2000])
+
+
+def manifests(settings: Settings, prefix: str) -> list[str]:
+    """Every dataset manifest under the prefix, oldest first (by when it was written)."""
+    from cluster.storage import split_s3_url
+
+    bucket, key_prefix = split_s3_url(prefix)
+    found = []
+    paginator = settings.s3_client().get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix):
+        found += [(item["LastModified"], item["Key"]) for item in page.get("Contents", [])
+                  if item["Key"].endswith(MANIFEST_NAME)]
+    return [f"s3://{bucket}/{key}" for _, key in sorted(found)]
+
+
+def record(url: str, schedule: str, action: str, *, data: str | None = None, submission_id: str | None = None,
+           detail: str | None = None) -> None:
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(HISTORY.insert().values(schedule=schedule, at=datetime.datetime.now(datetime.UTC),
+                                                   action=action, data=data, submission_id=submission_id,
+                                                   detail=detail))
+
+
+def serve(url: str, *, host: str, port: int, stop: threading.Event | None = None) -> None:
+    """Run the schedules until stopped, answering health checks on http://host:port/health."""
+    scheduler = make_scheduler(url)
+    scheduler.start()
+    server = ThreadingHTTPServer((host, port), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    log.info("scheduler: %d schedule(s) in %s; health on http://%s:%d/health", len(scheduler.get_jobs()), url,
+             host, port)
+    stop = stop or threading.Event()
+    try:
+        while not stop.wait(POLL_S):
+            scheduler.wakeup()  # schedules added or changed by the CLI since the last look
+    finally:
+        server.shutdown()
+        scheduler.shutdown(wait=True)
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # the name http.server calls
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+        self.wfile.write(b"OK" if self.path == "/health" else b"")
+
+    def log_message(self, *args) -> None:  # health checks are not worth a log line
+        pass
+
+
+def main() -> None:
+    import argparse
+
+    from infra.settings import load_settings
+
+    parser = argparse.ArgumentParser(description="compound's scheduler service")
+    parser.add_argument("--home", type=Path, default=None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(store_url(load_settings(args.home), args.home), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Sweep a job with Ray Tune (`jobs.sweep`); the best trial's checkpoint is the stage's output.
+
+The sweep runs under the stage's name, its parent run nested under the pipeline run and its trials
+under it. A resumed pipeline run resumes the sweep: finished trials stay finished.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from jobs.spec import SpecError, SweepSpec, check_sweep, parse_spec
+from pipelines.stages.base import StageContext, StageInputs, StageOutputs
+from pipelines.stages.train import MANIFEST_PATTERN
+
+
+class Inputs(StageInputs):
+    sweep: dict[str, Any] = Field(description="a sweep spec: a path (relative to the pipeline file) or inline")
+    data: str | None = Field(default=None, pattern=MANIFEST_PATTERN,
+                             description="the dataset manifest of every trial; default: the base job's")
+
+    @model_validator(mode="after")
+    def _a_valid_sweep(self) -> Inputs:
+        try:
+            sweep_spec(self, name="a-stage", tracking={})
+        except SpecError as error:  # one line per problem, each with its path in the stage's inputs
+            raise ValueError("\n".join(f"sweep.{problem}" for problem in error.problems)) from None
+        return self
+
+
+class Outputs(StageOutputs):
+    checkpoint: str = Field(description="the best trial's final checkpoint", examples=["s3://bucket/jobs/a/epoch0001"])
+    run_id: str = Field(description="the best trial's MLflow run", examples=["0" * 32])
+    value: float = Field(description="the best trial's value of the sweep's metric", examples=[0.5])
+    sweep_run_id: str = Field(description="the sweep's parent run", examples=["0" * 32])
+
+
+def sweep_spec(inputs: Inputs, *, name: str, tracking: dict[str, Any]) -> SweepSpec:
+    data = copy.deepcopy(inputs.sweep)
+    data["name"] = name
+    job = data.get("job")
+    if inputs.data is not None and isinstance(job, dict) and isinstance(job.get("data"), dict):
+        job["data"] = {**job["data"], **{split: {**job["data"][split], "manifest": inputs.data}
+                                         for split in ("train", "val") if isinstance(job["data"].get(split), dict)}}
+    data["tracking"] = {**(data.get("tracking") or {}), **tracking}  # the trials' runs go where the sweep's goes
+    return check_sweep(parse_spec(SweepSpec, data, "sweep"), "sweep")
+
+
+def run(inputs: Inputs, context: StageContext) -> Outputs:
+    from jobs.sweep import run_sweep_job
+
+    spec = sweep_spec(inputs, name=context.job_name, tracking=context.tracking(inputs.sweep.get("tracking")))
+    outcome = run_sweep_job(spec, context.settings, source=f"pipeline {context.pipeline}, stage {context.stage}")
+    best = outcome.best
+    return Outputs(checkpoint=best["checkpoint"], run_id=best.get("mlflow_run_id") or "", value=best["value"],
+                   sweep_run_id=outcome.parent.run_id)

@@ -1,0 +1,68 @@
+"""Train a job on the Ray cluster: the job spec of the `job` input, named and tracked as the pipeline's.
+
+A resumed pipeline run launches the same job again, which continues from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from jobs.spec import JobSpec, SpecError, parse_spec
+from pipelines.stages.base import StageContext, StageInputs, StageOutputs
+
+MANIFEST_PATTERN = r"^s3://[^/]+/.+"
+
+
+class Inputs(StageInputs):
+    job: dict[str, Any] = Field(description="a job spec: a path (relative to the pipeline file) or inline")
+    data: str | None = Field(default=None, pattern=MANIFEST_PATTERN,
+                             description="the dataset manifest for training and validation; default: the job's")
+
+    @model_validator(mode="after")
+    def _a_valid_job(self) -> Inputs:
+        try:
+            job_spec(self, name="a-stage", tracking={})
+        except SpecError as error:  # one line per problem, each with its path in the stage's inputs
+            raise ValueError("\n".join(f"job.{problem}" for problem in error.problems)) from None
+        return self
+
+
+class Outputs(StageOutputs):
+    job: str = Field(description="the training job's name", examples=["pipeline-stage-0a1b2c"])
+    checkpoint: str = Field(description="the job's final checkpoint folder", examples=["s3://bucket/jobs/a/epoch0001"])
+    run_id: str = Field(description="the job's MLflow run (its logged model)", examples=["0" * 32])
+    val_top1: float | None = Field(description="the last epoch's validation top-1", examples=[0.5])
+
+
+def job_spec(inputs: Inputs, *, name: str, tracking: dict[str, Any], teacher: str | None = None) -> JobSpec:
+    """The stage's job: the input spec under the stage's name, data and tracking (`SpecError` if invalid)."""
+    data = copy.deepcopy(inputs.job)
+    data["name"] = name
+    if inputs.data is not None:
+        loading = data.setdefault("data", {})
+        for split in ("train", "val"):
+            if isinstance(loading.get(split), dict):
+                loading[split] = {**loading[split], "manifest": inputs.data}
+    if teacher is not None:
+        data["distill"] = {**(data.get("distill") or {}), "teacher": teacher}
+    data["tracking"] = {**(data.get("tracking") or {}), **tracking}
+    return parse_spec(JobSpec, data, "job")
+
+
+def train(spec: JobSpec, context: StageContext) -> Outputs:
+    from jobs.driver import run_job
+
+    outcome = run_job(spec, context.settings, source=f"pipeline {context.pipeline}, stage {context.stage}")
+    if outcome.checkpoint is None:
+        raise RuntimeError(f"job {spec.name} ended without a checkpoint")
+    last = outcome.history[-1] if outcome.history else {}
+    return Outputs(job=spec.name, checkpoint=outcome.checkpoint, run_id=outcome.run.run_id,
+                   val_top1=last.get("val_top1"))
+
+
+def run(inputs: Inputs, context: StageContext) -> Outputs:
+    return train(job_spec(inputs, name=context.job_name, tracking=context.tracking(inputs.job.get("tracking"))),
+                 context)
