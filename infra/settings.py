@@ -95,6 +95,11 @@ def compound_home() -> Path:
     return Path(os.environ.get("COMPOUND_HOME") or DEFAULT_HOME).expanduser()
 
 
+def default_scheduler_store(home: Path) -> str:
+    """The scheduler's job store when the settings name none: SQLite in the stack's home."""
+    return f"sqlite:///{home.expanduser() / 'scheduler' / 'schedules.db'}"
+
+
 def _env_name(field: str) -> str:
     return f"COMPOUND_{field.upper()}"
 

@@ -38,6 +38,7 @@ from infra.settings import (
     SETTINGS_FILE,
     ConfigError,
     Settings,
+    default_scheduler_store,
     read_settings_file,
     write_private,
     write_settings,
@@ -236,8 +237,8 @@ class Stack:
         )
         scheduler = Service(
             name="scheduler",
-            command=[sys.executable, "-m", "pipelines.scheduler", "--home", str(self.home), "--port",
-                     str(ports.scheduler)],
+            command=[sys.executable, "-m", "pipelines.scheduler", "--store",
+                     settings.scheduler_store or default_scheduler_store(self.home), "--port", str(ports.scheduler)],
             health_url=f"http://{HOST}:{ports.scheduler}/health",
             ports={"scheduler": ports.scheduler},
             env={**RAY_CLIENT_ENV, "COMPOUND_HOME": str(self.home)},

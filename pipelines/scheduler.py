@@ -65,13 +65,9 @@ class Schedule:
 
 def store_url(settings: Settings, home: Path | None) -> str:
     """The job store: the settings' `scheduler_store`, else SQLite in the stack's home."""
-    from infra.settings import compound_home
+    from infra.settings import compound_home, default_scheduler_store
 
-    if settings.scheduler_store:
-        return settings.scheduler_store
-    folder = (home or compound_home()).expanduser() / "scheduler"
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'schedules.db'}"
+    return settings.scheduler_store or default_scheduler_store(home or compound_home())
 
 
 def make_scheduler(url: str):
@@ -80,7 +76,7 @@ def make_scheduler(url: str):
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    engine = create_engine(url)
+    engine = _engine(url)
     _metadata.create_all(engine)
     return BackgroundScheduler(
         jobstores={"default": SQLAlchemyJobStore(engine=engine, tablename=JOBS_TABLE)},
@@ -103,10 +99,9 @@ def editing(url: str) -> Iterator:
 
 # --- the CLI's side -----------------------------------------------------------------------------------
 
-def add_schedule(url: str, *, name: str, pipeline: str, spec_uri: str, home: str | None, cron: str | None = None,
-                 data_prefix: str | None = None, poll_s: float = 60.0, settings: Settings | None = None) -> Schedule:
-    """Add a schedule: a cron expression (five fields, UTC) or a prefix polled every `poll_s` for a new
-    manifest. Manifests already under the prefix are recorded as seen: only new ones trigger a run."""
+def make_trigger(*, cron: str | None, data_prefix: str | None, poll_s: float = 60.0):
+    """The trigger of a schedule: a cron expression (five fields, UTC), or a prefix looked at every `poll_s`
+    seconds for a new manifest. `ScheduleError` says what is wrong with either."""
     from apscheduler.triggers.cron import CronTrigger
     from apscheduler.triggers.interval import IntervalTrigger
 
@@ -114,22 +109,27 @@ def add_schedule(url: str, *, name: str, pipeline: str, spec_uri: str, home: str
         raise ScheduleError("give either --cron or --on-new-data")
     if cron is not None:
         try:
-            trigger = CronTrigger.from_crontab(cron, timezone=datetime.UTC)
+            return CronTrigger.from_crontab(cron, timezone=datetime.UTC)
         except ValueError as error:
             raise ScheduleError(f"--cron {cron!r}: {error}; five fields, e.g. '0 2 * * *' (02:00 UTC daily)") from None
-    else:
-        if not data_prefix.startswith("s3://") or not data_prefix.endswith("/"):
-            raise ScheduleError(f"--on-new-data {data_prefix!r}: give an S3 prefix ending in /, e.g. "
-                                "s3://shards/digits/")
-        trigger = IntervalTrigger(seconds=poll_s, timezone=datetime.UTC)
+    if not data_prefix.startswith("s3://") or not data_prefix.endswith("/"):
+        raise ScheduleError(f"--on-new-data {data_prefix!r}: give an S3 prefix ending in /, e.g. s3://shards/digits/")
+    return IntervalTrigger(seconds=poll_s, timezone=datetime.UTC)
+
+
+def add_schedule(url: str, trigger, *, name: str, pipeline: str, spec_uri: str, home: str | None,
+                 data_prefix: str | None = None, settings: Settings | None = None, replace: bool = False) -> Schedule:
+    """Add a schedule firing on `trigger` (see `make_trigger`). For a new-data schedule, the manifests
+    already under the prefix are recorded as seen: only new ones trigger a run. `replace`: a schedule of
+    the same name is replaced (its history stays)."""
     with editing(url) as scheduler:
-        if scheduler.get_job(name) is not None:
-            raise ScheduleError(f"a schedule named {name} exists; remove it first, or pass --name")
+        if scheduler.get_job(name) is not None and not replace:
+            raise ScheduleError(f"a schedule named {name} exists; remove it first, pass --replace, or pass --name")
         if data_prefix is not None:
             assert settings is not None
             for manifest in manifests(settings, data_prefix):
                 record(url, name, "seen", data=manifest, detail="there when the schedule was added")
-        scheduler.add_job(FIRE, trigger, id=name, name=pipeline, replace_existing=False,
+        scheduler.add_job(FIRE, trigger, id=name, name=pipeline, replace_existing=replace,
                           kwargs={"schedule": name, "spec_uri": spec_uri, "data_prefix": data_prefix, "home": home,
                                   "store": url})
         return _schedule(scheduler.get_job(name))
@@ -159,7 +159,7 @@ def remove_schedule(url: str, name: str) -> None:
 
 def history(url: str, name: str | None = None, limit: int = 50) -> list[dict]:
     """The schedule's firings (every schedule's when None), newest first."""
-    engine = create_engine(url)
+    engine = _engine(url)
     _metadata.create_all(engine)
     query = select(HISTORY).order_by(HISTORY.c.id.desc()).limit(limit)
     if name is not None:
@@ -241,11 +241,17 @@ def manifests(settings: Settings, prefix: str) -> list[str]:
 
 def record(url: str, schedule: str, action: str, *, data: str | None = None, submission_id: str | None = None,
            detail: str | None = None) -> None:
-    engine = create_engine(url)
-    with engine.begin() as connection:
+    with _engine(url).begin() as connection:
         connection.execute(HISTORY.insert().values(schedule=schedule, at=datetime.datetime.now(datetime.UTC),
                                                    action=action, data=data, submission_id=submission_id,
                                                    detail=detail))
+
+
+def _engine(url: str):
+    """An engine on the store; a SQLite file's folder is made first."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return create_engine(url)
 
 
 def serve(url: str, *, host: str, port: int, stop: threading.Event | None = None) -> None:
@@ -278,15 +284,13 @@ class _Health(BaseHTTPRequestHandler):
 def main() -> None:
     import argparse
 
-    from infra.settings import load_settings
-
     parser = argparse.ArgumentParser(description="compound's scheduler service")
-    parser.add_argument("--home", type=Path, default=None)
+    parser.add_argument("--store", required=True, help="SQLAlchemy URL of the job store")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True, help="for health checks: GET /health")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(store_url(load_settings(args.home), args.home), host=args.host, port=args.port)
+    serve(args.store, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster.data.manifest import ShardManifest
+from cluster.data.sources import DigitsSource
+from cluster.data.writer import write_shards
 from cluster.storage import S3Access
 from infra.settings import Settings, load_settings
 from infra.stack import Stack, StackPorts
@@ -55,3 +58,10 @@ def settings(stack: Stack) -> Settings:
 def s3(settings: Settings) -> S3Access:
     """What workers receive: the stack's S3 store as an `S3Access`."""
     return s3_access(settings)
+
+
+@pytest.fixture(scope="session")
+def digits(s3: S3Access) -> ShardManifest:
+    """The demo dataset where the example specs expect it: 64 px digits in 0.25 MB shards."""
+    source = DigitsSource(image_size=64, val_fraction=0.2, seed=0)
+    return write_shards(source, "s3://shards/digits/", s3=s3, shard_bytes=int(0.25 * 2**20), overwrite=True).manifest

@@ -4,6 +4,7 @@ and see its runs with each stage's status and outputs."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -74,6 +75,7 @@ def run(spec_ref: str, data: str | None, from_stage: str | None, as_json: bool, 
     from pipelines.runner import StageFailedError, run_pipeline
     from pipelines.spec import load_pipeline_spec, load_pipeline_spec_text, with_data
 
+    started = time.monotonic()
     try:
         spec = None if spec_ref.startswith("s3://") else load_pipeline_spec(Path(spec_ref))
         settings = _settings(home)
@@ -93,7 +95,21 @@ def run(spec_ref: str, data: str | None, from_stage: str | None, as_json: bool, 
         note = " (reused)" if name in outcome.reused else ""
         table.add_row(name + note, spec.stages[name].uses, _short(outcome.outputs[name]))
     console.print(table)
-    console.print(f"MLflow run: {outcome.run.url}", highlight=False, soft_wrap=True)
+    for name in spec.order():
+        if "figures" in outcome.outputs[name]:
+            console.print(_figures_table(f"stage {name}: {spec.data}", outcome.outputs[name]["figures"]))
+    minutes, seconds = divmod(time.monotonic() - started, 60)
+    console.print(f"MLflow run: {outcome.run.url}\nwall time: {minutes:.0f} min {seconds:.0f} s", highlight=False,
+                  soft_wrap=True)
+
+
+def _figures_table(title: str, figures: dict[str, dict[str, float]]) -> Table:
+    """An evaluate stage's figures: what a person compares first."""
+    table = Table("model", "top-1", "top-5", "latency b1 (ms)", "latency b32 (ms)", "size (MB)", title=title)
+    for label, values in figures.items():
+        table.add_row(label, f"{values['top1']:.1%}", f"{values['top5']:.1%}", f"{values['latency_ms']:.2f}",
+                      f"{values['latency_b32_ms']:.1f}", f"{values['size_mb']:.1f}")
+    return table
 
 
 @pipeline.command("submit")

@@ -46,9 +46,10 @@ def _store(home: Path | None) -> str:
 @click.option("--poll", "poll_s", default=60.0, show_default=True, type=click.FloatRange(min=1),
               help="With --on-new-data: seconds between looks at the prefix.")
 @click.option("--name", default=None, help="The schedule's name [default: the pipeline's].")
+@click.option("--replace", is_flag=True, help="Replace a schedule of the same name.")
 @home_option
 @_schedule_errors
-def add(spec_path: Path, cron: str | None, data_prefix: str | None, poll_s: float, name: str | None,
+def add(spec_path: Path, cron: str | None, data_prefix: str | None, poll_s: float, name: str | None, replace: bool,
         home: Path | None) -> None:
     """Schedule the pipeline SPEC. The spec is checked now and stored with the schedule: later edits of
     the file change nothing until the schedule is added again."""
@@ -57,7 +58,7 @@ def add(spec_path: Path, cron: str | None, data_prefix: str | None, poll_s: floa
     from cluster.storage import split_s3_url
     from jobs.connect import s3_access
     from jobs.spec import SpecError, dump_spec
-    from pipelines.scheduler import SCHEDULE_NAME_PATTERN, ScheduleError, add_schedule
+    from pipelines.scheduler import SCHEDULE_NAME_PATTERN, ScheduleError, add_schedule, list_schedules, make_trigger
     from pipelines.spec import load_pipeline_spec
     from pipelines.stages.base import PIPELINE_STORAGE_PREFIX
 
@@ -65,20 +66,24 @@ def add(spec_path: Path, cron: str | None, data_prefix: str | None, poll_s: floa
         spec = load_pipeline_spec(spec_path)
     except SpecError as error:
         _fail_on_spec_error(error)
+    trigger = make_trigger(cron=cron, data_prefix=data_prefix, poll_s=poll_s)
     name = name or spec.name
     if not re.match(SCHEDULE_NAME_PATTERN, name):
         raise ScheduleError(f"--name {name!r}: lowercase letters, digits and -, at most 63")
-    settings = _settings(home)
+    settings, url = _settings(home), _store(home)
+    if not replace and name in {s.name for s in list_schedules(url)}:
+        raise ScheduleError(f"a schedule named {name} exists; remove it first, pass --replace, or pass --name")
     spec_uri = f"s3://{settings.checkpoints_bucket}/{PIPELINE_STORAGE_PREFIX}/{spec.name}/schedules/{name}.yaml"
     bucket, key = split_s3_url(spec_uri)
     store = s3_access(settings).client()
     store.put_object(Bucket=bucket, Key=key, Body=dump_spec(spec).encode(), ContentType="application/yaml")
     try:
-        added = add_schedule(_store(home), name=name, pipeline=spec.name, spec_uri=spec_uri,
-                             home=str(home) if home else None, cron=cron, data_prefix=data_prefix, poll_s=poll_s,
-                             settings=settings)
+        added = add_schedule(url, trigger, name=name, pipeline=spec.name, spec_uri=spec_uri,
+                             home=str(home) if home else None, data_prefix=data_prefix, settings=settings,
+                             replace=replace)
     except BaseException:
-        store.delete_object(Bucket=bucket, Key=key)
+        if not replace:  # a schedule it would have replaced reads the spec there
+            store.delete_object(Bucket=bucket, Key=key)
         raise
     console.print(f"scheduled pipeline {spec.name} as [bold]{added.name}[/bold]: {added.trigger}; next run "
                   f"{_when(added.next_run)}", highlight=False, soft_wrap=True)

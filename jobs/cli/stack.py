@@ -19,7 +19,7 @@ from jobs.cli.common import console, home_option
 @click.option("--dashboard-port", type=click.IntRange(1, 65535), help="Ray dashboard and job server port [default 8265].")
 def up(home: Path | None, s3_port: int | None, mlflow_port: int | None, ray_port: int | None,
        dashboard_port: int | None) -> None:
-    """Start the local stack: S3 store, MLflow server and Ray head, on 127.0.0.1."""
+    """Start the local stack: S3 store, MLflow server, Ray head and pipeline scheduler, on 127.0.0.1."""
     from infra.settings import compound_home
     from infra.stack import Stack, StackError, StackPorts
 
@@ -75,10 +75,13 @@ def stack_status(home: Path | None) -> None:
 
 
 def _print_endpoints(settings, home: Path) -> None:
+    from infra.settings import default_scheduler_store
+
     table = Table("endpoint", "address", show_header=False)
     table.add_row("S3 API", settings.s3_endpoint)
     table.add_row("MLflow UI", settings.mlflow_tracking_uri)
     table.add_row("Ray dashboard", settings.ray_dashboard_url)
     table.add_row("Ray address", settings.ray_address)
+    table.add_row("schedules", settings.scheduler_store or default_scheduler_store(home))
     table.add_row("settings", str(home / "settings.json"))
     console.print(table)

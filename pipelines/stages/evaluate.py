@@ -75,7 +75,9 @@ def run(inputs: Inputs, context: StageContext) -> Outputs:
 
 def _onnx(source: str, folder: Path, num_classes: int, context: StageContext) -> tuple[Path, int]:
     """The model as an ONNX file in `folder`, and its input side."""
-    from cluster.storage import split_s3_url
+    from botocore.exceptions import ClientError
+
+    from cluster.storage import is_not_found, split_s3_url
     from cluster.train.distill import load_pinned
     from effnet.export import export_onnx
     from jobs.deploy import input_resolution
@@ -85,7 +87,12 @@ def _onnx(source: str, folder: Path, num_classes: int, context: StageContext) ->
     if source.endswith(".onnx"):
         path = folder / "model.onnx"
         if source.startswith("s3://"):
-            _s3(context).client().download_file(*split_s3_url(source), str(path))
+            try:
+                _s3(context).client().download_file(*split_s3_url(source), str(path))
+            except ClientError as error:
+                if is_not_found(error):
+                    raise FileNotFoundError(f"models.{folder.name}: no object at {source}") from None
+                raise
         else:
             path = Path(source).expanduser()
         return path, input_resolution(path)

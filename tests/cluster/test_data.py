@@ -331,3 +331,28 @@ def test_unreachable_store_fails_after_the_retry_window_naming_shard_and_window(
     with pytest.raises(ShardReadError, match=rf"could not read shard {shard.url} at byte 0: the store did not "
                                              r"answer for 2 s \(the retry window"):
         list(read_shard(shard, access=nowhere))
+
+
+def test_reading_rides_out_the_store_stopped_and_started_again(stack, s3: S3Access, digits) -> None:
+    """The store stops mid-epoch and comes back 10 s later: the epoch goes on with every sample once."""
+    import threading
+    import time
+
+    manifest, _ = digits
+    expected = sorted(s["__key__"] for shard in manifest.split("train").shards for s in read_shard(shard, access=s3))
+    batches = iter(_loader(manifest, s3, batch_size=64, shuffle=False))
+
+    def real(batch: Batch) -> list[str]:
+        return [key for key, weight in zip(batch.keys, batch.weights, strict=True) if weight > 0]
+
+    keys = real(next(batches))
+    stack.stop_service("s3", grace_s=0)
+    restart = threading.Thread(target=lambda: (time.sleep(10), stack.up()))
+    restart.start()
+    try:
+        started = time.monotonic()
+        keys += [key for batch in batches for key in real(batch)]
+    finally:
+        restart.join()
+    assert time.monotonic() - started >= 5, "the epoch ended before the store came back"
+    assert sorted(keys) == expected

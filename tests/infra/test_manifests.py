@@ -113,3 +113,13 @@ def test_launcher_uses_the_stack_ports_and_valid_settings() -> None:
     assert _port(settings.ray_address) == DEFAULTS.ray
     gpu = launcher["available_node_types"]["gpu_worker"]
     assert gpu["max_workers"] <= launcher["max_workers"]
+
+
+def test_the_scheduler_is_one_replica_with_its_schedules_in_postgresql(docs: dict) -> None:
+    deployment = docs[("Deployment", "scheduler")]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    (container,) = _containers(deployment)
+    assert container["readinessProbe"]["httpGet"]["port"] == DEFAULTS.scheduler
+    assert f"--port {DEFAULTS.scheduler}" in container["args"][0]
+    store = next(e["value"] for e in container["env"] if e["name"] == "COMPOUND_SCHEDULER_STORE")
+    assert store.startswith("postgresql://") and "@mlflow-db:5432/" in store and ("Service", "mlflow-db") in docs

@@ -42,6 +42,7 @@ from tests.jobs.helpers import (
 
 
 # ZeRO-2 in bf16 runs the same drill as a distillation job: tests/jobs/test_distill_job.py.
+@pytest.mark.slow  # CI's budget: DeepSpeed ZeRO-2 is drilled in `make test` (tests/jobs/test_distill_job.py)
 @pytest.mark.parametrize(("zero_stage", "dtype"), [(3, "fp32")])
 def test_deepspeed_trains_checkpoints_and_resumes_after_a_worker_kill(
     stack: Stack, s3: S3Access, digits: ShardManifest, tmp_path: Path, zero_stage: int, dtype: str,
@@ -69,6 +70,7 @@ def test_deepspeed_trains_checkpoints_and_resumes_after_a_worker_kill(
     assert {"progress.json", "model.safetensors", "rank-0.pt", "rank-1.pt"} <= files and len(shards) >= 2, files
 
 
+@pytest.mark.slow  # CI's budget: the reader's outage tests (tests/cluster/test_data.py) run in `make test`
 def test_training_rides_out_a_20_second_store_outage(stack: Stack, s3: S3Access, digits: ShardManifest,
                                                      tmp_path: Path) -> None:
     spec_path, _ = make_spec(tmp_path, **SMALL)

@@ -128,6 +128,7 @@ def test_a_sweep_stops_bad_trials_early_and_is_one_parent_run_with_a_child_per_t
     assert best["mlflow_run_id"] == by_trial[best["trial"]].info.run_id
 
 
+@pytest.mark.slow  # CI's budget: the drill is in `make test-all`; a pipeline's resume runs in `make test`
 def test_a_sweep_whose_driver_was_killed_resumes_when_submitted_without_running_finished_trials_again(
     stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
 ) -> None:

@@ -55,8 +55,8 @@ def test_data_can_be_replaced_and_is_checked() -> None:
     (lambda d: d["stages"]["int8"]["with"].update(model="${stages.pupil.outputs.checkpoint}"),
      "stages.int8.with.model: ${stages.pupil.outputs.checkpoint}: no stage 'pupil'"),
     (lambda d: d["stages"]["int8"]["with"].update(model="${stages.student.outputs.weights}"),
-     "stages.int8.with.model: ${stages.student.outputs.weights}: a distill stage has no output 'weights'; "
-     "its outputs: job, checkpoint, run_id, val_top1"),
+     ("stages.int8.with.model: ${stages.student.outputs.weights}: a distill stage has no output 'weights'; "
+     "its outputs: job, checkpoint, run_id, val_top1")),
     (lambda d: d["stages"]["int8"]["with"].update(model="${student.checkpoint}"),
      "stages.int8.with.model: ${student.checkpoint} is not a reference"),
     (lambda d: d["stages"]["int8"]["with"].update(model="${stages.int8.outputs.fp32_onnx}"),

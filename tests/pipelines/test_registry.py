@@ -1,0 +1,151 @@
+"""The registry against the real MLflow server and S3 store: gated promotion (and what it records), a
+promotion the gate rejects, rollback, two promotions at once, and an alias moved by hand."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import uuid
+
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from cluster.storage import S3Access
+from infra.settings import Settings
+from infra.stack import Stack
+from jobs.cli import cli
+from pipelines.registry import (
+    CHALLENGER,
+    CHAMPION,
+    DECISION_TAG,
+    HISTORY_TAG,
+    Gate,
+    RegistryError,
+    alias_version,
+    promote,
+    register_version,
+    rollback,
+)
+
+GATE = Gate(tolerance=1.0, max_int8_drop=1.0, max_latency_ms=50)
+
+
+def _version(settings: Settings, name: str, run_id: str, top1: float, drop: float = 0.3, latency: float = 5.0) -> int:
+    return register_version(settings.mlflow_tracking_uri, name=name, run_id=run_id,
+                            tags={"compound.pipeline_run": "p" * 32, "compound.dataset_id": "digits@1"},
+                            metrics={"int8_top1": top1, "int8_drop_points": drop, "int8_latency_ms": latency},
+                            gate=GATE)
+
+
+def _promote(settings: Settings, s3: S3Access, name: str, version: int, **options):
+    return promote(settings.mlflow_tracking_uri, s3, lock_bucket=settings.checkpoints_bucket, name=name,
+                   version=version, **options)
+
+
+def test_the_gate_decides_and_every_decision_is_recorded(stack: Stack, settings: Settings, s3: S3Access,
+                                                         model_run: str) -> None:
+    name = f"reg-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    v1 = _version(settings, name, model_run, top1=0.90)
+    assert alias_version(client, name, CHALLENGER) == v1 and alias_version(client, name, CHAMPION) is None
+    first = _promote(settings, s3, name, v1)
+    assert first.action == "promoted" and alias_version(client, name, CHAMPION) == v1
+    assert any("no champion to compare with" in line for line in first.reasons)
+
+    worse = _version(settings, name, model_run, top1=0.85)  # 5 points below the champion, tolerance 1
+    home = ["--home", str(stack.home)]
+    result = CliRunner().invoke(cli, ["registry", "promote", name, "--version", str(worse), *home])
+    assert result.exit_code == 3, result.output
+    assert "rejected" in result.output and "FAILED: int8 top-1 85.00% ≥ champion v1's 90.00% − 1 points" in result.output
+    assert alias_version(client, name, CHAMPION) == v1  # unchanged
+    tags = client.get_model_version(name, str(worse)).tags
+    assert tags[DECISION_TAG] == "rejected" and "FAILED" in tags["compound.promotion_reasons"]
+
+    slow = _version(settings, name, model_run, top1=0.95, latency=80.0)  # better, but over the latency bound
+    assert _promote(settings, s3, name, slow).action == "rejected"
+    lossy = _version(settings, name, model_run, top1=0.95, drop=3.0)  # int8 lost too much
+    assert _promote(settings, s3, name, lossy).action == "rejected"
+
+    result = CliRunner().invoke(cli, ["registry", "promote", name, "--version", str(worse), "--force", *home])
+    assert result.exit_code == 2 and "--reason" in result.output  # a forced promotion says why
+    result = CliRunner().invoke(cli, ["registry", "promote", name, "--version", str(worse), "--force",
+                                      "--reason", "hotfix for class 7", *home])
+    assert result.exit_code == 0 and "forced" in result.output
+    assert alias_version(client, name, CHAMPION) == worse
+    assert "reason: hotfix for class 7" in client.get_model_version(name, str(worse)).tags["compound.promotion_reasons"]
+
+    result = CliRunner().invoke(cli, ["registry", "rollback", name, "--reason", "bad in production", *home])
+    assert result.exit_code == 0, result.output
+    assert alias_version(client, name, CHAMPION) == v1
+    assert client.get_model_version(name, str(worse)).tags[DECISION_TAG] == "rolled back"
+    assert client.get_model_version(name, str(v1)).tags[DECISION_TAG] == "restored"
+    history = json.loads(client.get_registered_model(name).tags[HISTORY_TAG])
+    assert [(h["version"], h["action"]) for h in history] == [(v1, "promoted"), (worse, "forced"), (v1, "rolled back")]
+    with pytest.raises(RegistryError, match="no champion before v1"):  # nothing earlier to go back to
+        rollback(settings.mlflow_tracking_uri, s3, lock_bucket=settings.checkpoints_bucket, name=name)
+
+    shown = CliRunner().invoke(cli, ["registry", "show", name, *home])
+    assert shown.exit_code == 0 and "champion history: v1 (promoted" in shown.output, shown.output
+    shown = json.loads(CliRunner().invoke(cli, ["registry", "show", name, "--json", *home]).output)
+    assert [v["aliases"] for v in shown["versions"]] == [[CHAMPION], [], [], [CHALLENGER]]
+    assert shown["versions"][0]["tags"]["compound.dataset_id"] == "digits@1" and len(shown["history"]) == 3
+    listed = CliRunner().invoke(cli, ["registry", "list", "--json", *home])
+    entry = next(m for m in json.loads(listed.output) if m["name"] == name)
+    assert entry["aliases"][CHAMPION] == v1 and entry["latest"] == lossy
+
+
+def test_two_promotions_at_once_leave_one_champion_and_a_consistent_history(
+        stack: Stack, settings: Settings, s3: S3Access, model_run: str) -> None:
+    name = f"race-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    v1 = _version(settings, name, model_run, top1=0.90)
+    assert _promote(settings, s3, name, v1).promoted
+    contenders = [_version(settings, name, model_run, top1=0.915), _version(settings, name, model_run, top1=0.92)]
+    start, decisions = threading.Barrier(len(contenders)), {}
+
+    def race(version: int) -> None:
+        start.wait()
+        decisions[version] = _promote(settings, s3, name, version)
+
+    threads = [threading.Thread(target=race, args=(v,)) for v in contenders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(d.promoted for d in decisions.values())  # both pass the gate against whoever is champion
+    history = json.loads(client.get_registered_model(name).tags[HISTORY_TAG])
+    # One after the other: each saw the champion the one before it made.
+    assert history[0]["version"] == v1 and len(history) == 3
+    for before, after in itertools.pairwise(history):
+        assert after["previous"] == before["version"]
+    champion = alias_version(client, name, CHAMPION)
+    assert champion == history[-1]["version"] and champion in contenders
+    other = next(v for v in contenders if v != champion)
+    assert decisions[champion].previous == other and decisions[other].previous == v1
+    assert not s3.client().list_objects_v2(Bucket=settings.checkpoints_bucket,
+                                           Prefix="registry-locks/").get("Contents")  # the lock was released
+
+
+def test_an_alias_moved_by_hand_is_what_the_registry_goes_by(stack: Stack, settings: Settings, s3: S3Access,
+                                                             model_run: str) -> None:
+    name = f"hand-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    v1 = _version(settings, name, model_run, top1=0.80)
+    assert _promote(settings, s3, name, v1).promoted
+    v2 = _version(settings, name, model_run, top1=0.95)
+    client.set_registered_model_alias(name, CHAMPION, v2)  # as a person would in the MLflow UI
+    v3 = _version(settings, name, model_run, top1=0.90)  # beats v1, not the champion set by hand
+    decision = _promote(settings, s3, name, v3)
+    assert decision.action == "rejected" and any("champion v2's 95.00%" in line for line in decision.reasons)
+    rolled = rollback(settings.mlflow_tracking_uri, s3, lock_bucket=settings.checkpoints_bucket, name=name)
+    assert rolled.previous == v2 and rolled.champion == v1 == alias_version(client, name, CHAMPION)
+
+
+def test_an_unknown_model_or_version_is_a_clear_error(stack: Stack, settings: Settings, s3: S3Access) -> None:
+    result = CliRunner().invoke(cli, ["registry", "promote", "no-such-model", "--version", "1",
+                                      "--home", str(stack.home)])
+    assert result.exit_code == 1 and "no-such-model" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["registry", "rollback", "no-such-model", "--home", str(stack.home)])
+    assert result.exit_code == 1 and "no-such-model" in result.output

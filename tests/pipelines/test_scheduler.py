@@ -1,0 +1,228 @@
+"""Scheduled retraining against the real stack. A cheap one-stage pipeline (promote a registered version)
+stands in for retraining: every firing submits it as a real Ray job.
+
+With a controllable clock (APScheduler's, patched): runs missed while the scheduler was down collapse
+into one catch-up run, a restart neither loses nor doubles a run, a firing while the pipeline is still
+running submits nothing. Without it: the stack's scheduler service picks up a schedule added from the
+CLI and runs the pipeline when a new manifest lands, on that manifest.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import apscheduler.schedulers.base
+import apscheduler.triggers.interval
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from cluster.data.manifest import ShardManifest
+from infra.settings import Settings
+from infra.stack import Stack
+from jobs.cli import cli
+from jobs.submit import JOB_KEY, JobsClient
+from pipelines import scheduler
+from pipelines.registry import register_version
+from pipelines.runner import DATA_TAG
+from pipelines.stages.base import PIPELINE_TAG
+
+START = datetime.datetime(2026, 11, 24, 10, 0, 30, tzinfo=datetime.UTC)
+WAIT_S = 120.0
+
+
+class Clock:
+    """APScheduler's notion of now, moved by the test."""
+
+    def __init__(self, now: datetime.datetime) -> None:
+        self.now = now
+
+    def advance(self, **delta: float) -> None:
+        self.now += datetime.timedelta(**delta)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    current = Clock(START)
+
+    class ControlledDatetime(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return current.now.astimezone(tz) if tz else current.now
+
+    for module in (apscheduler.schedulers.base, apscheduler.triggers.interval):
+        monkeypatch.setattr(module, "datetime", ControlledDatetime)
+    return current
+
+
+@pytest.fixture
+def pipeline_file(tmp_path: Path, settings: Settings, model_run: str) -> Path:
+    """A pipeline of one quick stage, under a name of its own."""
+    name = f"sched-{uuid.uuid4().hex[:6]}"
+    version = register_version(settings.mlflow_tracking_uri, name=name, run_id=model_run, tags={},
+                               metrics={"int8_top1": 0.9, "int8_drop_points": 0.1}, gate=None)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": name, "data": "s3://shards/digits/manifest.json",
+        "stages": {"promote": {"uses": "promote", "with": {"model_name": name, "version": version}}}}))
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'schedules.db'}"
+
+
+@pytest.fixture
+def running() -> Iterator[list]:
+    """Schedulers started by the test, shut down after it."""
+    started: list = []
+    yield started
+    for instance in started:
+        instance.shutdown(wait=True)
+
+
+def _start(store: str, running: list):
+    instance = scheduler.make_scheduler(store)
+    instance.start()
+    running.append(instance)
+    return instance
+
+
+def _add(stack: Stack, pipeline: Path, *options: str) -> str:
+    result = CliRunner().invoke(cli, ["schedule", "add", str(pipeline), *options, "--home", str(stack.home)])
+    assert result.exit_code == 0, result.output
+    return yaml.safe_load(pipeline.read_text())["name"]
+
+
+def _rows(store: str, name: str, count: int, *, within_s: float = WAIT_S) -> list[dict]:
+    """The schedule's history once it has `count` rows other than `seen` (oldest first)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        rows = [r for r in scheduler.history(store, name) if r["action"] != "seen"][::-1]
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
+def _wait_ended(settings: Settings, submission_id: str) -> str:
+    client = JobsClient(settings.ray_dashboard_url)
+    deadline = time.monotonic() + WAIT_S
+    while (submission := client.find(submission_id)).active and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return submission.status
+
+
+def test_missed_runs_collapse_into_one_and_a_restart_neither_loses_nor_doubles_one(
+        stack: Stack, settings: Settings, clock: Clock, store: str, pipeline_file: Path, running: list,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler, "store_url", lambda settings, home: store)  # the CLI edits the test's store
+    name = _add(stack, pipeline_file, "--cron", "* * * * *")
+    (added,) = scheduler.list_schedules(store)
+    assert added.next_run == datetime.datetime(2026, 11, 24, 10, 1, tzinfo=datetime.UTC)
+
+    clock.advance(minutes=5)  # the scheduler was down through five firings (10:01 … 10:05)
+    instance = _start(store, running)
+    (fired,) = _rows(store, name, 1)
+    assert fired["action"] == "submitted" and fired["data"] == "s3://shards/digits/manifest.json"
+    assert _wait_ended(settings, fired["submission_id"]) == "SUCCEEDED"
+    time.sleep(2.0)
+    assert len(_rows(store, name, 2, within_s=0)) == 1  # one catch-up run, not five
+    assert scheduler.list_schedules(store)[0].next_run == datetime.datetime(2026, 11, 24, 10, 6, tzinfo=datetime.UTC)
+
+    instance.shutdown(wait=True)  # a restart at the same moment: nothing is due again
+    running.remove(instance)
+    instance = _start(store, running)
+    time.sleep(2.0)
+    assert len(_rows(store, name, 2, within_s=0)) == 1
+
+    clock.advance(minutes=1)  # 10:06:30 — the next firing is neither lost nor doubled
+    instance.wakeup()
+    rows = _rows(store, name, 2)
+    assert [r["action"] for r in rows] == ["submitted", "submitted"]
+    assert _wait_ended(settings, rows[1]["submission_id"]) == "SUCCEEDED"
+
+    # The pipeline was submitted as a pipeline run each time: visible in MLflow and `pipeline status`.
+    result = CliRunner().invoke(cli, ["pipeline", "status", name, "--json", "--home", str(stack.home)])
+    runs = json.loads(result.output)
+    assert {r["submission_id"] for r in runs} == {r["submission_id"] for r in rows}
+    assert all(r["status"] == "FINISHED" for r in runs)
+
+
+def test_a_firing_while_the_pipeline_still_runs_submits_nothing(
+        stack: Stack, settings: Settings, clock: Clock, store: str, pipeline_file: Path, running: list,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler, "store_url", lambda settings, home: store)
+    name = _add(stack, pipeline_file, "--cron", "*/2 * * * *")
+    client = JobsClient(settings.ray_dashboard_url)
+    # A run of the pipeline that is still going (a submission under its name that takes a while).
+    standing = client.ray.submit_job(entrypoint="sleep 120", metadata={JOB_KEY: name})
+    try:
+        clock.advance(minutes=2)
+        instance = _start(store, running)
+        (skipped,) = _rows(store, name, 1)
+        assert skipped["action"] == "skipped" and standing in skipped["detail"] and skipped["submission_id"] is None
+    finally:
+        client.stop(client.find(standing))
+    clock.advance(minutes=2)
+    instance.wakeup()
+    rows = _rows(store, name, 2)
+    assert [r["action"] for r in rows] == ["skipped", "submitted"]
+    assert _wait_ended(settings, rows[1]["submission_id"]) == "SUCCEEDED"
+
+
+def test_the_service_runs_a_pipeline_on_a_new_manifest_and_the_cli_manages_schedules(
+        stack: Stack, settings: Settings, digits: ShardManifest, pipeline_file: Path) -> None:
+    home = ("--home", str(stack.home))
+    store = scheduler.store_url(settings, stack.home)  # the store of the stack's own scheduler service
+    prefix = f"s3://shards/arrivals-{uuid.uuid4().hex[:6]}/"
+    bucket, key = prefix[5:].split("/", 1)
+    manifest = settings.s3_client().get_object(Bucket="shards", Key="digits/manifest.json")["Body"].read()
+    settings.s3_client().put_object(Bucket=bucket, Key=f"{key}2026-11-01/manifest.json", Body=manifest)
+    name = _add(stack, pipeline_file, "--on-new-data", prefix, "--poll", "2")
+    seen = scheduler.history(store, name)
+    assert [(r["action"], r["data"]) for r in seen] == [("seen", f"{prefix}2026-11-01/manifest.json")]
+    time.sleep(8.0)  # the service looks at the store and the prefix: nothing new, nothing runs
+    assert _rows(store, name, 1, within_s=0) == []
+
+    settings.s3_client().put_object(Bucket=bucket, Key=f"{key}2026-11-24/manifest.json", Body=manifest)
+    (fired,) = _rows(store, name, 1)
+    assert fired["action"] == "submitted" and fired["data"] == f"{prefix}2026-11-24/manifest.json"
+    assert _wait_ended(settings, fired["submission_id"]) == "SUCCEEDED"
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                f"tags.`{PIPELINE_TAG}` = '{name}' and tags.`{DATA_TAG}` LIKE 's3://%'")
+    assert run.data.tags[DATA_TAG] == fired["data"]  # the new manifest became the pipeline's data
+
+    listed = json.loads(CliRunner().invoke(cli, ["schedule", "list", "--json", *home]).output)
+    assert [s["pipeline"] for s in listed if s["name"] == name] == [name]
+    assert CliRunner().invoke(cli, ["schedule", "pause", name, *home]).exit_code == 0
+    paused = json.loads(CliRunner().invoke(cli, ["schedule", "list", "--json", *home]).output)
+    assert next(s for s in paused if s["name"] == name)["next_run"] is None
+    assert CliRunner().invoke(cli, ["schedule", "resume", name, *home]).exit_code == 0
+    result = CliRunner().invoke(cli, ["schedule", "history", name, *home])
+    assert result.exit_code == 0 and "submitted" in result.output
+    shown = json.loads(CliRunner().invoke(cli, ["schedule", "history", name, "--json", *home]).output)
+    assert [(r["action"], r["submission_id"]) for r in shown] == [("submitted", fired["submission_id"]), ("seen", None)]
+    assert CliRunner().invoke(cli, ["schedule", "remove", name, *home]).exit_code == 0
+    result = CliRunner().invoke(cli, ["schedule", "remove", name, *home])
+    assert result.exit_code == 1 and f"no schedule named {name}" in result.output
+
+
+def test_a_wrong_schedule_is_refused_and_stores_nothing(stack: Stack, settings: Settings, pipeline_file: Path) -> None:
+    home = ("--home", str(stack.home))
+    for options, expected in ((["--cron", "every night"], "five fields"),
+                              (["--on-new-data", "shards/new"], "S3 prefix ending in /"),
+                              ([], "either --cron or --on-new-data")):
+        result = CliRunner().invoke(cli, ["schedule", "add", str(pipeline_file), *options, *home])
+        assert result.exit_code == 1 and expected in result.output, result.output
+    name = yaml.safe_load(pipeline_file.read_text())["name"]
+    assert name not in {s.name for s in scheduler.list_schedules(scheduler.store_url(settings, stack.home))}
+    stored = settings.s3_client().list_objects_v2(Bucket="checkpoints", Prefix=f"pipelines/{name}/schedules/")
+    assert not stored.get("Contents")
