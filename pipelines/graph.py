@@ -58,7 +58,7 @@ def substitute(value: Any, lookup: Callable[[str], Any]) -> Any:
     return value
 
 
-def topological_order(needs: Mapping[str, set[str]]) -> list[str]:
+def topological_order(needs: Mapping[str, list[str]]) -> list[str]:
     """The stages so that each comes after those it needs, otherwise in the order written.
     `ValueError` naming a cycle if there is one."""
     order: list[str] = []
@@ -81,14 +81,14 @@ def topological_order(needs: Mapping[str, set[str]]) -> list[str]:
     return order
 
 
-def downstream(needs: Mapping[str, set[str]], start: str) -> set[str]:
+def downstream(needs: Mapping[str, list[str]], start: str) -> set[str]:
     """`start` and every stage that needs it, directly or through others."""
     found = {start}
     changed = True
     while changed:
         changed = False
         for stage, needed in needs.items():
-            if stage not in found and needed & found:
+            if stage not in found and found.intersection(needed):
                 found.add(stage)
                 changed = True
     return found

@@ -66,6 +66,7 @@ def run_pipeline(spec: PipelineSpec, settings: Settings, *, from_stage: str | No
     """Run (or resume) the pipeline against the configured cluster, store and tracking server."""
     if from_stage is not None and from_stage not in spec.stages:
         raise SpecError("--from", [f"no stage {from_stage!r}; stages: {', '.join(spec.stages)}"])
+    check_data(spec, settings)
     parent, records, resumed = open_pipeline_run(spec, settings.mlflow_tracking_uri, from_stage=from_stage,
                                                  submission_id=submission_id)
     log.info("pipeline %s: MLflow run %s%s", spec.name, parent.url, " (resumed)" if resumed else "")
@@ -82,30 +83,54 @@ def run_pipeline(spec: PipelineSpec, settings: Settings, *, from_stage: str | No
             outputs[name] = record.outputs or {}
             reused.append(name)
             continue
-        attempt = (record.attempt + 1) if record and (name in forced or record.fingerprint != fingerprint) else (
-            record.attempt if record else 0)
         context = StageContext(settings=settings, pipeline=spec.name, experiment=spec.experiment_name, stage=name,
-                               parent=parent, attempt=attempt)
-        _record(parent, name, StageRecord("running", fingerprint, attempt))
-        log.info("stage %s (%s): running", name, uses)
-        started = time.monotonic()
-        try:
-            result = STAGES[uses].run(inputs, context)
-        except BaseException as error:
-            _record(parent, name, StageRecord("failed", fingerprint, attempt, error=_summary(error),
-                                              seconds=time.monotonic() - started))
-            _terminate(parent, "FAILED" if isinstance(error, Exception) else "KILLED")
-            if isinstance(error, Exception):
-                raise StageFailedError(f"pipeline {spec.name}: stage {name} ({uses}) failed: {_summary(error)}\n"
-                                       f"run the pipeline again to resume at this stage; MLflow run: {parent.url}") \
-                    from error
-            raise
-        outputs[name] = result.model_dump(mode="json")
-        _record(parent, name, StageRecord("finished", fingerprint, attempt, outputs=outputs[name],
-                                          seconds=time.monotonic() - started))
-        log.info("stage %s: finished in %.0f s", name, time.monotonic() - started)
+                               parent=parent, attempt=_attempt(record, fingerprint, forced=name in forced))
+        outputs[name] = _run_stage(spec, context, inputs, fingerprint)
     _finish(parent, outputs)
     return PipelineOutcome(spec=spec, run=parent, outputs=outputs, reused=reused, resumed=resumed)
+
+
+def _attempt(record: StageRecord | None, fingerprint: str, *, forced: bool) -> int:
+    """A stage resumed after a failure keeps its attempt (its job continues from its checkpoints); one whose
+    inputs changed, or that is forced, starts a new one (new job names)."""
+    if record is None:
+        return 0
+    return record.attempt + 1 if forced or record.fingerprint != fingerprint else record.attempt
+
+
+def _run_stage(spec: PipelineSpec, context: StageContext, inputs, fingerprint: str) -> dict:
+    """One stage, its record kept on the pipeline run; a failure marks the run failed (killed, for ^C)."""
+    name, uses, parent = context.stage, spec.stages[context.stage].uses, context.parent
+    _record(parent, name, StageRecord("running", fingerprint, context.attempt))
+    log.info("stage %s (%s): running", name, uses)
+    started = time.monotonic()
+    try:
+        result = STAGES[uses].run(inputs, context)
+    except BaseException as error:
+        _record(parent, name, StageRecord("failed", fingerprint, context.attempt, error=_summary(error),
+                                          seconds=time.monotonic() - started))
+        _terminate(parent, "FAILED" if isinstance(error, Exception) else "KILLED")
+        if isinstance(error, Exception):
+            raise StageFailedError(f"pipeline {spec.name}: stage {name} ({uses}) failed: {_summary(error)}\n"
+                                   f"run the pipeline again to resume at this stage; MLflow run: {parent.url}") \
+                from error
+        raise
+    outputs = result.model_dump(mode="json")
+    _record(parent, name, StageRecord("finished", fingerprint, context.attempt, outputs=outputs,
+                                      seconds=time.monotonic() - started))
+    log.info("stage %s: finished in %.0f s", name, time.monotonic() - started)
+    return outputs
+
+
+def check_data(spec: PipelineSpec, settings: Settings) -> None:
+    """Refuse a pipeline whose dataset manifest cannot be read, before anything runs or is recorded."""
+    from cluster.data.manifest import ManifestError, load_manifest
+    from jobs.connect import s3_access
+
+    try:
+        load_manifest(spec.data, s3=s3_access(settings))
+    except (ManifestError, ValueError) as error:
+        raise SpecError(f"pipeline {spec.name}", [f"data: {error}"]) from None
 
 
 def open_pipeline_run(spec: PipelineSpec, tracking_uri: str, *, from_stage: str | None,
@@ -144,10 +169,14 @@ def open_pipeline_run(spec: PipelineSpec, tracking_uri: str, *, from_stage: str 
 
 def latest_runs(client, experiment_id: str, pipeline: str, *, max_results: int = 20) -> list:
     """The pipeline's runs, newest first."""
-    name = pipeline.replace("'", "\\'")
-    return client.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{name}' "
+    return client.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{quoted(pipeline)}' "
                               f"and tags.`{DATA_TAG}` LIKE 's3://%'", order_by=["attributes.start_time DESC"],
                               max_results=max_results)
+
+
+def quoted(value: str) -> str:
+    """A value for an MLflow search filter's quotes."""
+    return value.replace("'", "\\'")
 
 
 def stage_records(tags: dict[str, str]) -> dict[str, StageRecord]:
@@ -194,5 +223,8 @@ def _finish(parent: RunRef, outputs: dict[str, dict]) -> None:
 
 
 def _summary(error: BaseException) -> str:
+    """What went wrong, for a person: a spec's every problem, otherwise the error's first line."""
+    if isinstance(error, SpecError):
+        return str(error)[:2000]
     text = "".join(traceback.format_exception_only(type(error), error)).strip()
     return text.splitlines()[0][:500] if text else type(error).__name__

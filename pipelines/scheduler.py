@@ -216,8 +216,7 @@ def fire(*, schedule: str, spec_uri: str, data_prefix: str | None, home: str | N
                    detail=f"run {active[-1].submission_id} of pipeline {spec.name} is still {active[-1].status}")
             log.info("schedule %s: skipped, pipeline %s still running", schedule, spec.name)
             return
-        options = ("--data", data) if data else ()
-        plan = plan_pipeline_submission(spec, settings, client, options=options)
+        plan = plan_pipeline_submission(spec, settings, client)  # the spec it stores has the new data
         submit(plan, settings, client)
         record(store, schedule, "submitted", data=data or spec.data, submission_id=plan.submission_id)
         log.info("schedule %s: submitted pipeline %s as %s", schedule, spec.name, plan.submission_id)

@@ -56,9 +56,10 @@ class PipelineSpec(BaseModel):
     def experiment_name(self) -> str:
         return self.experiment or self.name
 
-    def needs(self) -> dict[str, set[str]]:
-        """Each stage → the stages whose outputs it takes."""
-        return {name: {ref.stage for ref in references(stage.with_) if ref.stage in self.stages}
+    def needs(self) -> dict[str, list[str]]:
+        """Each stage → the stages whose outputs it takes, in the order it names them (a stable order: what
+        is reported of a cycle is the same every time)."""
+        return {name: list(dict.fromkeys(ref.stage for ref in references(stage.with_) if ref.stage in self.stages))
                 for name, stage in self.stages.items()}
 
     def order(self) -> list[str]:

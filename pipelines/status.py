@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster.tracking import RunRef
-from pipelines.runner import DATA_TAG, ORDER_TAG, SUBMISSION_TAG, stage_records
+from pipelines.runner import DATA_TAG, ORDER_TAG, SUBMISSION_TAG, quoted, stage_records
 from pipelines.stages.base import PIPELINE_TAG
 
 
@@ -18,7 +18,7 @@ def pipeline_runs(tracking_uri: str, name: str | None, *, limit: int) -> list[di
         return []
     query = f"tags.`{DATA_TAG}` LIKE 's3://%'"
     if name is not None:
-        query += f" and tags.`{PIPELINE_TAG}` = '{name}'"
+        query += f" and tags.`{PIPELINE_TAG}` = '{quoted(name)}'"
     runs = client.search_runs(experiments, filter_string=query, order_by=["attributes.start_time DESC"],
                               max_results=500)
     shown: list[dict] = []

@@ -69,6 +69,8 @@ def run(spec_ref: str, data: str | None, from_stage: str | None, as_json: bool, 
 
     Run again after it failed, it resumes at the failed stage, reusing the stages that finished.
     """
+    from mlflow.exceptions import MlflowException
+
     from jobs.driver import ClusterUnreachableError
     from jobs.spec import SpecError
     from jobs.tracking import TrackingUnavailableError
@@ -86,6 +88,10 @@ def run(spec_ref: str, data: str | None, from_stage: str | None, as_json: bool, 
         _fail_on_spec_error(error)
     except (StageFailedError, ClusterUnreachableError, TrackingUnavailableError) as error:
         raise click.ClickException(str(error)) from None
+    except MlflowException as error:
+        raise click.ClickException(f"the MLflow server at {settings.mlflow_tracking_uri} failed "
+                                   f"({str(error).splitlines()[0][:300]}); run the pipeline again once it answers: "
+                                   "the stages that finished are reused") from None
     if as_json:
         click.echo(json.dumps({"pipeline": spec.name, "mlflow_run_id": outcome.run.run_id, "resumed": outcome.resumed,
                                "reused": outcome.reused, "outputs": outcome.outputs}))
@@ -130,6 +136,7 @@ def submit(spec_path: Path, data: str | None, from_stage: str | None, address: s
     from jobs.spec import SpecError
     from jobs.submit import plan_pipeline_submission
     from jobs.submit import submit as submit_plan
+    from pipelines.runner import check_data
     from pipelines.spec import load_pipeline_spec, with_data
 
     settings = _settings(home)
@@ -138,6 +145,7 @@ def submit(spec_path: Path, data: str | None, from_stage: str | None, address: s
         spec = with_data(load_pipeline_spec(spec_path), data, str(spec_path))
         if from_stage is not None and from_stage not in spec.stages:
             raise SpecError("--from", [f"no stage {from_stage!r}; stages: {', '.join(spec.stages)}"])
+        check_data(spec, settings)
     except SpecError as error:
         _fail_on_spec_error(error)
     plan = plan_pipeline_submission(spec, settings, client, options=("--from", from_stage) if from_stage else ())
@@ -155,9 +163,16 @@ def submit(spec_path: Path, data: str | None, from_stage: str | None, address: s
 @home_option
 def status(name: str | None, limit: int, as_json: bool, home: Path | None) -> None:
     """The latest runs of pipeline NAME (or of every pipeline), each stage's status and outputs."""
+    from mlflow.exceptions import MlflowException
+
     from pipelines.status import pipeline_runs
 
-    runs = pipeline_runs(_settings(home).mlflow_tracking_uri, name, limit=limit)
+    settings = _settings(home)
+    try:
+        runs = pipeline_runs(settings.mlflow_tracking_uri, name, limit=limit)
+    except MlflowException as error:
+        raise click.ClickException(f"cannot read the pipeline runs from MLflow at {settings.mlflow_tracking_uri}: "
+                                   f"{str(error).splitlines()[0][:300]}") from None
     if as_json:
         click.echo(json.dumps(runs))
         return

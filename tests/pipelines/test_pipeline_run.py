@@ -134,3 +134,16 @@ def test_the_tiny_pipeline_resumes_at_its_failed_stage_and_promotes_a_champion(
     assert latest["stages"]["promote"]["attempt"] == 1 and latest["stages"]["promote"]["outputs"]["action"] == \
         "unchanged"
     assert latest["stages"]["register"]["outputs"]["version"] == 1  # not registered twice
+
+
+def test_a_pipeline_on_data_that_is_not_there_is_refused_and_records_nothing(
+        stack: Stack, settings: Settings, pipeline_file: Path, tmp_path: Path) -> None:
+    home = ("--home", str(stack.home))
+    nowhere = "s3://shards/nowhere/manifest.json"
+    for command in ("run", "submit"):
+        code, output = _invoke("pipeline", command, str(pipeline_file), "--data", nowhere, *home)
+        assert code == 2 and f"data: no dataset at {nowhere}" in output and "compound data shards" in output, output
+    code, output = _invoke("pipeline", "run", str(pipeline_file), "--from", "evaluation", *home)
+    assert code == 2 and "no stage 'evaluation'" in output
+    runs = _json(_invoke("pipeline", "status", "digits-tiny", "--json", *home)[1])
+    assert all(run["data"] != nowhere for run in runs)

@@ -62,7 +62,7 @@ def test_data_can_be_replaced_and_is_checked() -> None:
     (lambda d: d["stages"]["int8"]["with"].update(model="${stages.int8.outputs.fp32_onnx}"),
      "a stage cannot take its own output"),
     (lambda d: d["stages"]["teacher"]["with"].update(data="${stages.promote.outputs.action}"),
-     "stages: a cycle of references: teacher → promote → register → "),
+     "stages: a cycle of references: evaluate → int8 → student → teacher → promote → register → evaluate"),
     (lambda d: d["stages"]["int8"]["with"].pop("model"), "stages.int8.with.model: required, but missing"),
     (lambda d: d["stages"]["int8"]["with"].update(max_dorp=2), "stages.int8.with.max_dorp: unknown field"),
     (lambda d: d["stages"]["int8"]["with"].update(max_drop=-1), "stages.int8.with.max_drop: Input should be greater"),
@@ -109,8 +109,8 @@ def test_references_are_substituted_keeping_types_and_order_follows_needs() -> N
     outputs = {"stages.a.outputs.n": 3, "data": "s3://b/m.json"}
     assert substitute({"x": "${stages.a.outputs.n}", "y": ["at ${data}"]}, outputs.__getitem__) == \
         {"x": 3, "y": ["at s3://b/m.json"]}
-    needs = {"c": {"b"}, "a": set(), "b": {"a"}, "d": set()}
+    needs = {"c": ["b"], "a": [], "b": ["a"], "d": []}
     assert topological_order(needs) == ["a", "b", "c", "d"]
     assert downstream(needs, "b") == {"b", "c"}
     with pytest.raises(ValueError, match="a → b → a"):
-        topological_order({"a": {"b"}, "b": {"a"}})
+        topological_order({"a": ["b"], "b": ["a"]})
