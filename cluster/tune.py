@@ -158,7 +158,10 @@ def _searcher(sweep: Sweep):
         return OptunaSearch(sampler=TPESampler(seed=sweep.searcher.seed))
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=sweep.searcher.seed)
+    # Tune applies max_concurrent_trials only to a `Searcher`; this generator takes its own limit. Without it
+    # every trial's driver starts at once and their workers race for the cluster: the order trials train
+    # in, and so what ASHA compares each against, is left to chance.
+    return BasicVariantGenerator(random_state=sweep.searcher.seed, max_concurrent=sweep.max_concurrent_trials)
 
 
 def _scheduler(sweep: Sweep):
