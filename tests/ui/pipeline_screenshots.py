@@ -41,7 +41,7 @@ def main() -> None:
     root = settings.mlflow_tracking_uri.rstrip("/")
     experiment = runs[0]["url"].split("/runs/")[0]
     pages = {
-        "pipeline-runs": experiment,  # the runs table: the pipeline run, its stages nested under it
+        "pipeline-runs": f"{experiment}/runs",  # the runs table: the pipeline run, its stages nested under it
         "pipeline-run": runs[0]["url"],
         "registered-model": f"{root}/#/models/{model}",
         "model-version": f"{root}/#/models/{model}/versions/{latest}",
