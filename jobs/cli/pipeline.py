@@ -198,6 +198,6 @@ def _short(outputs: dict) -> str:
         if isinstance(value, float):
             value = f"{value:.4g}"
         elif isinstance(value, dict | list):
-            value = json.dumps(value, separators=(",", ":"))[:120]
+            value = json.dumps(value, separators=(",", ":"), ensure_ascii=False)[:120]
         parts.append(f"{key}={value}")
     return "\n".join(parts)
