@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from jobs.spec import SpecError, SweepSpec, check_sweep, parse_spec
 from pipelines.stages.base import StageContext, StageInputs, StageOutputs
-from pipelines.stages.train import MANIFEST_PATTERN
+from pipelines.stages.train import MANIFEST_PATTERN, use_manifest
 
 
 class Inputs(StageInputs):
@@ -41,9 +41,8 @@ def sweep_spec(inputs: Inputs, *, name: str, tracking: dict[str, Any]) -> SweepS
     data = copy.deepcopy(inputs.sweep)
     data["name"] = name
     job = data.get("job")
-    if inputs.data is not None and isinstance(job, dict) and isinstance(job.get("data"), dict):
-        job["data"] = {**job["data"], **{split: {**job["data"][split], "manifest": inputs.data}
-                                         for split in ("train", "val") if isinstance(job["data"].get(split), dict)}}
+    if inputs.data is not None and isinstance(job, dict):
+        use_manifest(job, inputs.data)
     data["tracking"] = {**(data.get("tracking") or {}), **tracking}  # the trials' runs go where the sweep's goes
     return check_sweep(parse_spec(SweepSpec, data, "sweep"), "sweep")
 

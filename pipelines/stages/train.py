@@ -42,14 +42,21 @@ def job_spec(inputs: Inputs, *, name: str, tracking: dict[str, Any], teacher: st
     data = copy.deepcopy(inputs.job)
     data["name"] = name
     if inputs.data is not None:
-        loading = data.setdefault("data", {})
-        for split in ("train", "val"):
-            if isinstance(loading.get(split), dict):
-                loading[split] = {**loading[split], "manifest": inputs.data}
+        use_manifest(data, inputs.data)
     if teacher is not None:
         data["distill"] = {**(data.get("distill") or {}), "teacher": teacher}
     data["tracking"] = {**(data.get("tracking") or {}), **tracking}
     return parse_spec(JobSpec, data, "job")
+
+
+def use_manifest(job: dict[str, Any], manifest: str) -> None:
+    """Point a job mapping's training and validation splits at `manifest` (in place; what is missing stays
+    missing, for validation to name)."""
+    loading = job.get("data")
+    if isinstance(loading, dict):
+        for split in ("train", "val"):
+            if isinstance(loading.get(split), dict):
+                loading[split] = {**loading[split], "manifest": manifest}
 
 
 def train(spec: JobSpec, context: StageContext) -> Outputs:
