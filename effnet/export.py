@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -39,9 +40,40 @@ def export_onnx(model: EfficientNet, path: str | Path, *, resolution: int | None
                 model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamo=True, verbose=False,
                 dynamic_shapes=dynamic_shapes,
             )
+        _as_global_pools(program.model)
         program.save(tmp, external_data=False)
         os.replace(tmp, path)
     finally:
         model.train(was_training)
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _as_global_pools(model) -> None:
+    """Each spatial mean, exported as ReduceSum × 1/(H·W), rewritten as GlobalAveragePool: the same
+    numbers, and the op runtimes have layout-aware int8 kernels for. ONNX Runtime quantizes no ReduceSum:
+    left as is, every squeeze-excite's input goes back to float and NCHW in an int8 model (a quarter of
+    its time at 224 px)."""
+    from onnxscript.rewriter import pattern, rewrite
+
+    rule = pattern.RewriteRule(_sum_times_scale, _global_pool, _is_spatial_mean, name="spatial_mean_as_global_pool")
+    rewrite(model, [rule])
+
+
+def _sum_times_scale(op, x, axes, scale):
+    return op.Mul(op.ReduceSum(x, axes, keepdims=0), scale)
+
+
+def _global_pool(op, x, axes, scale):
+    return op.Flatten(op.GlobalAveragePool(x), axis=1)
+
+
+def _is_spatial_mean(context, x, axes, scale, **_) -> bool:
+    shape, axes, scale = x.shape, axes.const_value, scale.const_value
+    if shape is None or len(shape) != 4 or axes is None or scale is None or scale.size != 1:
+        return False
+    height, width = shape[2], shape[3]
+    if not (isinstance(height, int) and isinstance(width, int)):
+        return False
+    spatial = sorted(int(axis) % 4 for axis in axes.numpy().ravel()) == [2, 3]
+    return spatial and math.isclose(float(scale.numpy().ravel()[0]), 1 / (height * width), rel_tol=1e-6)

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from jobs.cli.common import console, home_option
+from jobs.cli.common import console, exits_cleanly_on, home_option
 
 SPEC_ERROR_EXIT = 2
 EPOCH_COLUMNS = (  # what a person reads after a run: (header, (metric, format))
@@ -144,19 +144,7 @@ def _settings(home: Path | None):
         raise click.ClickException(str(error)) from None
 
 
-def _submission_errors(function):
-    """SubmissionError → a clear message and exit 1."""
-    import functools
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        from jobs.submit import SubmissionError
-
-        try:
-            return function(*args, **kwargs)
-        except SubmissionError as error:
-            raise click.ClickException(str(error)) from None
-    return wrapper
+_submission_errors = exits_cleanly_on("jobs.submit.SubmissionError")
 
 
 @job.command("submit")

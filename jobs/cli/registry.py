@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from jobs.cli.common import console, home_option
+from jobs.cli.common import console, exits_cleanly_on, home_option
 from jobs.cli.job import _json_option, _settings
 
 REJECTED_EXIT = 3  # a promotion the gate refused: not an error, but not what was asked
@@ -32,15 +32,12 @@ def _registry_errors(function):
     import functools
 
     @functools.wraps(function)
+    @exits_cleanly_on("pipelines.registry.RegistryError")
     def wrapper(*args, **kwargs):
         from mlflow.exceptions import MlflowException
 
-        from pipelines.registry import RegistryError
-
         try:
             return function(*args, **kwargs)
-        except RegistryError as error:
-            raise click.ClickException(str(error)) from None
         except MlflowException as error:
             if error.error_code == "RESOURCE_DOES_NOT_EXIST":
                 raise click.ClickException(f"{str(error).splitlines()[0]}; `compound registry list` shows the "

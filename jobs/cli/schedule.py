@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from jobs.cli.common import console, home_option
+from jobs.cli.common import console, exits_cleanly_on, home_option
 from jobs.cli.job import _fail_on_spec_error, _json_option, _settings, _spec_argument
 
 
@@ -18,18 +18,7 @@ def schedule() -> None:
     """Scheduled retraining: pipelines submitted on cron or on new data, never two runs of one at once."""
 
 
-def _schedule_errors(function):
-    import functools
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        from pipelines.scheduler import ScheduleError
-
-        try:
-            return function(*args, **kwargs)
-        except ScheduleError as error:
-            raise click.ClickException(str(error)) from None
-    return wrapper
+_schedule_errors = exits_cleanly_on("pipelines.scheduler.ScheduleError")
 
 
 def _store(home: Path | None) -> str:

@@ -62,8 +62,8 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 @pytest.fixture
-def pipeline_file(tmp_path: Path, settings: Settings, model_run: str) -> Path:
-    """A pipeline of one quick stage, under a name of its own."""
+def pipeline_file(tmp_path: Path, settings: Settings, model_run: str, digits) -> Path:
+    """A pipeline of one quick stage, under a name of its own, on the digits (a run checks its data is there)."""
     name = f"sched-{uuid.uuid4().hex[:6]}"
     version = register_version(settings.mlflow_tracking_uri, name=name, run_id=model_run, tags={},
                                metrics={"int8_top1": 0.9, "int8_drop_points": 0.1}, gate=None)
