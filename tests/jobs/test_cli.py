@@ -86,3 +86,24 @@ def test_console_script_exports_a_checked_onnx_file(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "× largest |logit|" in result.stdout
     onnx.checker.check_model(str(out))
+
+
+def test_named_errors_end_a_command_with_their_message_and_others_stay_tracebacks() -> None:
+    import click
+
+    from jobs.cli.common import exits_cleanly_on
+    from jobs.submit import SubmissionError
+
+    class Refused(SubmissionError):
+        pass
+
+    @click.command()
+    @click.argument("kind")
+    @exits_cleanly_on("jobs.submit.SubmissionError")
+    def command(kind: str) -> None:
+        raise Refused("the cluster can never hold 9 workers") if kind == "named" else KeyError(kind)
+
+    named = CliRunner().invoke(command, ["named"])
+    assert named.exit_code == 1 and "Error: the cluster can never hold 9 workers" in named.output
+    other = CliRunner().invoke(command, ["other"])
+    assert other.exit_code == 1 and isinstance(other.exception, KeyError)  # a bug still shows as one
