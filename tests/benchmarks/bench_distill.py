@@ -2,13 +2,15 @@
 
 - **teacher**: the smoke job (B0 at 64 px) trained longer (`--teacher-epochs`), by `compound job run`.
 - **students**: B0 at 32 px for `--epochs` epochs, once per seed on labels alone and once distilled from
-  the teacher's final checkpoint (`distill: {teacher: s3://…, alpha: 0.25, temperature: 4}`): the teacher
+  the teacher's final checkpoint (`distill: {teacher: s3://…, alpha, temperature}`, by default the seed
+  article's 0.25 and 4): the teacher
   sees each crop at 64 px, the student at 32 px. Same seeds, so both see the same batches.
 
 Prints each run's final validation top-1, the mean and spread of both groups, and the teacher's.
 Bar (issue 11): distilled ≥ label-only.
 
-    python tests/benchmarks/bench_distill.py [--epochs 4] [--teacher-epochs 8] [--seeds 0 1 2]
+    python tests/benchmarks/bench_distill.py [--epochs 4] [--teacher-epochs 8] [--seeds 0 1 2] [--alpha 0.25]
+        [--temperature 4]
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--teacher-epochs", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--alpha", type=float, default=0.25, help="weight of the label loss (the article: 1:3)")
+    parser.add_argument("--temperature", type=float, default=4.0)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "tests" / "benchmarks"))
     from bench_training import start_stack, write_digits
@@ -69,12 +73,14 @@ def main() -> None:
                 spec = {**base, "name": f"{kind}-{seed}-{tag}", "model": {**base["model"], "resolution": 32},
                         "optim": {**base["optim"], "epochs": args.epochs, "seed": seed}}
                 if kind == "distilled":
-                    spec["distill"] = {"teacher": teacher["checkpoint"], "alpha": 0.25, "temperature": 4.0}
+                    spec["distill"] = {"teacher": teacher["checkpoint"], "alpha": args.alpha,
+                                       "temperature": args.temperature}
                 top1 = run_job(spec, home)["epochs"][-1]["val_top1"]
                 values.append(top1)
                 print(f"{kind:10} seed {seed}: val top-1 {top1:.4f}", flush=True)
 
-        print(f"\nB0 at 32 px, {args.epochs} epochs, seeds {args.seeds} (teacher: {teacher_top1:.4f})")
+        print(f"\nB0 at 32 px, {args.epochs} epochs, seeds {args.seeds}, alpha {args.alpha}, temperature "
+              f"{args.temperature} (teacher: {teacher_top1:.4f})")
         for kind, values in results.items():
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             print(f"{kind:12} mean val top-1 {statistics.mean(values):.4f}  ± {spread:.4f} (stdev)  "
