@@ -3,8 +3,8 @@
 - **teacher**: the smoke job (B0 at 64 px) trained longer (`--teacher-epochs`), by `compound job run`.
 - **students**: B0 at 32 px for `--epochs` epochs, once per seed on labels alone and once distilled from
   the teacher's final checkpoint (`distill: {teacher: s3://…, alpha, temperature}`, by default the seed
-  article's 0.25 and 4): the teacher
-  sees each crop at 64 px, the student at 32 px. Same seeds, so both see the same batches.
+  article's 0.25 and 4): the teacher sees each crop at 64 px, the student at 32 px. Same seeds, so both
+  see the same batches.
 
 Prints each run's final validation top-1, the mean and spread of both groups, and the teacher's.
 Bar (issue 11): distilled ≥ label-only.
