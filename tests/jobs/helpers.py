@@ -155,7 +155,6 @@ def first_new_step(log: list[dict], old_pids: set[int], rank: int) -> tuple[int,
     return next((r["epoch"], r["step"]) for r in log if r["rank"] == rank and r["pid"] not in old_pids)
 
 
-
 class Submitted:
     """A submission seen as a process: `poll()` is None while it runs, `stderr` is its log."""
 
