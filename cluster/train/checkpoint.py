@@ -52,6 +52,7 @@ class EpochTally:
     samples: int = 0  # real samples: padding and undecodable images excluded
     loss_sum: float = 0.0  # sum over those samples of their loss
     bad_samples: int = 0
+    teacher_hits: int = 0  # a distillation job's: samples its teacher labels right
 
 
 @dataclass

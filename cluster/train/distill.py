@@ -188,13 +188,16 @@ class Distiller:
         return stage_channels(self.teacher, self.spec.features.stages)
 
     def prepare(self, batch: Batch, student: nn.Module,
-                label_loss: Callable[[torch.Tensor, Batch], torch.Tensor]) -> tuple[Batch, Callable]:
-        """(the student's batch, its loss function) for a training batch of crops."""
+                label_loss: Callable[[torch.Tensor, Batch], torch.Tensor]) -> tuple[Batch, Callable, torch.Tensor]:
+        """(the student's batch, its loss function, how many of the batch's real samples the teacher
+        labels right) for a training batch of crops."""
         with torch.no_grad(), self.autocast():
             if self.teacher_taps is not None:
                 self.teacher_taps.outputs = {}
             teacher_logits = self.teacher(_resized(batch.images, self.teacher_resolution)).float()
         targets = dict(self.teacher_taps.outputs) if self.teacher_taps is not None else {}
+        labels = batch.labels if batch.labels.ndim == 1 else batch.labels.argmax(dim=1)  # MixUp: the larger part
+        teacher_hits = ((teacher_logits.argmax(dim=1) == labels) & (batch.weights > 0)).sum()
         student_batch = dataclasses.replace(batch, images=_resized(batch.images, self.student_resolution))
         spec = self.spec
 
@@ -205,7 +208,7 @@ class Distiller:
                 total = total + spec.features.weight * feature_loss(student.projected, targets, batch.weights)
             return total
 
-        return student_batch, loss
+        return student_batch, loss, teacher_hits
 
 
 def _resized(images: torch.Tensor, resolution: int) -> torch.Tensor:

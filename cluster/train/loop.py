@@ -47,6 +47,7 @@ from cluster.train.checkpoint import (
     EMA_FILE,
     TRACKING_FILE,
     WEIGHTS_FILE,
+    EpochTally,
     Progress,
     load_progress,
     new_checkpoint_dir,
@@ -240,6 +241,14 @@ def _restore(directory: Path, strategy: Strategy, ema: WeightEMA | None, rank: i
     return load_progress(directory, rank=rank)
 
 
+def _fold(sums: torch.Tensor, tally: EpochTally) -> None:
+    """Move the steps' on-device sums into the rank's tally (a checkpoint saves the tally)."""
+    loss_sum, teacher_hits = sums.tolist()
+    tally.loss_sum += loss_sum
+    tally.teacher_hits += round(teacher_hits)
+    sums.zero_()
+
+
 def weighted_loss(logits: torch.Tensor, batch: Batch, label_smoothing: float) -> torch.Tensor:
     """Mean over the nominal batch of each sample's loss × its weight (0 for padding and bad images).
 
@@ -278,7 +287,7 @@ class _EpochTrainer:
         self.strategy.module.train()
         started = time.perf_counter()
         self.train_seconds = 0.0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on device: no sync per step
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, teacher hits: on device, no sync per step
         step_started = window_started = started
         window_samples = 0
         for batch in loader:
@@ -286,7 +295,8 @@ class _EpochTrainer:
             sync = step % spec.optim.grad_accumulation == 0 or step == steps
             batch, loss_fn = batch.to(self.device, memory_format=self.memory_format), self._loss
             if self.distiller is not None:
-                batch, loss_fn = self.distiller.prepare(batch, self.strategy.module, self._loss)
+                batch, loss_fn, teacher_hits = self.distiller.prepare(batch, self.strategy.module, self._loss)
+                sums[1] += teacher_hits
             loss = self.strategy.micro_step(batch, loss_fn, sync=sync)
             if sync:
                 lr = self.schedule(progress.optimizer_steps)
@@ -298,7 +308,7 @@ class _EpochTrainer:
             real = batch.real_samples
             progress.tally.samples += real
             progress.tally.bad_samples += len(batch.bad_keys)
-            loss_sum += loss * batch.weights.numel()  # back to a sum over the real samples
+            sums[0] += loss * batch.weights.numel()  # back to a sum over the real samples
             window_samples += real
             if self.logger is not None and (step % metrics_every == 0 or step == steps):
                 now = time.perf_counter()
@@ -317,20 +327,20 @@ class _EpochTrainer:
                          loss.item() * batch.weights.numel() / max(real, 1), self.schedule(progress.optimizer_steps),
                          real * self.world_size / (time.perf_counter() - step_started))
             if every is not None and step % every == 0 and step < steps:
-                progress.tally.loss_sum += loss_sum.item()
-                loss_sum.zero_()
+                _fold(sums, progress.tally)
                 self.train_seconds += time.perf_counter() - started
                 self.report({"epoch": progress.epoch, "step": step}, progress, with_checkpoint=True)
                 started = time.perf_counter()
             step_started = time.perf_counter()
-        progress.tally.loss_sum += loss_sum.item()
+        _fold(sums, progress.tally)
         self.train_seconds += time.perf_counter() - started
 
     def finish_epoch(self, val_loader: ShardLoader, progress: Progress) -> dict[str, float]:
         """All-reduce the epoch's tallies and evaluate; the metrics rank 0 reports."""
         tally = progress.tally
-        totals = _all_reduce([tally.samples, tally.loss_sum, tally.bad_samples, self.train_seconds], self.device)
-        samples, loss_sum, bad, seconds = totals
+        totals = _all_reduce([tally.samples, tally.loss_sum, tally.bad_samples, tally.teacher_hits, self.train_seconds],
+                             self.device)
+        samples, loss_sum, bad, teacher_hits, seconds = totals
         metrics = {
             "epoch": progress.epoch, "step": progress.step, "optimizer_steps": progress.optimizer_steps,
             "train_samples_epoch": int(samples), "train_bad_samples_epoch": int(bad),
@@ -338,6 +348,8 @@ class _EpochTrainer:
             "lr": self.schedule(max(0, progress.optimizer_steps - 1)),
             "train_images_per_s": samples / max(seconds / self.world_size, 1e-9),
         }
+        if self.distiller is not None:  # the teacher on the student's crops: a wrong teacher shows here first
+            metrics["train_teacher_top1"] = teacher_hits / max(samples, 1)
         evaluation, self.confusion = self._evaluate(self.strategy.module, val_loader)
         metrics |= {f"val_{k}": v for k, v in evaluation.items()}
         if self.ema is not None:

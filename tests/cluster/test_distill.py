@@ -5,6 +5,7 @@ tests/jobs/test_distill_job.py."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import pytest
@@ -36,6 +37,10 @@ DATA = {"train": {"manifest": "s3://shards/d/manifest.json", "split": "train"},
 def _batch(images: torch.Tensor, labels: list[int], weights: list[float]) -> Batch:
     return Batch(images=images, labels=torch.tensor(labels), weights=torch.tensor(weights),
                  keys=tuple(f"k{i}" for i in range(len(labels))), bad_keys=())
+
+
+def _label_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return weighted_loss(logits, batch, 0.1)
 
 
 def test_kd_loss_matches_a_hand_computed_value() -> None:
@@ -71,7 +76,12 @@ def test_the_teacher_sees_the_students_crop_at_its_own_resolution(teacher_res: i
     assert crop_res == max(teacher_res, student_res)
     crop = torch.randn(2, 3, crop_res, crop_res)
     batch = _batch(crop, [1, 0], [1.0, 1.0])
-    student_batch, loss_fn = distiller.prepare(batch, nn.Identity(), lambda logits, b: weighted_loss(logits, b, 0.1))
+    student_batch, loss_fn, teacher_hits = distiller.prepare(batch, nn.Identity(), _label_loss)
+    assert teacher_hits.item() == 2  # the teacher says [1, 0]
+    # Padding does not count, nor does a wrong answer; after MixUp the larger part is the label.
+    assert distiller.prepare(_batch(crop, [1, 1], [0.0, 1.0]), nn.Identity(), _label_loss)[2].item() == 0
+    mixed = dataclasses.replace(batch, labels=torch.tensor([[0.3, 0.7], [0.6, 0.4]]))
+    assert distiller.prepare(mixed, nn.Identity(), _label_loss)[2].item() == 2
 
     def resized(resolution: int) -> torch.Tensor:
         if resolution == crop_res:
@@ -101,8 +111,8 @@ def test_the_teacher_gets_no_gradient_and_no_optimizer_state() -> None:
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     distiller = Distiller(spec.distill, teacher, teacher_resolution=32, student_resolution=32,
                           autocast=contextlib.nullcontext)
-    batch, loss_fn = distiller.prepare(_batch(torch.randn(2, 3, 32, 32), [0, 2], [1.0, 1.0]), strategy.module,
-                                       lambda logits, b: weighted_loss(logits, b, 0.1))
+    batch, loss_fn, _ = distiller.prepare(_batch(torch.randn(2, 3, 32, 32), [0, 2], [1.0, 1.0]), strategy.module,
+                                          _label_loss)
     strategy.module.train()
     strategy.micro_step(batch, loss_fn, sync=True)
     strategy.optimizer_step(0.1)
@@ -130,8 +140,8 @@ def test_feature_adapters_train_with_the_student_and_stay_out_of_its_weights() -
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(wrapped.eval()(images), student(images))
     wrapped.train()
-    batch, loss_fn = distiller.prepare(_batch(images, [0, 1], [1.0, 1.0]), wrapped,
-                                       lambda logits, b: weighted_loss(logits, b, 0.1))
+    batch, loss_fn, _ = distiller.prepare(_batch(images, [0, 1], [1.0, 1.0]), wrapped,
+                                          _label_loss)
     strategy.micro_step(batch, loss_fn, sync=True)
     projected = wrapped.projected
     assert {stage: t.shape[1] for stage, t in projected.items()} == channels

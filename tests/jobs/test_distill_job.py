@@ -175,6 +175,7 @@ def test_a_submitted_deepspeed_distillation_job_resumes_exactly_after_a_worker_k
                                 filter_string=f"tags.`compound.job` = '{spec['name']}'")
     assert run.data.tags[TEACHER_TAG] == str(teacher)
     assert run.data.params["distill.features.stages"] == "[3, 4]"
+    assert 0 <= run.data.metrics["train_teacher_top1"] <= 1  # tallied across the restart, like the loss
     weights = tmp_path / WEIGHTS_FILE  # the student's weights alone: no adapters
     s3.client().download_file("checkpoints", run.data.tags[MODEL_TAG].removeprefix("s3://checkpoints/")
                               + f"/{WEIGHTS_FILE}", str(weights))
