@@ -61,7 +61,7 @@ def _expected_step_metrics(history: list[dict], every: int) -> set[int]:
 def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_worker_kill(
     stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
 ) -> None:
-    # The smoke job's three epochs, at the drills' 32 px (CI's time)
+    # The smoke job's three epochs, at the drills' 32 px (CI's time).
     spec_path, spec = make_spec(tmp_path, model=SMALL["model"], checkpoint=DRILL_CHECKPOINTS)
     every = spec["checkpoint"]["every_steps"]
     job = submit(spec_path, stack, settings)
