@@ -287,7 +287,8 @@ class _EpochTrainer:
         self.strategy.module.train()
         started = time.perf_counter()
         self.train_seconds = 0.0
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, teacher hits: on device, no sync per step
+        # [loss sum, teacher hits] on the device: no sync per step; `_fold` moves them into the tally
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         step_started = window_started = started
         window_samples = 0
         for batch in loader:

@@ -68,7 +68,8 @@ def main() -> None:
         write_digits(s3_access(settings), resolution=64, shard_mb=0.25)
         base = yaml.safe_load(SMOKE.read_text())
         tag = uuid.uuid4().hex[:6]
-        teacher_optim = {**base["optim"], "epochs": args.teacher_epochs, "label_smoothing": args.teacher_label_smoothing}
+        teacher_optim = {**base["optim"], "epochs": args.teacher_epochs,
+                         "label_smoothing": args.teacher_label_smoothing}
         teacher = run_job({**base, "name": f"teacher-{tag}", "optim": teacher_optim}, home)
         teacher_top1 = teacher["epochs"][-1]["val_top1"]
         print(f"teacher: B0 at 64 px, {args.teacher_epochs} epochs, label smoothing "
@@ -77,7 +78,8 @@ def main() -> None:
         results: dict[str, list[float]] = {"label-only": [], "distilled": []}
         for seed in args.seeds:
             for kind, values in results.items():
-                spec = {**base, "name": f"{kind}-{seed}-{tag}", "model": {**base["model"], "resolution": args.student_resolution},
+                spec = {**base, "name": f"{kind}-{seed}-{tag}",
+                        "model": {**base["model"], "resolution": args.student_resolution},
                         "optim": {**base["optim"], "epochs": args.epochs, "seed": seed}}
                 if kind == "distilled":
                     spec["distill"] = {"teacher": teacher["checkpoint"], "alpha": args.alpha,
@@ -88,8 +90,8 @@ def main() -> None:
                             if kind == "distilled" else "")
                 print(f"{kind:10} seed {seed}: val top-1 {last['val_top1']:.4f}{on_crops}", flush=True)
 
-        print(f"\nB0 at {args.student_resolution} px, {args.epochs} epochs, seeds {args.seeds}, alpha {args.alpha}, temperature "
-              f"{args.temperature} (teacher: {teacher_top1:.4f})")
+        print(f"\nB0 at {args.student_resolution} px, {args.epochs} epochs, seeds {args.seeds}, alpha {args.alpha}, "
+              f"temperature {args.temperature} (teacher: {teacher_top1:.4f})")
         for kind, values in results.items():
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             print(f"{kind:12} mean val top-1 {statistics.mean(values):.4f}  ± {spread:.4f} (stdev)  "
