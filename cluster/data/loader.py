@@ -135,17 +135,23 @@ class _SlotStream(IterableDataset):
             yield loader.collate(samples, seed=f"{loader.seed}:{self.epoch}:{slot}:{batch_index}")
 
     def _positions(self, slot: int, start: int) -> Iterator[tuple[dict, float]]:
-        """(raw sample, loss weight) for positions start.. of the slot, padding included."""
+        """(raw sample, loss weight) for positions start.. of the slot, padding included.
+
+        Padding (weight 0, never trained on) cycles through the slot's last real samples, at most a
+        batch of them, kept from the pass over them: a padded slot is read once, not twice.
+        """
         real = self.plan.slot_samples(slot)
         total = self.plan.batches_per_slot * self.loader.batch_size
-        if start < real:
-            yield from ((sample, 1.0) for sample in self._shuffled(slot, start))
-        position = max(start, real)
-        while position < total:  # padding: the slot's own samples again, never trained on
-            replay = itertools.islice(self._shuffled(slot, (position - real) % real), total - position)
-            for sample in replay:
-                yield sample, 0.0
-                position += 1
+        replayed = min(total - real, real, self.loader.batch_size)
+        tail: list[dict] = []
+        first = min(start, real - replayed)  # a resume inside the tail or the padding reads the tail again
+        for position, sample in enumerate(self._shuffled(slot, first), start=first):
+            if position >= real - replayed:
+                tail.append(sample)
+            if position >= start:
+                yield sample, 1.0
+        for position in range(max(start, real), total):
+            yield tail[(position - real) % replayed], 0.0
 
     def _shuffled(self, slot: int, start: int) -> Iterator[dict]:
         """The slot's samples from position `start`, in seeded block-shuffled order."""
@@ -245,6 +251,7 @@ class ShardLoader:
         self.mixer = batch_mixer(augment, self.num_classes) if augment is not None else None
         self.resolution = resolution
         self.state = LoaderState()
+        self._prefetched: tuple[LoaderState, Iterator[Batch]] | None = None
         self._plan(0)  # fail now, not in a worker, if the split cannot feed every slot
         if s3 is not None:
             s3.client()  # loads boto3's models once, here, for every forked loader worker
@@ -274,14 +281,25 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def __iter__(self) -> Iterator[Batch]:
+    def prefetch(self) -> None:
+        """Start the loader workers of the next pass (from the current state) now: they read its first
+        shards while the caller does other work (the loop: the evaluation between two epochs). A worker
+        yields its first batch only when it has read a whole shuffle block, so this hides seconds."""
+        if self.loader_workers and self._prefetched is None:
+            self._prefetched = (self.state, self._batches())
+
+    def _batches(self) -> Iterator[Batch]:
         epoch, start = self.state.epoch, self.state.step
-        plan = self._plan(epoch)
-        batches = DataLoader(
-            _SlotStream(self, plan, epoch, start), batch_size=None, num_workers=self.loader_workers,
+        return iter(DataLoader(
+            _SlotStream(self, self._plan(epoch), epoch, start), batch_size=None, num_workers=self.loader_workers,
             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.loader_workers else None,
             persistent_workers=False,
-        )
+        ))
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.state.epoch
+        prefetched, self._prefetched = self._prefetched, None
+        batches = prefetched[1] if prefetched is not None and prefetched[0] == self.state else self._batches()
         for batch in batches:
             self.state = LoaderState(epoch=epoch, step=self.state.step + 1)
             yield batch

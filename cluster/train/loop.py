@@ -138,6 +138,8 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         for epoch in range(progress.epoch, spec.optim.epochs):
             trainer.train_epoch(train_loader, progress)
+            if epoch + 1 < spec.optim.epochs:
+                train_loader.prefetch()  # the next epoch's first shards are read during the evaluation
             metrics = trainer.finish_epoch(val_loader, progress)
             progress.history.append(metrics)
             trainer.log_epoch(progress.history, train_loader.classes)

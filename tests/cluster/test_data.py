@@ -172,7 +172,7 @@ def test_epochs_shuffle_differently_but_reproducibly(digits, s3: S3Access) -> No
     assert _real_keys(list(_loader(manifest, s3))) == first
 
 
-@pytest.mark.parametrize(("workers", "stop_after"), [(0, 17), (2, 9), (2, 10)])
+@pytest.mark.parametrize(("workers", "stop_after"), [(0, 17), (2, 9), (2, 10), (0, -1)])  # -1: in the padding
 def test_mid_epoch_resume_sees_the_rest_exactly_once_in_the_same_order(
     digits, s3: S3Access, workers: int, stop_after: int,
 ) -> None:
@@ -180,6 +180,7 @@ def test_mid_epoch_resume_sees_the_rest_exactly_once_in_the_same_order(
     augment = AugmentSpec(policy="randaugment", random_erasing=0.25)
     uninterrupted = list(_loader(manifest, s3, loader_workers=workers, augment=augment))
 
+    stop_after %= len(uninterrupted)
     interrupted = _loader(manifest, s3, loader_workers=workers, augment=augment)
     before = list(itertools.islice(iter(interrupted), stop_after))
     state = interrupted.state_dict()
@@ -191,9 +192,24 @@ def test_mid_epoch_resume_sees_the_rest_exactly_once_in_the_same_order(
     after = list(resumed)
     assert len(before) + len(after) == steps == len(uninterrupted)
     assert _real_keys(before + after) == _real_keys(uninterrupted)
+    assert [b.keys for b in before + after] == [b.keys for b in uninterrupted]  # the padding too
     assert sorted(_real_keys(before + after)) == sorted(manifest_keys(manifest, s3))
     torch.testing.assert_close(after[0].images, uninterrupted[stop_after].images)  # same augmentation too
     assert resumed.state_dict() == {"epoch": 1, "step": 0}
+
+
+def test_a_prefetched_pass_is_the_pass_it_was_started_for(digits, s3: S3Access) -> None:
+    manifest, _ = digits
+    loader = _loader(manifest, s3, loader_workers=2)
+    epoch0 = [b.keys for b in loader]
+    loader.prefetch()  # epoch 1's workers start now
+    epoch1 = [b.keys for b in loader]
+    loader.prefetch()  # epoch 2's, but the caller goes back to epoch 0: the prefetched pass is not used
+    loader.load_state_dict({"epoch": 0, "step": 0})
+    assert [b.keys for b in loader] == epoch0 != epoch1
+    fresh = _loader(manifest, s3, loader_workers=2)
+    fresh.load_state_dict({"epoch": 1, "step": 0})
+    assert [b.keys for b in fresh] == epoch1
 
 
 def manifest_keys(manifest: ShardManifest, s3: S3Access) -> list[str]:
