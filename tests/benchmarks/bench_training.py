@@ -7,6 +7,8 @@
   name per run, `optim.epochs` from `--epochs` and `checkpoint: {at_epoch_end: false}` (one checkpoint,
   after the last epoch: the plain script writes none). Its figure is the job's own per-epoch
   `train_images_per_s`: real samples of all ranks over the ranks' mean training time, evaluation left out.
+  Ours starts the next epoch's loader workers during that evaluation, so from the second epoch on
+  their start (fork, first shuffle block read) is not timed; the plain script's DataLoader start is.
 - **plain**: `plain_ddp_b0.py` (next to this file) under `torchrun --standalone`: torchvision's
   `efficientnet_b0`, `ImageFolder` over the same train images unpacked to PNG files on local disk,
   `DistributedSampler` + `DataLoader`, the same transforms, optimiser settings, label smoothing,
