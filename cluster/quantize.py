@@ -8,7 +8,8 @@ ORT's default percentile (99.999) 3.5; clipping at the 99.99th percentile 0.3–
 samples). So the ladder starts with everything in int8 at 99.99 (also the fastest: every op, SiLU
 included, runs as an int8 kernel; an op left in float costs a dequantize, a quantize and a layout
 change around it, and ORT runs SiLU in float slower than the int8 convolutions save) and goes on to
-other calibrations, then to float islands. `quantize` keeps the first recipe whose top-1 drop on the evaluation batches is within the limit.
+other calibrations, then to float islands. `quantize` keeps the first recipe whose top-1 drop on the
+evaluation batches is within the limit.
 """
 
 from __future__ import annotations
