@@ -77,13 +77,16 @@ def predict(path: str | Path, batches: list[tuple[np.ndarray, np.ndarray, np.nda
 
 
 def evaluate(path: str | Path, batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *, num_classes: int,
-             threads: int, reference: np.ndarray | None = None) -> tuple[Evaluation, np.ndarray]:
-    """The model at `path` on `batches`; and its logits (a reference for the next model)."""
-    logits = predict(path, batches, threads)
+             threads: int, reference: np.ndarray | None = None,
+             logits: np.ndarray | None = None) -> tuple[Evaluation, np.ndarray]:
+    """The model at `path` on `batches`; and its logits (a reference for the next model). `logits`:
+    its predictions on `batches` when already made (`predict`'s), so they are not made again."""
+    logits = predict(path, batches, threads) if logits is None else logits
     labels = np.concatenate([labels for _, labels, _ in batches])
     weights = np.concatenate([weights for _, _, weights in batches]) > 0
     logits, labels = logits[weights], labels[weights]
-    ranked = np.argsort(-logits, axis=1)
+    # stable: int8 logits tie often, and a tie goes to the lower class, as `argmax` (and `quantize`) decide it
+    ranked = np.argsort(-logits, axis=1, kind="stable")
     top = {k: float((ranked[:, :k] == labels[:, None]).any(axis=1).mean()) for k in TOP_K}
     predicted = ranked[:, 0]
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)

@@ -82,6 +82,17 @@ class Attempt:
     error: str | None = None  # why ONNX Runtime could not apply the recipe
 
 
+@dataclass(frozen=True)
+class Quantized:
+    """The recipe kept, every attempt, and both models' logits on the evaluation batches (padding
+    included, as `cluster.evaluate.predict` returns them): an evaluation need not predict again."""
+
+    recipe: Recipe
+    attempts: list[Attempt]
+    fp32_logits: np.ndarray
+    int8_logits: np.ndarray
+
+
 class QuantizationError(RuntimeError):
     """No recipe kept the accuracy drop within the limit; nothing was written."""
 
@@ -93,12 +104,13 @@ def top1(logits: np.ndarray, batches: Batches) -> float:
 
 
 def quantize(fp32: Path, out: Path, *, calibration: Batches, evaluation: Batches, max_drop_points: float,
-             threads: int, recipes: tuple[Recipe, ...] = RECIPES) -> tuple[Recipe, list[Attempt]]:
+             threads: int, recipes: tuple[Recipe, ...] = RECIPES) -> Quantized:
     """Write the int8 model of `fp32` to `out` with the first recipe within `max_drop_points` of fp32's
-    top-1 on `evaluation`; the recipe and every attempt. Raises QuantizationError (nothing written) if none is."""
+    top-1 on `evaluation`. Raises QuantizationError (nothing written) if none is."""
     from cluster.evaluate import predict
 
-    reference = top1(predict(fp32, evaluation, threads), evaluation)
+    fp32_logits = predict(fp32, evaluation, threads)
+    reference = top1(fp32_logits, evaluation)
     attempts = []
     with tempfile.TemporaryDirectory(prefix="compound-quantize-", dir=out.parent) as directory:
         prepared = Path(directory) / "prepared.onnx"
@@ -111,14 +123,15 @@ def quantize(fp32: Path, out: Path, *, calibration: Batches, evaluation: Batches
                 log.warning("recipe %s failed: %s", recipe.name, str(error).splitlines()[0][:300])
                 attempts.append(Attempt(recipe.name, float("nan"), float("inf"), str(error).splitlines()[0][:300]))
                 continue
-            score = top1(predict(candidate, evaluation, threads), evaluation)
+            logits = predict(candidate, evaluation, threads)
+            score = top1(logits, evaluation)
             attempt = Attempt(recipe.name, score, (reference - score) * 100)
             attempts.append(attempt)
             log.info("recipe %s: top-1 %.4f (fp32 %.4f), drop %.2f points", recipe.name, score, reference,
                      attempt.drop_points)
             if attempt.drop_points <= max_drop_points:
                 os.replace(candidate, out)
-                return recipe, attempts
+                return Quantized(recipe, attempts, fp32_logits, logits)
     tried = "; ".join(f"{a.recipe} drops {a.drop_points:.2f}" for a in attempts)
     raise QuantizationError(f"no recipe kept top-1 within {max_drop_points} points of fp32's {reference:.4f} "
                             f"({tried}); nothing was written. Raise --max-drop, or calibrate on more batches")

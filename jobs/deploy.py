@@ -56,11 +56,13 @@ def quantize_model(ref: ModelRef, *, data: str, out: Path, max_drop_points: floa
         calibration = list(split_batches(manifest, "train", resolution=info.resolution, s3=s3, shuffle=True,
                                          limit=calibration_batches))
         validation = list(split_batches(manifest, "val", resolution=info.resolution, s3=s3))
-        recipe, attempts = quantize(fp32, work / INT8_FILE, calibration=calibration, evaluation=validation,
-                                    max_drop_points=max_drop_points, threads=threads, recipes=recipes)
-        fp32_eval, reference = evaluate(fp32, validation, num_classes=len(manifest.classes), threads=threads)
+        quantized = quantize(fp32, work / INT8_FILE, calibration=calibration, evaluation=validation,
+                             max_drop_points=max_drop_points, threads=threads, recipes=recipes)
+        recipe, attempts = quantized.recipe, quantized.attempts
+        fp32_eval, reference = evaluate(fp32, validation, num_classes=len(manifest.classes), threads=threads,
+                                        logits=quantized.fp32_logits)
         int8_eval, _ = evaluate(work / INT8_FILE, validation, num_classes=len(manifest.classes), threads=threads,
-                                reference=reference)
+                                reference=reference, logits=quantized.int8_logits)
         report = {"source": ref.source, "model": dataclasses.asdict(info), "data": data,
                   "recipe": {"name": recipe.name, "description": recipe.description},
                   "max_drop_points": max_drop_points, "calibration_batches": len(calibration),

@@ -16,7 +16,8 @@ import effnet
 from cluster.data.loader import ShardLoader
 from cluster.data.manifest import ShardManifest
 from cluster.data.transforms import AugmentSpec
-from cluster.quantize import RECIPES, QuantizationError
+from cluster.evaluate import predict, split_batches
+from cluster.quantize import RECIPES, QuantizationError, top1
 from cluster.storage import S3Access
 from effnet.weights import save_checkpoint
 from infra.settings import Settings
@@ -50,7 +51,7 @@ def trained_b0(digits: ShardManifest, s3: S3Access, tmp_path_factory: pytest.Tem
 
 
 def test_quantize_keeps_a_trained_b0_within_the_limit_and_logs_the_evaluation(
-    stack: Stack, settings: Settings, trained_b0: Path, tmp_path: Path,
+    stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, trained_b0: Path, tmp_path: Path,
 ) -> None:
     client = MlflowClient(settings.mlflow_tracking_uri)
     run = client.create_run(client.create_experiment("quantize-test"))
@@ -72,6 +73,11 @@ def test_quantize_keeps_a_trained_b0_within_the_limit_and_logs_the_evaluation(
     assert all(a["drop_points"] > 1.0 for a in attempts[:-1])  # the first recipe within the limit is kept
     assert int8["size_mb"] < 0.4 * fp32["size_mb"]
     assert int8["agreement"] >= 0.9 and set(int8["latency_ms"]) == {"1", "32"}
+    # The figures are the written models' (predicted once, while choosing the recipe), and the kept attempt's
+    assert int8["top1"] == attempts[-1]["top1"]
+    validation = list(split_batches(digits, "val", resolution=RESOLUTION, s3=s3))
+    assert [top1(predict(out / name, validation, 2), validation) for name in (FP32_FILE, INT8_FILE)] == \
+        pytest.approx([fp32["top1"], int8["top1"]], abs=1 / fp32["samples"])
 
     logged = client.get_run(run.info.run_id).data.metrics
     assert logged["fp32_top1"] == pytest.approx(fp32["top1"]) and logged["int8_top1"] == pytest.approx(int8["top1"])
