@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,7 +54,9 @@ class _SplitWriter:
     def write(self, sample: Sample) -> None:
         if self._tar is None:
             self._path = self.workdir / f"{self.split}-{len(self.shards):06d}.tar"
-            self._tar = webdataset.TarWriter(str(self._path))
+            # Whole-second mtimes: a float one (webdataset's default) makes tarfile give every file its
+            # own PAX header, 1 KiB each: digits shards 40 % larger and twice as slow to parse.
+            self._tar = webdataset.TarWriter(str(self._path), mtime=int(time.time()))
         record = {"__key__": sample.key, sample.image_format: sample.image, "cls": sample.label}
         if sample.meta:
             record["json"] = sample.meta

@@ -61,8 +61,10 @@ def test_writer_uploads_shards_and_a_manifest_that_matches_them(digits, s3: S3Ac
     body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == shard.sha256 and len(body) == shard.bytes
     with tarfile.open(fileobj=io.BytesIO(body)) as tar:
-        names = tar.getnames()
+        members = tar.getmembers()
+    names = [member.name for member in members]
     assert len([n for n in names if n.endswith(".png")]) == shard.samples
+    assert not any(member.pax_headers for member in members)  # a header block per file, not three
     assert {n.rsplit(".", 1)[1] for n in names} == {"png", "cls", "json"}
     loaded, identity = load_manifest(url, s3=s3)
     assert loaded == manifest
