@@ -36,6 +36,9 @@ class ModelSpec(_Section):
     resolution: int | None = Field(default=None, ge=16, le=2048, description="input side; default: the model's")
     dropout: float | None = Field(default=None, ge=0, lt=1, description="before the classifier; default: the model's")
     drop_path_rate: float | None = Field(default=None, ge=0, lt=1, description="stochastic depth (EfficientNet)")
+    bn_momentum: float | None = Field(default=None, gt=0, le=1, description=(
+        "BatchNorm running-statistics momentum (EfficientNet); default: the variant's (B5-B7: 0.01, "
+        "TensorFlow's, which takes thousands of steps to settle: short runs want 0.1)"))
     pretrained: str | None = Field(default=None, description="a local weights file (compound, torchvision or timm)")
     freeze_through_stage: int | None = Field(default=None, ge=-1, lt=len(B0_STAGES),
                                              description="freeze the stem (-1) and stages 0..k (EfficientNet)")
@@ -50,7 +53,7 @@ class ModelSpec(_Section):
         if arch in VARIANTS:
             variant = VARIANTS[arch]
             defaults = {"resolution": variant.resolution, "dropout": variant.dropout,
-                        "drop_path_rate": EFFICIENTNET_DROP_PATH_RATE}
+                        "drop_path_rate": EFFICIENTNET_DROP_PATH_RATE, "bn_momentum": variant.bn_momentum}
         elif arch in TORCHVISION_CLASSIFIERS:
             defaults = {"resolution": TORCHVISION_RESOLUTION}
         else:
@@ -62,7 +65,7 @@ class ModelSpec(_Section):
         if self.arch not in MODEL_NAMES:
             raise ValueError(f"arch {self.arch!r} is not a model compound trains; choose one of {', '.join(MODEL_NAMES)}")
         if not self.is_efficientnet:
-            given = [name for name in ("dropout", "drop_path_rate", "freeze_through_stage")
+            given = [name for name in ("dropout", "drop_path_rate", "bn_momentum", "freeze_through_stage")
                      if getattr(self, name) is not None] + (["activation_checkpointing"] if self.activation_checkpointing else [])
             if given:
                 raise ValueError(f"{', '.join(given)} apply to EfficientNet variants only, not {self.arch}; remove them")

@@ -28,7 +28,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
 def _build_efficientnet(spec: ModelSpec) -> effnet.EfficientNet:
     model = effnet.build(spec.arch, num_classes=spec.num_classes, dropout=spec.dropout,
-                         drop_path_rate=spec.drop_path_rate)
+                         drop_path_rate=spec.drop_path_rate, bn_momentum=spec.bn_momentum)
     if spec.pretrained is not None:
         state = read_state_dict(spec.pretrained)
         weights = next((state[k] for k in _EFFNET_CLASSIFIER_KEYS if k in state), None)

@@ -132,6 +132,12 @@ def test_efficientnet_from_torchvision_weights_gets_a_new_head_and_frozen_stages
     assert all(p.requires_grad for p in model.stages[3].parameters())
 
 
+def test_the_batchnorm_momentum_of_the_spec_reaches_every_norm() -> None:
+    model = build_model(ModelSpec(arch="efficientnet_b0", num_classes=10, bn_momentum=0.05))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) > 40 and {m.momentum for m in norms} == {0.05}
+
+
 def test_torchvision_classifier_with_weights_for_other_classes(tmp_path: Path) -> None:
     torch.save(torchvision.models.mobilenet_v3_large(num_classes=1000).state_dict(), tmp_path / "mnv3.pth")
     model = build_model(ModelSpec(arch="mobilenet_v3_large", num_classes=7, pretrained=str(tmp_path / "mnv3.pth")))

@@ -46,6 +46,9 @@ def test_every_sweep_example_is_a_valid_sweep_of_a_job_example(path: Path) -> No
 def test_defaults_are_resolved_from_the_model() -> None:
     spec = JobSpec.model_validate({**MINIMAL, "model": {"arch": "efficientnet_b3"}})
     assert (spec.model.resolution, spec.model.dropout, spec.model.drop_path_rate) == (300, 0.3, 0.2)
+    assert spec.model.bn_momentum == 0.1
+    b7 = JobSpec.model_validate({**MINIMAL, "model": {"arch": "efficientnet_b7"}})
+    assert (b7.model.resolution, b7.model.bn_momentum) == (600, 0.01)  # TensorFlow's, as the reference
     assert spec.data.val.manifest == spec.data.train.manifest and spec.data.val.split == "val"
     resnet = JobSpec.model_validate({**MINIMAL, "model": {"arch": "resnet50"}})
     assert resnet.model.resolution == 224 and resnet.model.dropout is None
@@ -69,6 +72,8 @@ def test_peak_lr_scales_with_the_global_batch() -> None:
     (_with("strategy", name="fsdp"), "strategy: Input tag 'fsdp' found using 'name' does not match any of the expected tags: 'ddp', 'deepspeed'"),
     (_with("precision", dtype="fp16"), "precision.dtype fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16 or fp32"),
     (_with("model", arch="resnet50", dropout=0.3), "model: dropout apply to EfficientNet variants only, not resnet50; remove them"),
+    (_with("model", arch="resnet50", bn_momentum=0.1), "model: bn_momentum apply to EfficientNet variants only"),
+    (_with("model", bn_momentum=0), "model.bn_momentum: Input should be greater than 0 (got 0)"),
     (_with("model", freeze_through_stage=7), "model.freeze_through_stage: Input should be less than 7 (got 7)"),
     ({**_with("optim", grad_accumulation=4), "checkpoint": {"every_steps": 10}},
      "checkpoint.every_steps (10) must be a multiple of optim.grad_accumulation (4)"),
