@@ -165,7 +165,7 @@ def check_relaunch(job: ResolvedJob, *, s3: S3Access, source: str) -> Launch:
                    "give this job another name")
         raise SpecError(source, [problem])
     current = job.record()
-    changed = _differences(recorded.get("spec", {}), current["spec"])
+    changed = _differences(_with_current_defaults(recorded.get("spec", {})), current["spec"])
     if changed:
         problem = (f"job {spec.name!r} was launched before with another spec (s3://{bucket}/{key}); "
                    f"changed: {', '.join(changed)}. Resuming it would not continue the same training: give the "
@@ -191,6 +191,15 @@ def record_launch(job: ResolvedJob, launch: Launch, *, s3: S3Access, run_id: str
     bucket, key = launch.location
     s3.client().put_object(Bucket=bucket, Key=key, Body=json.dumps(record, indent=2).encode(),
                            ContentType="application/json")
+
+
+def _with_current_defaults(recorded: dict) -> dict:
+    """A recorded spec as this version resolves it: fields added since it was recorded take their
+    defaults, which keep the behaviour it was trained with, so an upgrade alone changes nothing."""
+    try:
+        return JobSpec.model_validate(recorded).model_dump(mode="json")
+    except ValueError:  # a record this version cannot read: compared as it is
+        return recorded
 
 
 def _differences(recorded: dict, current: dict, path: str = "") -> list[str]:

@@ -135,6 +135,18 @@ def _launched_with_a_checkpoint(spec_path: Path, spec: dict, settings: Settings,
                            Body=b"{}")
 
 
+def test_a_job_recorded_before_a_spec_field_existed_resumes(settings: Settings, s3: S3Access, digits: ShardManifest,
+                                                            tmp_path: Path) -> None:
+    spec_path, spec = make_spec(tmp_path, **SMALL)
+    _launched_with_a_checkpoint(spec_path, spec, settings, s3)
+    key = f"jobs/{spec['name']}/compound-job.json"
+    record = json.loads(s3.client().get_object(Bucket="checkpoints", Key=key)["Body"].read())
+    del record["spec"]["model"]["bn_momentum"]  # as an older compound wrote it
+    s3.client().put_object(Bucket="checkpoints", Key=key, Body=json.dumps(record).encode())
+    job = prepare_job(load_job_spec(spec_path), settings, source=str(spec_path))
+    assert check_relaunch(job, s3=s3, source=str(spec_path)).resumes
+
+
 def test_a_launch_that_left_no_checkpoint_binds_nothing(settings: Settings, s3: S3Access, digits: ShardManifest,
                                                         tmp_path: Path) -> None:
     spec_path, spec = make_spec(tmp_path, **SMALL)
