@@ -4,7 +4,8 @@ Trains a B0 on the digits at 224 px (`--epochs`, in this process), then runs wha
 `compound model quantize` runs (`jobs.deploy.quantize_model`: export, calibration on 8 training
 batches, the recipe ladder with a 1-point limit) and prints, for the kept recipe and for every recipe
 tried: top-1 drop on the validation split, batch-32 and batch-1 latency (p50) and file size, each as
-int8 ÷ fp32; and the kept model's batch-32 ratio over interleaved rounds (median and range).
+int8 ÷ fp32; and the kept model's batch-32 ratio over interleaved rounds (median and range). If no
+recipe is within the limit, it says so and still prints every recipe's figures.
 Bars (issue 11): batch-32 latency ≤ 0.6×, size ≤ 0.35×, drop ≤ 1 point.
 
     python tests/benchmarks/bench_quantize.py [--epochs 3]
@@ -36,7 +37,8 @@ def main() -> None:
     from cluster.data.loader import ShardLoader
     from cluster.data.transforms import AugmentSpec
     from cluster.evaluate import evaluate, split_batches
-    from cluster.quantize import RECIPES, quantize
+    from cluster.quantize import RECIPES, QuantizationError, quantize
+    from effnet.export import export_onnx
     from effnet.weights import save_checkpoint
     from infra.stack import Stack
     from jobs.connect import s3_access
@@ -70,31 +72,37 @@ def main() -> None:
                 schedule.step()
             print(f"trained epoch {epoch + 1}/{args.epochs}", flush=True)
         weights = save_checkpoint(model.eval(), home / "b0.safetensors")
-
-        outcome = quantize_model(ModelRef(str(weights), resolution=RESOLUTION), data="s3://shards/digits/manifest.json",
-                                 out=home / "quantized", max_drop_points=1.0, calibration_batches=8, threads=THREADS,
-                                 s3=s3, tracking_uri=settings.mlflow_tracking_uri)
-        fp32, int8 = outcome.fp32, outcome.int8
+        fp32_path = export_onnx(model, home / FP32_FILE, resolution=RESOLUTION, dynamic_batch=True)
+        validation = list(split_batches(digits, "val", resolution=RESOLUTION, s3=s3))
+        fp32, _ = evaluate(fp32_path, validation, num_classes=10, threads=THREADS)
         print(f"\nB0 at {RESOLUTION} px, {THREADS} ONNX Runtime threads; fp32 top-1 {fp32.top1:.4f} "
               f"on {fp32.samples} validation images")
-        print(f"kept recipe: {outcome.recipe.name} ({outcome.recipe.description})")
-        _print_ratios("kept", fp32, int8)
-        validation = list(split_batches(digits, "val", resolution=RESOLUTION, s3=s3))
-        _print_interleaved(home / "quantized" / FP32_FILE, home / "quantized" / INT8_FILE, images=validation[0][0])
+
+        try:
+            outcome = quantize_model(ModelRef(str(weights), resolution=RESOLUTION),
+                                     data="s3://shards/digits/manifest.json", out=home / "quantized",
+                                     max_drop_points=1.0, calibration_batches=8, threads=THREADS, s3=s3,
+                                     tracking_uri=settings.mlflow_tracking_uri)
+        except QuantizationError as error:  # the figures below still say what each recipe costs
+            print(f"kept recipe: none, the drop bar (<= 1 point) is MISSED: {error}")
+        else:
+            print(f"kept recipe: {outcome.recipe.name} ({outcome.recipe.description})")
+            _print_ratios("kept", outcome.fp32, outcome.int8)
+            _print_interleaved(home / "quantized" / FP32_FILE, home / "quantized" / INT8_FILE,
+                               images=validation[0][0])
 
         # Every recipe's speed too: what the fast ones would give, and what they cost in accuracy.
         calibration = list(split_batches(digits, "train", resolution=RESOLUTION, s3=s3, shuffle=True, limit=8))
         for recipe in RECIPES:
             path = home / f"{recipe.name}.onnx"
             try:
-                quantize(home / "quantized" / FP32_FILE, path, calibration=calibration, evaluation=validation,
+                quantize(fp32_path, path, calibration=calibration, evaluation=validation,
                          max_drop_points=100.0, threads=THREADS, recipes=(recipe,))
             except Exception as error:  # noqa: BLE001 - a recipe ORT refuses is reported, not fatal
                 print(f"{recipe.name}: {error}")
                 continue
             evaluation, _ = evaluate(path, validation, num_classes=10, threads=THREADS)
             _print_ratios(recipe.name, fp32, evaluation)
-        assert (home / "quantized" / INT8_FILE).is_file()
     finally:
         stack.down()
         shutil.rmtree(stack.ray_dir, ignore_errors=True)
