@@ -98,13 +98,13 @@ def _check_split(
     if ref.split not in manifest.splits:
         problems.append(f"{field}.split: the dataset has no split {ref.split!r}; it has {', '.join(manifest.splits)}")
         return None
-    shards = len(manifest.split(ref.split).shards)
+    samples = manifest.split(ref.split).samples
     readers = spec.scaling.num_workers * max(1, spec.data.loader_workers)
-    if shards < readers:
+    if samples < readers:
         problems.append(
-            f"{field}: the {ref.split!r} split has {shards} shards, fewer than the {readers} readers "
-            f"(scaling.num_workers × data.loader_workers) that each need one; write smaller shards "
-            "(compound data shards --shard-size) or use fewer loader workers")
+            f"{field}: the {ref.split!r} split has {samples} samples, fewer than the {readers} readers "
+            f"(scaling.num_workers × data.loader_workers) that each need one; use fewer workers or loader "
+            "workers, or a larger split")
         return None
     try:
         verify_shards(manifest, ref.split, s3=s3)

@@ -2,12 +2,16 @@
 
 How one epoch is laid out (all of it computed from the manifest, before a byte is read):
 
-- The split's shards are shuffled with a seed for the epoch and dealt to `world_size × workers`
-  *slots* (workers: DataLoader workers per rank, `loader_workers`), each to the slot holding the
-  fewest samples so far. Slot `rank × workers + w` is read by DataLoader worker `w` of `rank`.
-- A slot's samples, in shard order, are cut into blocks of `shuffle_buffer` samples and each
-  block is permuted with a seed for (epoch, slot, block). That is the seeded shuffle buffer,
-  and it makes position p of a slot a pure function of the manifest and the seed.
+- The split's shards are shuffled with a seed for the epoch, laid end to end, and the samples cut
+  into `world_size × workers` *slots* of equal size (workers: DataLoader workers per rank,
+  `loader_workers`; sizes differ by at most one). A slot is a run of *pieces*: whole shards, and at
+  its two ends possibly part of a shard that its neighbour reads the rest of. Slot
+  `rank × workers + w` is read by DataLoader worker `w` of `rank`. Equal slots mean as few steps
+  as the data allows: dealt whole, shards of unequal sizes left some slots up to a shard longer,
+  and every rank ran the longest slot's steps.
+- A slot's samples, in order, are cut into blocks of `shuffle_buffer` samples and each block is
+  permuted with a seed for (epoch, slot, block). That is the seeded shuffle buffer, and it makes
+  position p of a slot a pure function of the manifest and the seed.
 - Every slot yields the same number of batches: the longest slot's, rounded up. Shorter slots
   pad with replays of their own samples whose loss weight is 0. So every rank runs the same
   number of steps (DDP never hangs) and every sample is trained on exactly once per epoch.
@@ -19,6 +23,7 @@ How one epoch is laid out (all of it computed from the manifest, before a byte i
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import itertools
@@ -54,35 +59,57 @@ class LoaderState(BaseModel):
 
 
 @dataclass(frozen=True)
-class EpochPlan:
-    """Which shards each slot reads in one epoch, and how many batches every slot yields."""
+class ShardPiece:
+    """Samples [start, stop) of one shard, in the shard's order."""
 
-    slots: tuple[tuple[ShardInfo, ...], ...]
+    shard: ShardInfo
+    start: int
+    stop: int
+
+    @property
+    def samples(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which pieces of which shards each slot reads in one epoch, and how many batches every slot yields."""
+
+    slots: tuple[tuple[ShardPiece, ...], ...]
     batches_per_slot: int
 
     def slot_samples(self, slot: int) -> int:
-        return sum(shard.samples for shard in self.slots[slot])
+        return sum(piece.samples for piece in self.slots[slot])
 
 
 def plan_epoch(
     shards: tuple[ShardInfo, ...], *, epoch: int, seed: int, num_slots: int, batch_size: int, shuffle: bool,
 ) -> EpochPlan:
-    if len(shards) < num_slots:
+    total = sum(shard.samples for shard in shards)
+    if total < num_slots:
         raise ValueError(
-            f"the split has {len(shards)} shards but ranks × loader workers = {num_slots}: every worker of "
-            "every rank needs at least one shard. Write smaller shards (compound data shards --shard-size) "
-            "or use fewer loader workers."
+            f"the split has {total} samples but ranks × loader workers = {num_slots}: every worker of every "
+            "rank needs at least one sample. Use fewer workers or loader workers, or a larger split."
         )
     order = list(range(len(shards)))
     if shuffle:
         random.Random(f"shards:{seed}:{epoch}").shuffle(order)
-    slots: list[list[ShardInfo]] = [[] for _ in range(num_slots)]
-    totals = [0] * num_slots
+    # Slot i holds samples [bounds[i], bounds[i + 1]) of the shards laid end to end in `order`.
+    bounds = [slot * total // num_slots for slot in range(num_slots + 1)]
+    slots: list[list[ShardPiece]] = [[] for _ in range(num_slots)]
+    offset = 0
     for index in order:
-        lightest = totals.index(min(totals))
-        slots[lightest].append(shards[index])
-        totals[lightest] += shards[index].samples
-    return EpochPlan(tuple(tuple(s) for s in slots), max(math.ceil(t / batch_size) for t in totals))
+        shard = shards[index]
+        begin, end = offset, offset + shard.samples
+        for slot in range(bisect.bisect_right(bounds, begin) - 1, num_slots):
+            if bounds[slot] >= end:
+                break
+            start, stop = max(begin, bounds[slot]), min(end, bounds[slot + 1])
+            if start < stop:
+                slots[slot].append(ShardPiece(shard, start - begin, stop - begin))
+        offset = end
+    longest = max(bounds[slot + 1] - bounds[slot] for slot in range(num_slots))
+    return EpochPlan(tuple(tuple(s) for s in slots), math.ceil(longest / batch_size))
 
 
 @dataclass(frozen=True)
@@ -165,22 +192,25 @@ class _SlotStream(IterableDataset):
             yield from chunk[skip:]
             skip, block = 0, block + 1
 
-    def _read(self, shards: tuple[ShardInfo, ...], skip: int) -> Iterator[dict]:
-        """Raw samples of `shards` in order, the first `skip` passed over without decoding."""
-        for shard in shards:
-            if skip >= shard.samples:
-                skip -= shard.samples
+    def _read(self, pieces: tuple[ShardPiece, ...], skip: int) -> Iterator[dict]:
+        """Raw samples of `pieces` in order, the first `skip` passed over without decoding."""
+        for piece in pieces:
+            if skip >= piece.samples:
+                skip -= piece.samples
                 continue
-            yield from read_shard(shard, access=self.loader.s3, skip=skip)
+            yield from read_shard(piece.shard, access=self.loader.s3, skip=piece.start + skip, stop=piece.stop)
             skip = 0
 
 
-def read_shard(shard: ShardInfo, *, access: S3Access | None, skip: int = 0) -> Iterator[dict]:
-    """A shard's raw samples (from `skip` on), checked against the manifest's count and sha256.
+def read_shard(shard: ShardInfo, *, access: S3Access | None, skip: int = 0, stop: int | None = None) -> Iterator[dict]:
+    """A shard's raw samples [skip, stop), checked against the manifest's count and sha256.
 
-    Transient failures are retried inside the S3 reader; a shard that reads as corrupt or
-    truncated is re-read up to SHARD_ATTEMPTS times, then fails naming the shard.
+    A read that ends at the shard's end checks the count and the hash of the whole shard; one that
+    stops before it (a slot's first piece: the neighbouring slot reads the rest, and checks it)
+    reads no further. Transient failures are retried inside the S3 reader; a shard that reads as
+    corrupt or truncated is re-read up to SHARD_ATTEMPTS times, then fails naming the shard.
     """
+    partial = stop is not None and stop < shard.samples
     yielded = 0
     for attempt in range(1, SHARD_ATTEMPTS + 1):
         digest = hashlib.sha256()
@@ -193,6 +223,8 @@ def read_shard(shard: ShardInfo, *, access: S3Access | None, skip: int = 0) -> I
                         yield sample
                         yielded += 1
                     count += 1
+                    if partial and count == stop:
+                        return
                 hashing.read_to_end()
         except ShardReadError:
             raise

@@ -218,11 +218,16 @@ def manifest_keys(manifest: ShardManifest, s3: S3Access) -> list[str]:
     return [s["__key__"] for shard in manifest.split("train").shards for s in read_shard(shard, access=s3)]
 
 
-def test_fewer_shards_than_slots_is_a_clear_error(s3: S3Access) -> None:
-    manifest = write_shards(DigitsSource(image_size=8, val_fraction=0.2, seed=0), _prefix("few"),
+def test_one_shard_feeds_every_worker_of_every_rank_each_sample_once(s3: S3Access) -> None:
+    manifest = write_shards(DigitsSource(image_size=8, val_fraction=0.2, seed=0), _prefix("one"),
                             s3=s3, shard_bytes=10**9).manifest
-    with pytest.raises(ValueError, match=r"1 shards but ranks × loader workers = 4"):
-        ShardLoader(manifest, "train", batch_size=8, resolution=8, world_size=2, loader_workers=2, s3=s3)
+    (shard,) = manifest.split("train").shards
+    everything = [s["__key__"] for s in read_shard(shard, access=s3)]
+    assert [s["__key__"] for s in read_shard(shard, access=s3, skip=5, stop=9)] == everything[5:9]
+    per_rank = [list(ShardLoader(manifest, "train", batch_size=64, resolution=8, rank=rank, world_size=2,
+                                 loader_workers=2, s3=s3, seed=3)) for rank in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 2 * -(-shard.samples // 4 // 64)
+    assert sorted(_real_keys(per_rank[0] + per_rank[1])) == sorted(everything)
 
 
 def test_eval_loader_keeps_order_and_uses_eval_transform(digits, s3: S3Access) -> None:

@@ -104,9 +104,9 @@ def test_a_missing_dataset_or_a_changed_relaunch_is_refused_before_anything_star
     assert result.exit_code == 1 and "cannot reach the Ray cluster at 127.0.0.1:" in result.output, result.output
     assert "Contents" not in s3.client().list_objects_v2(Bucket="checkpoints", Prefix=f"jobs/{spec['name']}/")
 
-    crowded, _ = make_spec(tmp_path, scaling={"num_workers": 16}, data={"loader_workers": 2})
+    crowded, _ = make_spec(tmp_path, scaling={"num_workers": 1024}, data={"loader_workers": 2})
     result = CliRunner().invoke(cli, ["job", "validate", str(crowded), "--home", str(stack.home)])
-    assert result.exit_code == 2 and "fewer than the 32 readers" in result.output, result.output
+    assert result.exit_code == 2 and "fewer than the 2048 readers" in result.output, result.output
 
     first, spec = make_spec(tmp_path, **SMALL)
     _launched_with_a_checkpoint(first, spec, settings, s3)
