@@ -206,7 +206,7 @@ def read_shard(shard: ShardInfo, *, access: S3Access | None, skip: int = 0, stop
     """A shard's raw samples [skip, stop), checked against the manifest's count and sha256.
 
     A read that ends at the shard's end checks the count and the hash of the whole shard; one that
-    stops before it (a slot's first piece: the neighbouring slot reads the rest, and checks it)
+    stops before it (a slot's last piece: the next slot reads the rest, and checks it)
     reads no further. Transient failures are retried inside the S3 reader; a shard that reads as
     corrupt or truncated is re-read up to SHARD_ATTEMPTS times, then fails naming the shard.
     """

@@ -15,7 +15,8 @@ SHARDS = tuple(
 
 
 def _samples(plan) -> list[tuple[str, int]]:
-    return [(piece.shard.url, index) for slot in plan.slots for piece in slot for index in range(piece.start, piece.stop)]
+    return [(piece.shard.url, index)
+            for slot in plan.slots for piece in slot for index in range(piece.start, piece.stop)]
 
 
 @pytest.mark.parametrize("num_slots", [1, 3, 4, 12, 439])
