@@ -86,7 +86,9 @@ def _parent(client: MlflowClient, experiment: str, name: str):
 def test_a_sweep_stops_bad_trials_early_and_is_one_parent_run_with_a_child_per_trial(
     stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
 ) -> None:
-    job_path, _ = make_spec(tmp_path, **{**SMALL, "optim": {"epochs": 2}})
+    # At the smoke job's 64 px: at 32 px, a first epoch at GOOD_LR can average a higher loss than an
+    # untrained model (its early steps overshoot), and whether it does depends on the sample order.
+    job_path, _ = make_spec(tmp_path, optim={"epochs": 2})
     spec_path, sweep = _sweep(tmp_path, job_path, trials=3)  # one at a time: a good one, then two bad ones
     outcome = _finish(_run(spec_path, stack))
 
