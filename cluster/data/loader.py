@@ -23,7 +23,6 @@ How one epoch is laid out (all of it computed from the manifest, before a byte i
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import hashlib
 import itertools
@@ -97,18 +96,17 @@ def plan_epoch(
     # Slot i holds samples [bounds[i], bounds[i + 1]) of the shards laid end to end in `order`.
     bounds = [slot * total // num_slots for slot in range(num_slots + 1)]
     slots: list[list[ShardPiece]] = [[] for _ in range(num_slots)]
-    offset = 0
+    slot, offset = 0, 0  # the slot being filled; samples laid so far
     for index in order:
-        shard = shards[index]
-        begin, end = offset, offset + shard.samples
-        for slot in range(bisect.bisect_right(bounds, begin) - 1, num_slots):
-            if bounds[slot] >= end:
-                break
-            start, stop = max(begin, bounds[slot]), min(end, bounds[slot + 1])
-            if start < stop:
-                slots[slot].append(ShardPiece(shard, start - begin, stop - begin))
-        offset = end
-    longest = max(bounds[slot + 1] - bounds[slot] for slot in range(num_slots))
+        shard, start = shards[index], 0
+        while start < shard.samples:
+            stop = min(shard.samples, start + bounds[slot + 1] - offset)
+            slots[slot].append(ShardPiece(shard, start, stop))
+            offset += stop - start
+            start = stop
+            if offset == bounds[slot + 1]:
+                slot += 1
+    longest = -(-total // num_slots)
     return EpochPlan(tuple(tuple(s) for s in slots), math.ceil(longest / batch_size))
 
 
