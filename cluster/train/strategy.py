@@ -191,6 +191,7 @@ class DeepSpeed(Strategy):
     def __init__(self, module: nn.Module, spec: TrainingSpec, device: torch.device) -> None:
         import deepspeed
 
+        _skip_shared_memory_all_reduce()
         self.device = device
         self.dtype = DTYPES[spec.precision.dtype]
         self.accumulation = spec.optim.grad_accumulation
@@ -228,6 +229,15 @@ class DeepSpeed(Strategy):
     def load(self, directory: Path) -> None:
         self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
+
+
+def _skip_shared_memory_all_reduce() -> None:
+    """DeepSpeed builds its shared-memory all-reduce op on CPU nodes when its backend starts: a C++
+    compile of about a minute on every fresh node (two cores here), for an op that only inference
+    uses (training reduces through the process group). DeepSpeed keeps its op table editable for this."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def make_strategy(module: nn.Module, spec: TrainingSpec, device: torch.device) -> Strategy:
