@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -56,17 +55,6 @@ def make_spec(tmp_path: Path, **changes: dict) -> tuple[Path, dict]:
     path = tmp_path / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path, spec
-
-
-def launch(spec_path: Path, stack: Stack) -> subprocess.Popen:
-    return subprocess.Popen([COMPOUND, "job", "run", str(spec_path), "--json", "--home", str(stack.home)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def finish(process: subprocess.Popen) -> dict:
-    out, err = process.communicate(timeout=RUN_TIMEOUT_S)
-    assert process.returncode == 0, err[-6000:]
-    return json.loads([line for line in out.splitlines() if line.startswith('{"job"')][-1])
 
 
 def sample_log(tmp_path: Path) -> list[dict]:

@@ -1,14 +1,12 @@
-"""`compound job run` against the real local stack: Ray Train workers, the S3 store, failures on purpose,
-and what is refused before anything starts. The smoke job and a killed driver are in test_job_submit.py."""
+"""`compound job run` against the real local stack: what is refused before anything starts, and what a
+relaunch checks. The smoke job and the failure drills (DDP and ZeRO-3) are in test_job_submit.py."""
 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 
-import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -22,70 +20,7 @@ from jobs.cli import cli
 from jobs.driver import prepare_job
 from jobs.resolve import check_relaunch, record_launch
 from jobs.spec import load_job_spec
-from tests.jobs.helpers import (
-    DRILL_CHECKPOINTS,
-    SMALL,
-    check_lineage,
-    check_no_orphans,
-    finish,
-    first_new_step,
-    kill_rank,
-    latest_uploaded,
-    launch,
-    make_spec,
-    reached,
-    sample_log,
-    split_keys,
-    uploaded,
-    wait_for,
-)
-
-
-# ZeRO-2 in bf16 runs the same drill as a distillation job: tests/jobs/test_distill_job.py.
-@pytest.mark.slow  # CI's budget: DeepSpeed ZeRO-2 is drilled in `make test` (tests/jobs/test_distill_job.py)
-@pytest.mark.parametrize(("zero_stage", "dtype"), [(3, "fp32")])
-def test_deepspeed_trains_checkpoints_and_resumes_after_a_worker_kill(
-    stack: Stack, s3: S3Access, digits: ShardManifest, tmp_path: Path, zero_stage: int, dtype: str,
-) -> None:
-    spec_path, spec = make_spec(tmp_path, **SMALL, checkpoint=DRILL_CHECKPOINTS,
-                                strategy={"name": "deepspeed", "zero_stage": zero_stage},
-                                precision={"dtype": dtype})
-    every = spec["checkpoint"]["every_steps"]
-    process = launch(spec_path, stack)
-    wait_for(uploaded(s3, spec, epoch=0, step=2 * every), "a checkpoint in epoch 0", process)
-    seen = latest_uploaded(s3, spec)
-    wait_for(reached(tmp_path, epoch=seen[0], step=seen[1] + 3), "a few steps after it", process)
-    old_pids = kill_rank(tmp_path, rank=0)
-    outcome = finish(process)
-
-    assert [e["train_samples_epoch"] for e in outcome["epochs"]] == [digits.split("train").samples]
-    log = sample_log(tmp_path)
-    redone = check_lineage(log, split_keys(digits, s3), epochs=1)
-    assert first_new_step(log, old_pids, rank=0) > seen
-    assert max(redone.values()) <= every, f"steps redone per rank: {redone}"
-    check_no_orphans(s3, spec)
-    listing = s3.client().list_objects_v2(Bucket="checkpoints", Prefix=outcome["checkpoint"].split("checkpoints/")[1])
-    files = {o["Key"].rsplit("/", 1)[1] for o in listing["Contents"]}
-    shards = {f for f in files if "zero_pp_rank" in f}  # ZeRO: every rank saved its own shard
-    assert {"progress.json", "model.safetensors", "rank-0.pt", "rank-1.pt"} <= files and len(shards) >= 2, files
-
-
-@pytest.mark.slow  # CI's budget: the reader's outage tests (tests/cluster/test_data.py) run in `make test`
-def test_training_rides_out_a_20_second_store_outage(stack: Stack, s3: S3Access, digits: ShardManifest,
-                                                     tmp_path: Path) -> None:
-    spec_path, _ = make_spec(tmp_path, **SMALL)
-    process = launch(spec_path, stack)
-    wait_for(reached(tmp_path, epoch=0, step=5), "training to start", process)
-    try:
-        stack.stop_service("s3")
-        time.sleep(20)  # twice what the reader survived before its retry window became a setting
-        assert process.poll() is None, "the job ended during the outage"
-    finally:
-        stack.up()
-    outcome = finish(process)
-    assert [e["train_samples_epoch"] for e in outcome["epochs"]] == [digits.split("train").samples]
-    redone = check_lineage(sample_log(tmp_path), split_keys(digits, s3), epochs=1)
-    assert max(redone.values(), default=0) == 0, f"the outage restarted workers: {redone}"
+from tests.jobs.helpers import SMALL, make_spec
 
 
 def test_a_missing_dataset_or_a_changed_relaunch_is_refused_before_anything_starts(

@@ -1,11 +1,13 @@
 """`compound job submit` and its MLflow run, against the real local stack: Ray's job server, the MLflow
-server, the S3 store; failures on purpose (MLflow stopped, a worker killed, the driver killed)."""
+server, the S3 store; failures on purpose (MLflow stopped, the S3 store stopped, a worker killed, the
+driver killed), under DDP and DeepSpeed ZeRO-3."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import time
 import urllib.request
 from pathlib import Path
 
@@ -152,33 +154,58 @@ def _kill_driver(submission_id: str) -> None:
         os.kill(process.pid, signal.SIGKILL)
 
 
-def test_a_job_whose_driver_died_is_submitted_again_and_resumes_in_the_same_mlflow_run(
+def test_a_zero3_job_rides_out_a_store_outage_and_a_worker_kill_and_resumes_when_submitted_after_its_driver_died(
     stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
 ) -> None:
-    spec_path, spec = make_spec(tmp_path, **SMALL)
+    # DeepSpeed ZeRO-3 (ZeRO-2 runs the worker-kill drill as a distillation job: test_distill_job.py).
+    spec_path, spec = make_spec(tmp_path, **SMALL, checkpoint=DRILL_CHECKPOINTS,
+                                strategy={"name": "deepspeed", "zero_stage": 3})
     every = spec["checkpoint"]["every_steps"]
     first = submit(spec_path, stack, settings)
-    wait_for(uploaded(s3, spec, epoch=0, step=2 * every), "a checkpoint in epoch 0", first)
+    wait_for(reached(tmp_path, epoch=0, step=5), "training to start", first)
+
+    # The store stops for 30 s mid-epoch: reads and uploads wait it out, and no worker restarts.
+    try:
+        stack.stop_service("s3")
+        time.sleep(30)
+        assert first.poll() is None, "the job ended during the store outage"
+    finally:
+        stack.up()
+    wait_for(uploaded(s3, spec, epoch=0, step=every), "a checkpoint in epoch 0", first)
     seen = latest_uploaded(s3, spec)
+    wait_for(reached(tmp_path, epoch=seen[0], step=seen[1] + 3), "a few steps after it", first)
+    assert len({r["pid"] for r in sample_log(tmp_path)}) == 2, "the outage restarted workers"
+
+    # A worker killed: the worker group resumes from its checkpoint by itself.
+    killed = kill_rank(tmp_path, rank=0)
+    wait_for(lambda: any(r["pid"] not in killed for r in sample_log(tmp_path)), "the restarted workers to train",
+             first)
+    assert first_new_step(sample_log(tmp_path), killed, rank=0) > seen
 
     again = CliRunner().invoke(cli, ["job", "submit", str(spec_path), "--home", str(stack.home)])
     assert again.exit_code == 1 and f"is already running as submission {first.id}" in again.output, again.output
 
+    # The driver killed: submitted again, the job resumes from its latest checkpoint, in the same MLflow run.
     _kill_driver(first.id)
     assert first.wait(timeout_s=120) == "FAILED"
-    old_pids = {r["pid"] for r in sample_log(tmp_path)}
+    old_pids, latest = {r["pid"] for r in sample_log(tmp_path)}, latest_uploaded(s3, spec)
     second = submit(spec_path, stack, settings)
     assert second.wait() == "SUCCEEDED", second.logs()[-6000:]
 
     assert "resuming from its latest checkpoint" in second.logs()
     log = sample_log(tmp_path)
-    assert first_new_step(log, old_pids, rank=0) > seen
-    check_lineage(log, split_keys(digits, s3), epochs=1)
+    assert first_new_step(log, old_pids, rank=0) > latest >= seen
+    redone = check_lineage(log, split_keys(digits, s3), epochs=1)
+    assert max(redone.values()) <= 2 * every, f"steps redone per rank (two restarts): {redone}"
     check_no_orphans(s3, spec)
+    prefix = f"jobs/{spec['name']}/"
+    files = {o["Key"].rsplit("/", 1)[1] for o in s3.client().list_objects_v2(Bucket="checkpoints", Prefix=prefix)["Contents"]}
+    assert {"progress.json", "model.safetensors", "rank-0.pt", "rank-1.pt"} <= files, files
+    assert len({f for f in files if "zero_pp_rank" in f}) >= 2, files  # ZeRO: every rank saved its own shard
 
     client = MlflowClient(settings.mlflow_tracking_uri)
     (run,) = _runs_of(client, spec["name"])
-    assert run.data.tags["compound.submission_id"] == second.id
+    assert run.data.tags["compound.submission_id"] == second.id and run.data.tags["compound.strategy"] == "deepspeed-zero3"
     samples = client.get_metric_history(run.info.run_id, "train_samples_epoch")
     assert [(m.step, m.value) for m in samples] == [(1, digits.split("train").samples)]
 
