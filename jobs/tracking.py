@@ -234,6 +234,9 @@ def log_final_model(run: RunRef, spec: JobSpec, *, checkpoint: str, history: lis
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     mlflow.set_tracking_uri(run.tracking_uri)
+    # The fluent API refuses a run outside the process's active experiment, which a caller in the same
+    # process (a pipeline, a notebook) may have set: the run's own becomes the active one.
+    mlflow.set_experiment(experiment_id=run.experiment_id)
     with mlflow.start_run(run_id=run.run_id):
         mlflow.pytorch.log_model(
             model, name=MODEL_NAME, signature=infer_signature(example, output), input_example=example,
