@@ -27,11 +27,13 @@ demo: $(STAMP)
 down: $(STAMP)
 	$(BIN)/compound down
 
+# Two processes, a file each at a time (each with a stack of its own): while one waits out a drill's
+# outage or restart, the other's tests use the cores. 13 min instead of 19 here on 2 cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -m ''
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m ''
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_effnet.py
