@@ -191,7 +191,8 @@ class DeepSpeed(Strategy):
     def __init__(self, module: nn.Module, spec: TrainingSpec, device: torch.device) -> None:
         import deepspeed
 
-        _skip_shared_memory_all_reduce()
+        if device.type == "cpu":
+            _skip_shared_memory_all_reduce()
         self.device = device
         self.dtype = DTYPES[spec.precision.dtype]
         self.accumulation = spec.optim.grad_accumulation
@@ -232,9 +233,10 @@ class DeepSpeed(Strategy):
 
 
 def _skip_shared_memory_all_reduce() -> None:
-    """DeepSpeed builds its shared-memory all-reduce op on CPU nodes when its backend starts: a C++
+    """DeepSpeed builds its shared-memory all-reduce op when its backend starts on a CPU node: a C++
     compile of about a minute on every fresh node (two cores here), for an op that only inference
-    uses (training reduces through the process group). DeepSpeed keeps its op table editable for this."""
+    uses (training reduces through the process group). DeepSpeed keeps its op table editable for this;
+    reading it probes every op, so GPU nodes (which have no such op) leave it alone."""
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

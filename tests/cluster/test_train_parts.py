@@ -172,3 +172,23 @@ def test_progress_round_trip_restores_each_ranks_random_state(tmp_path: Path) ->
     assert (torch.rand(3).tolist(), random.random()) == (expected[0].tolist(), expected[1])
     assert restored.state() == progress.state() and restored.tally == progress.tally
     assert restored.name == "epoch0002-step0000017" and math.isclose(restored.tally.loss_sum, 99.5)
+
+
+def test_deepspeed_on_cpu_starts_without_building_its_shared_memory_op(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The op would take a minute of C++ compile on a fresh node, and training never uses it."""
+    import deepspeed.comm.comm as deepspeed_comm
+    import torch.distributed as dist
+
+    from cluster.train.strategy import DeepSpeed
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        spec = _spec(strategy={"name": "deepspeed", "zero_stage": 2}, scaling={"num_workers": 1})
+        DeepSpeed(effnet.build("efficientnet_b0", num_classes=10), spec, torch.device("cpu"))
+        assert deepspeed_comm.cdb is not None and deepspeed_comm.cdb.shm_comm_op is None
+    finally:
+        deepspeed_comm.cdb = None
+        dist.destroy_process_group()
