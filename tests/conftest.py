@@ -1,5 +1,6 @@
 """Suite-wide settings: deterministic CPU runs, GPU tests skipped where there is no CUDA device."""
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +16,13 @@ from cluster.storage import S3Access
 from infra.settings import Settings, load_settings
 from infra.stack import Stack, StackPorts
 from jobs.connect import s3_access
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `make test` runs two of these processes beside the stacks' Ray workers on two cores: oversubscribed,
+    # torch's intra-op threads would wait on each other: one each.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
