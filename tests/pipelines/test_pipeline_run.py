@@ -89,7 +89,8 @@ def test_the_tiny_pipeline_resumes_at_its_failed_stage_and_promotes_a_champion(
     figures = outputs["evaluate"]["figures"]
     assert set(figures) == {"teacher", "student", "student_int8", "late"}
     assert figures["late"]["top1"] == figures["student_int8"]["top1"]  # the same model
-    assert figures["student"]["top1"] > 0.2 and figures["teacher"]["top1"] > 0.2, figures  # chance: 0.1
+    # chance: 0.1; here the teacher scored 0.68, the student 0.44
+    assert figures["teacher"]["top1"] > 0.4 and figures["student"]["top1"] > 0.25, figures
     assert outputs["int8"]["drop_points"] <= 10.0
     assert outputs["register"]["version"] == 1 and outputs["promote"]["action"] == "promoted"
 
