@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,6 +30,15 @@ class AugmentSpec(BaseModel):
     random_erasing: float = Field(default=0.0, ge=0.0, le=1.0, description="probability per image")
     mixup_alpha: float = Field(default=0.0, ge=0.0)
     cutmix_alpha: float = Field(default=0.0, ge=0.0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale_is_a_range_of_fractions(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        # torchvision would refuse it only when the first worker draws a crop, after the job started.
+        low, high = scale
+        if not 0 < low <= high <= 1:
+            raise ValueError("give [min, max] fractions of the image's area, with 0 < min <= max <= 1")
+        return scale
 
 
 def train_transform(resolution: int, augment: AugmentSpec) -> Transform:

@@ -8,9 +8,10 @@ section is read, so a validated spec prints every value a run will use.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.data.spec import DataSpec
 from effnet import VARIANTS
@@ -114,11 +115,56 @@ class DDPStrategy(_Section):
     name: Literal["ddp"] = "ddp"
 
 
+# Parts of the DeepSpeed config that the spec decides, and the fields that decide them: an override of one
+# would contradict the loop (which builds the optimiser and schedule and runs the accumulation) or the spec.
+DEEPSPEED_KEYS_FROM_THE_SPEC = {
+    ("train_micro_batch_size_per_gpu",): "data.batch_size",
+    ("gradient_accumulation_steps",): "optim.grad_accumulation",
+    ("train_batch_size",): "data.batch_size × scaling.num_workers × optim.grad_accumulation",
+    ("managed_gradient_accumulation",): "the training loop",
+    ("gradient_clipping",): "optim.grad_clip_norm",
+    ("optimizer",): "optim",
+    ("scheduler",): "optim",
+    ("zero_optimization", "stage"): "strategy.zero_stage",
+    ("bf16", "enabled"): "precision.dtype",
+    ("fp16", "enabled"): "precision.dtype",
+    ("data_types", "buffer_dtype"): "precision.dtype",
+}
+
+
 class DeepSpeedStrategy(_Section):
     name: Literal["deepspeed"]
     zero_stage: Literal[1, 2, 3] = 2
     config: dict[str, Any] = Field(
         default_factory=dict, description="expert override: merged into the DeepSpeed config generated from the spec")
+
+    @model_validator(mode="after")
+    def _override_leaves_the_spec_alone(self) -> DeepSpeedStrategy:
+        for path, owner in DEEPSPEED_KEYS_FROM_THE_SPEC.items():
+            section = self.config if len(path) == 1 else self.config.get(path[0])
+            if isinstance(section, dict) and path[-1] in section:
+                raise ValueError(f"config.{'.'.join(path)} is set by {owner}; remove it from the override")
+        zero = self.config.get("zero_optimization")
+        if zero is not None:
+            _check_zero_section(zero, self.zero_stage)
+        return self
+
+
+def _check_zero_section(zero: Any, stage: int) -> None:
+    """DeepSpeed's own model of the section, so a misspelt key stops the spec instead of every worker."""
+    logging.disable(logging.WARNING)  # importing DeepSpeed on a machine without GPUs warns that it found none
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    finally:
+        logging.disable(logging.NOTSET)
+
+    if not isinstance(zero, dict):
+        raise ValueError(f"config.zero_optimization must be a mapping of DeepSpeed ZeRO options (got {zero!r})")
+    try:
+        DeepSpeedZeroConfig(**zero, stage=stage)
+    except ValidationError as error:
+        wrong = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"config.zero_optimization is not a valid DeepSpeed ZeRO section: {wrong}") from None
 
 
 Strategy = Annotated[DDPStrategy | DeepSpeedStrategy, Field(discriminator="name")]

@@ -85,6 +85,19 @@ def test_peak_lr_scales_with_the_global_batch() -> None:
     ({**MINIMAL, "data": {"train": {"manifest": "/local/manifest.json"}}}, "data.train.manifest: String should match pattern '^s3://"),
     (_with("data", batch_size=[32]), "data.batch_size: Input should be a valid integer (got [32])"),
     (_with("checkpoint", storage="checkpoints/jobs"), "checkpoint.storage: String should match pattern '^s3://"),
+    ({**MINIMAL, "data": {**MINIMAL["data"], "augment": {"crop_scale": [1.0, 0.35]}}},
+     "data.augment.crop_scale: give [min, max] fractions of the image's area, with 0 < min <= max <= 1 (got [1.0, 0.35])"),
+    ({**MINIMAL, "data": {**MINIMAL["data"], "augment": {"crop_scale": [0, 1]}}}, "with 0 < min <= max <= 1"),
+    (_with("strategy", name="deepspeed", config={"train_batch_size": 64}),
+     "config.train_batch_size is set by data.batch_size × scaling.num_workers × optim.grad_accumulation; remove it"),
+    (_with("strategy", name="deepspeed", config={"zero_optimization": {"stage": 3}}),
+     "config.zero_optimization.stage is set by strategy.zero_stage; remove it from the override"),
+    (_with("strategy", name="deepspeed", config={"optimizer": {"type": "Adam"}}), "config.optimizer is set by optim"),
+    (_with("strategy", name="deepspeed", config={"bf16": {"enabled": True}}), "config.bf16.enabled is set by precision.dtype"),
+    (_with("strategy", name="deepspeed", config={"zero_optimization": {"overlap_com": True}}),
+     "config.zero_optimization is not a valid DeepSpeed ZeRO section: overlap_com: Extra inputs are not permitted"),
+    (_with("strategy", name="deepspeed", config={"zero_optimization": {"reduce_bucket_size": "big"}}),
+     "config.zero_optimization is not a valid DeepSpeed ZeRO section: reduce_bucket_size:"),
 ])
 def test_bad_specs_name_the_field_the_value_and_what_is_allowed(tmp_path: Path, change: dict, expected: str) -> None:
     problems = _problems(tmp_path, change)
