@@ -17,7 +17,7 @@ from typing import Any
 
 from cluster.storage import S3Access, split_s3_url
 from cluster.tracking import RunRef
-from cluster.train.checkpoint import PROGRESS_FILE, remove_unregistered
+from cluster.train.checkpoint import PROGRESS_FILE, final_checkpoint, remove_unregistered
 from cluster.train.trainer import make_trainer
 from infra.settings import RAY_CLIENT_ENV, Settings
 from jobs.connect import s3_access
@@ -116,13 +116,17 @@ def finish_job(trained: TrainedJob, *, s3: S3Access, log_model: bool = True) -> 
     from mlflow.exceptions import MlflowException
 
     spec, run, result = trained.job.spec, trained.run, trained.result
-    removed = remove_unregistered(s3.filesystem(), result.path, [c.path for c, _ in result.best_checkpoints or []])
+    filesystem = s3.filesystem()
+    final = final_checkpoint(filesystem, result.path, result.checkpoint.path if result.checkpoint else None,
+                             spec.scaling.num_workers)
+    registered = [c.path for c, _ in result.best_checkpoints or []]
+    removed = remove_unregistered(filesystem, result.path, [*registered, final] if final else registered)
     if removed:
         log.info("removed checkpoints Ray never registered: %s", ", ".join(removed))
     history, checkpoint = [], None
     try:
-        if result.checkpoint is not None:
-            checkpoint = f"s3://{result.checkpoint.path}"
+        if final is not None:
+            checkpoint = f"s3://{final}"
             history = read_history(checkpoint, s3)
             if log_model:
                 log_final_model(run, spec, checkpoint=checkpoint, history=history, s3=s3)

@@ -187,6 +187,16 @@ def resume_point(registered, *, rank: int, world_size: int, device: torch.device
     return ray.train.Checkpoint(path=choice[0], filesystem=storage.storage_filesystem)
 
 
+def final_checkpoint(filesystem, experiment_path: str, latest_registered: str | None, world_size: int) -> str | None:
+    """The checkpoint a finished run ended at: Ray's latest registered one, or a newer one every rank had
+    uploaded when a failure cut its registration short (the restart resumed from it and, with nothing left
+    to train, reported nothing more)."""
+    uploaded = newest_uploaded(filesystem, experiment_path, world_size)
+    if uploaded is not None and (latest_registered is None or Path(uploaded).name > Path(latest_registered).name):
+        return uploaded
+    return latest_registered
+
+
 def remove_unregistered(filesystem, experiment_path: str, registered: list[str]) -> list[str]:
     """Delete the checkpoint folders Ray did not register (uploads a failure cut short, or resumed from
     before their registration); the names removed."""

@@ -13,7 +13,15 @@ from torch import nn
 
 import effnet
 from cluster.data.loader import Batch
-from cluster.train.checkpoint import EpochTally, Progress, load_progress, save_progress
+from cluster.train.checkpoint import (
+    EpochTally,
+    Progress,
+    final_checkpoint,
+    load_progress,
+    remove_unregistered,
+    save_progress,
+    upload_marker,
+)
 from cluster.train.config import ModelSpec, TrainingSpec
 from cluster.train.loop import weighted_loss
 from cluster.train.models import build_model, parameter_groups
@@ -192,3 +200,23 @@ def test_deepspeed_on_cpu_starts_without_building_its_shared_memory_op(tmp_path:
     finally:
         deepspeed_comm.cdb = None
         dist.destroy_process_group()
+
+
+def test_a_run_ends_at_a_checkpoint_every_rank_uploaded_even_when_ray_never_registered_it(tmp_path: Path) -> None:
+    # A worker killed after the last checkpoint's upload but before its registration: the restart resumes
+    # from it with nothing left to train, so Ray's latest stays the one before. The run ends at the newer one.
+    from pyarrow.fs import LocalFileSystem
+
+    filesystem, run = LocalFileSystem(), str(tmp_path)
+    for name, ranks in (("epoch0000-step0000040", 2), ("epoch0001-step0000000", 2), ("epoch0001-step0000010", 1)):
+        (tmp_path / name).mkdir()
+        for rank in range(ranks):
+            (tmp_path / name / upload_marker(rank, 2)).touch()
+    registered = f"{run}/epoch0000-step0000040"
+
+    final = final_checkpoint(filesystem, run, registered, world_size=2)
+    assert final == f"{run}/epoch0001-step0000000"  # the newest one half uploaded is not a checkpoint
+    assert final_checkpoint(filesystem, run, None, world_size=2) == final
+    assert final_checkpoint(filesystem, run, f"{run}/epoch0001-step0000010", world_size=2).endswith("step0000010")
+    assert remove_unregistered(filesystem, run, [registered, final]) == ["epoch0001-step0000010"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch0000-step0000040", "epoch0001-step0000000"]
