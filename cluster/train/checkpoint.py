@@ -17,8 +17,10 @@ Checkpoints are uploaded in the background (`CheckpointUploadMode.ASYNC`) throug
 function that retries through a store outage for the S3 access's retry window. Ray registers a
 checkpoint only once every rank's upload has reached its controller, seconds later; a worker that
 dies in between would make a restart go back a checkpoint further than needed. So a restart takes
-the newest checkpoint every rank marked uploaded when that is newer than Ray's (`resume_point`),
-and the driver removes, at the end, the folders Ray never registered (`remove_unregistered`).
+the newest checkpoint every rank marked uploaded when that is newer than Ray's (`resume_point`);
+at the end the driver takes that one as the run's last (`final_checkpoint`: a restart with nothing
+left to train reports nothing more) and removes the other folders Ray never registered
+(`remove_unregistered`).
 """
 
 from __future__ import annotations
