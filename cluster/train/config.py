@@ -152,14 +152,14 @@ class DeepSpeedStrategy(_Section):
 
 def _check_zero_section(zero: Any, stage: int) -> None:
     """DeepSpeed's own model of the section, so a misspelt key stops the spec instead of every worker."""
+    if not isinstance(zero, dict):
+        raise ValueError(f"config.zero_optimization must be a mapping of DeepSpeed ZeRO options (got {zero!r})")
+    previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # importing DeepSpeed on a machine without GPUs warns that it found none
     try:
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     finally:
-        logging.disable(logging.NOTSET)
-
-    if not isinstance(zero, dict):
-        raise ValueError(f"config.zero_optimization must be a mapping of DeepSpeed ZeRO options (got {zero!r})")
+        logging.disable(previous)
     try:
         DeepSpeedZeroConfig(**zero, stage=stage)
     except ValidationError as error:

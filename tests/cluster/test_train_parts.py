@@ -22,7 +22,7 @@ from cluster.train.checkpoint import (
     save_progress,
     upload_marker,
 )
-from cluster.train.config import ModelSpec, TrainingSpec
+from cluster.train.config import DEEPSPEED_KEYS_FROM_THE_SPEC, ModelSpec, TrainingSpec
 from cluster.train.loop import weighted_loss
 from cluster.train.models import build_model, parameter_groups
 from cluster.train.schedule import LrSchedule
@@ -220,3 +220,13 @@ def test_a_run_ends_at_a_checkpoint_every_rank_uploaded_even_when_ray_never_regi
     assert final_checkpoint(filesystem, run, f"{run}/epoch0001-step0000010", world_size=2).endswith("step0000010")
     assert remove_unregistered(filesystem, run, [registered, final]) == ["epoch0001-step0000010"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch0000-step0000040", "epoch0001-step0000000"]
+
+
+def test_every_deepspeed_key_generated_from_the_spec_is_refused_in_the_override() -> None:
+    # The refusal table in config.py and the generator in strategy.py must not drift apart.
+    tunable = {"zero_allow_untested_optimizer", "steps_per_print", "wall_clock_breakdown"}
+    generated = set()
+    for key, value in deepspeed_config(_spec(strategy={"name": "deepspeed"}, precision={"dtype": "bf16"})).items():
+        if key not in tunable:
+            generated |= {(key, inner) for inner in value} if isinstance(value, dict) else {(key,)}
+    assert generated <= set(DEEPSPEED_KEYS_FROM_THE_SPEC), generated - set(DEEPSPEED_KEYS_FROM_THE_SPEC)
