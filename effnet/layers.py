@@ -124,6 +124,14 @@ class ConvBnAct(nn.Module):
             return batch_norm_swish(x, self.bn)
         return self.act(self.bn(x))
 
+    def borrowed_parameters(self) -> list[nn.Parameter]:
+        """The child's parameters this forward uses without calling the child: the fused BatchNorm's.
+
+        Sharding schemes that gather a module's parameters around its own forward and backward (ZeRO-3)
+        must gather these for this module.
+        """
+        return [p for p in (self.bn.weight, self.bn.bias) if p is not None]
+
 
 def _can_fuse(bn: nn.Module) -> bool:
     return (
@@ -198,6 +206,10 @@ class SqueezeExcite(nn.Module):
         scale = F.linear(scale, self.reduce.weight.flatten(1), self.reduce.bias)
         scale = F.linear(self.act(scale), self.expand.weight.flatten(1), self.expand.bias)
         return x * torch.sigmoid(scale)[..., None, None]
+
+    def borrowed_parameters(self) -> list[nn.Parameter]:
+        """The children's parameters this forward uses without calling them (see `ConvBnAct`)."""
+        return [*self.reduce.parameters(), *self.expand.parameters()]
 
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:

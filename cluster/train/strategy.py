@@ -197,6 +197,8 @@ class DeepSpeed(Strategy):
         self.dtype = DTYPES[spec.precision.dtype]
         self.accumulation = spec.optim.grad_accumulation
         self.config = deepspeed_config(spec)
+        if spec.strategy.zero_stage == 3:
+            _declare_borrowed_parameters(module)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=make_optimizer(module, spec.optim), config=self.config,
             dist_init_required=False,
@@ -230,6 +232,18 @@ class DeepSpeed(Strategy):
     def load(self, directory: Path) -> None:
         self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
+
+
+def _declare_borrowed_parameters(module: nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters around its own forward and backward. A layer that uses a
+    child's parameters without calling the child (the fused BatchNorm + swish, squeeze-excite's 1x1 convs
+    run as matrix products) declares them: unless DeepSpeed knows them as that layer's, it can release
+    them between forward and backward, and backward then finds a 0-element weight."""
+    import deepspeed
+
+    for layer in module.modules():
+        for parameter in getattr(layer, "borrowed_parameters", list)():
+            deepspeed.zero.register_external_parameter(layer, parameter)
 
 
 def _skip_shared_memory_all_reduce() -> None:

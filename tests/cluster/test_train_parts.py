@@ -1,8 +1,11 @@
 """The parts of the training loop that need no cluster: schedule, loss, models, strategies, EMA, progress."""
 
 import itertools
+import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,6 +203,22 @@ def test_deepspeed_on_cpu_starts_without_building_its_shared_memory_op(tmp_path:
     finally:
         deepspeed_comm.cdb = None
         dist.destroy_process_group()
+
+
+def test_a_resumed_zero3_job_trains_on_after_validating_and_checkpointing(tmp_path: Path) -> None:
+    """The fused BatchNorm + swish and squeeze-excite use their children's parameters without calling them.
+    Undeclared, ZeRO-3 released them between forward and backward in a job resumed from a checkpoint:
+    the first backward after validation failed on a 0-element BatchNorm weight, or ZeRO-3's trace broke.
+    Each phase runs in a process of its own, as each attempt of a Ray Train worker does."""
+    def run(phase: str) -> dict:
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("zero3_resume.py")), phase, str(tmp_path)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, resumed = run("first"), run("resumed")
+    assert all(math.isfinite(loss) for loss in first["losses"] + resumed["losses"]) and len(resumed["losses"]) == 3
+    assert resumed["trained"] == [True, True]  # the classifier, and a BatchNorm run fused
 
 
 def test_a_run_ends_at_a_checkpoint_every_rank_uploaded_even_when_ray_never_registered_it(tmp_path: Path) -> None:
