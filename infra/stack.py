@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 GRPC_OFFSET = 10_000  # SeaweedFS serves gRPC at each HTTP port + 10000
+FREE_PORTS_FROM = 20_000  # `StackPorts.free` stays above the well-known ports and Ray's default worker range
 STARTUP_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 45.0  # Ray drains its node before it exits
 LOG_TAIL_LINES = 25
@@ -84,23 +85,44 @@ class StackPorts(BaseModel):
     scheduler: int = 8766  # its health check
 
     @classmethod
-    def free(cls) -> StackPorts:
-        """Ports that are free right now (for tests and side-by-side stacks)."""
+    def free(cls, lane: int = 0, lanes: int = 1) -> StackPorts:
+        """Ports that are free right now, for tests and side-by-side stacks; stacks picking at the same
+        moment (one per test process) take different `lane`s of `lanes` and can never pick the same.
+
+        All lie below the kernel's ephemeral range: a service stopped and started again (an outage drill,
+        `compound up` after a crash) finds its ports still free, since nothing that asks the kernel for
+        any port (client sockets, Ray's and gloo's listeners) is handed one there.
+        """
+        top = max(ephemeral_ports_start(), FREE_PORTS_FROM + GRPC_OFFSET + 1000)
+        # SeaweedFS's ports come from the bottom, with their gRPC twins 10000 above; the others between.
+        weed_band = min(top - FREE_PORTS_FROM - GRPC_OFFSET, GRPC_OFFSET // 2)
         chosen: set[int] = set()
 
-        def pick(span: int = 1, with_grpc: bool = False) -> int:
+        def pick(low: int, high: int, span: int = 1, with_grpc: bool = False) -> int:
+            width = (high - low) // lanes
+            low += lane * width
             for _ in range(10_000):
-                start = secrets.randbelow(50_000 - 20_000 - span) + 20_000
+                start = low + secrets.randbelow(width - span)
                 needed = set(range(start, start + span)) | ({start + GRPC_OFFSET} if with_grpc else set())
                 if not needed & chosen and all(port_is_free(p) for p in needed):
                     chosen.update(needed)
                     return start
             raise StackError("could not find free ports on 127.0.0.1")
 
-        worker = pick(span=101)
-        weed = {name: pick(with_grpc=True) for name in ("s3", "weed_master", "weed_volume", "weed_filer", "weed_admin")}
-        others = {name: pick() for name in ("mlflow", "ray", "ray_dashboard", "ray_client", "ray_agent", "scheduler")}
+        weed_low, others_low, others_high = FREE_PORTS_FROM, FREE_PORTS_FROM + weed_band, FREE_PORTS_FROM + GRPC_OFFSET
+        weed = {name: pick(weed_low, others_low, with_grpc=True)
+                for name in ("s3", "weed_master", "weed_volume", "weed_filer", "weed_admin")}
+        worker = pick(others_low, others_high, span=101)
+        others = {name: pick(others_low, others_high)
+                  for name in ("mlflow", "ray", "ray_dashboard", "ray_client", "ray_agent", "scheduler")}
         return cls(**weed, **others, ray_min_worker=worker, ray_max_worker=worker + 100)
+
+
+def ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default (no /proc: the ports chosen still work, unprotected)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,9 @@ def stack_home() -> Iterator[Path]:
 def stack(stack_home: Path) -> Iterator[Stack]:
     """The real local stack (SeaweedFS, MLflow, Ray) on free ports, shared by the whole session."""
     local = Stack(stack_home)
-    local.up(StackPorts.free())
+    # `make test`'s processes start their stacks together: each picks in a lane of its own.
+    lane = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    local.up(StackPorts.free(lane, lanes=int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
     yield local
     local.down(grace_s=0)  # the session's stack is thrown away: no Ray drain
     shutil.rmtree(local.ray_dir, ignore_errors=True)

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from infra.settings import Settings, load_settings, write_private
-from infra.stack import Stack, StackError, StackPorts
+from infra.stack import GRPC_OFFSET, Stack, StackError, StackPorts, ephemeral_ports_start
 from jobs.cli import cli
 
 
@@ -110,6 +110,18 @@ def test_credentials_stay_out_of_output_and_files_are_private(stack: Stack, sett
     assert (stack.home / "s3" / "s3.json").stat().st_mode & 0o077 == 0
     for status in stack.status():
         assert secret not in status.log_file.read_text(errors="replace")
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_lanes_never_share_one() -> None:
+    def opened(ports: StackPorts) -> set[int]:
+        single = ports.model_dump(exclude={"ray_min_worker", "ray_max_worker"})
+        weed = {ports.s3, ports.weed_master, ports.weed_volume, ports.weed_filer, ports.weed_admin}
+        workers = set(range(ports.ray_min_worker, ports.ray_max_worker + 1))
+        return set(single.values()) | {port + GRPC_OFFSET for port in weed} | workers
+
+    first, second = ({p for _ in range(20) for p in opened(StackPorts.free(lane, lanes=2))} for lane in (0, 1))
+    assert not first & second
+    assert 1024 < min(first | second) and max(first | second) < max(ephemeral_ports_start(), 31_000)
 
 
 def test_taken_port_is_a_clear_error_and_starts_nothing(stack: Stack, tmp_path: Path) -> None:
