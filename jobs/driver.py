@@ -17,7 +17,7 @@ from typing import Any
 
 from cluster.storage import S3Access, split_s3_url
 from cluster.tracking import RunRef
-from cluster.train.checkpoint import PROGRESS_FILE, final_checkpoint, remove_unregistered
+from cluster.train.checkpoint import PROGRESS_FILE, latest_checkpoint, remove_unregistered
 from cluster.train.trainer import make_trainer
 from infra.settings import RAY_CLIENT_ENV, Settings
 from jobs.connect import s3_access
@@ -117,7 +117,7 @@ def finish_job(trained: TrainedJob, *, s3: S3Access, log_model: bool = True) -> 
 
     spec, run, result = trained.job.spec, trained.run, trained.result
     filesystem = s3.filesystem()
-    final = final_checkpoint(filesystem, result.path, result.checkpoint.path if result.checkpoint else None,
+    final = latest_checkpoint(filesystem, result.path, result.checkpoint.path if result.checkpoint else None,
                              spec.scaling.num_workers)
     registered = [c.path for c, _ in result.best_checkpoints or []]
     removed = remove_unregistered(filesystem, result.path, [*registered, final] if final else registered)

@@ -17,9 +17,9 @@ Checkpoints are uploaded in the background (`CheckpointUploadMode.ASYNC`) throug
 function that retries through a store outage for the S3 access's retry window. Ray registers a
 checkpoint only once every rank's upload has reached its controller, seconds later; a worker that
 dies in between would make a restart go back a checkpoint further than needed. So a restart takes
-the newest checkpoint every rank marked uploaded when that is newer than Ray's (`resume_point`);
-at the end the driver takes that one as the run's last (`final_checkpoint`: a restart with nothing
-left to train reports nothing more) and removes the other folders Ray never registered
+the newest checkpoint every rank marked uploaded when that is newer than Ray's (`latest_checkpoint`,
+through `resume_point`); at the end the driver takes that one as the run's last (a restart with
+nothing left to train reports nothing more) and removes the other folders Ray never registered
 (`remove_unregistered`).
 """
 
@@ -168,6 +168,16 @@ def newest_uploaded(filesystem, experiment_path: str, world_size: int) -> str | 
     return None
 
 
+def latest_checkpoint(filesystem, experiment_path: str, latest_registered: str | None, world_size: int) -> str | None:
+    """Ray's latest registered checkpoint, or a newer one every rank had uploaded when a failure cut its
+    registration short: where a restart resumes, and where a finished run ended (a restart with nothing
+    left to train reports nothing more)."""
+    uploaded = newest_uploaded(filesystem, experiment_path, world_size)
+    if uploaded is not None and (latest_registered is None or Path(uploaded).name > Path(latest_registered).name):
+        return uploaded
+    return latest_registered
+
+
 def resume_point(registered, *, rank: int, world_size: int, device: torch.device):
     """The checkpoint a (re)started worker group resumes from: Ray's latest registered one, or a newer one
     every rank had finished uploading when a failure cut its registration short. The same on every rank."""
@@ -177,9 +187,10 @@ def resume_point(registered, *, rank: int, world_size: int, device: torch.device
     storage = ray.train.get_context().get_storage()
     choice: list[str | None] = [None]
     if rank == 0:
-        newest = newest_uploaded(storage.storage_filesystem, storage.experiment_fs_path, world_size)
-        if newest is not None and (registered is None or Path(newest).name > Path(registered.path).name):
-            choice = [newest]
+        latest = latest_checkpoint(storage.storage_filesystem, storage.experiment_fs_path,
+                                   registered.path if registered else None, world_size)
+        if latest is not None and (registered is None or Path(latest).name != Path(registered.path).name):
+            choice = [latest]
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0, device=device)
     if choice[0] is None:
@@ -187,16 +198,6 @@ def resume_point(registered, *, rank: int, world_size: int, device: torch.device
     if rank == 0:
         log.info("checkpoint %s was uploaded by every rank but not yet registered: resuming from it", choice[0])
     return ray.train.Checkpoint(path=choice[0], filesystem=storage.storage_filesystem)
-
-
-def final_checkpoint(filesystem, experiment_path: str, latest_registered: str | None, world_size: int) -> str | None:
-    """The checkpoint a finished run ended at: Ray's latest registered one, or a newer one every rank had
-    uploaded when a failure cut its registration short (the restart resumed from it and, with nothing left
-    to train, reported nothing more)."""
-    uploaded = newest_uploaded(filesystem, experiment_path, world_size)
-    if uploaded is not None and (latest_registered is None or Path(uploaded).name > Path(latest_registered).name):
-        return uploaded
-    return latest_registered
 
 
 def remove_unregistered(filesystem, experiment_path: str, registered: list[str]) -> list[str]:

@@ -19,7 +19,7 @@ from cluster.data.loader import Batch
 from cluster.train.checkpoint import (
     EpochTally,
     Progress,
-    final_checkpoint,
+    latest_checkpoint,
     load_progress,
     remove_unregistered,
     save_progress,
@@ -233,10 +233,10 @@ def test_a_run_ends_at_a_checkpoint_every_rank_uploaded_even_when_ray_never_regi
             (tmp_path / name / upload_marker(rank, 2)).touch()
     registered = f"{run}/epoch0000-step0000040"
 
-    final = final_checkpoint(filesystem, run, registered, world_size=2)
+    final = latest_checkpoint(filesystem, run, registered, world_size=2)
     assert final == f"{run}/epoch0001-step0000000"  # the newest one half uploaded is not a checkpoint
-    assert final_checkpoint(filesystem, run, None, world_size=2) == final
-    assert final_checkpoint(filesystem, run, f"{run}/epoch0001-step0000010", world_size=2).endswith("step0000010")
+    assert latest_checkpoint(filesystem, run, None, world_size=2) == final
+    assert latest_checkpoint(filesystem, run, f"{run}/epoch0001-step0000010", world_size=2).endswith("step0000010")
     assert remove_unregistered(filesystem, run, [registered, final]) == ["epoch0001-step0000010"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch0000-step0000040", "epoch0001-step0000000"]
 
