@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from types import TracebackType
 
 import torch
@@ -187,7 +186,19 @@ class _ScratchRunningStats:
 
 
 def _init_weights(module: nn.Module) -> None:
-    # The reference initialisation (torchvision's), so fresh models train like the reference.
+    """torchvision's initialisation for convolutions and BatchNorm, with two changes that make a fresh
+    model start at chance and train from scratch (`tests/effnet/test_init.py` measures both):
+
+    - The classifier starts at zero: every class equally likely, cross-entropy ln C. The reference's
+      uniform(±1/√num_classes) was chosen for 1000 classes; on 10 it made a fresh B7's logits std 9
+      (cross-entropy 12 at step 0, where chance is 2.3).
+    - A residual block's last BatchNorm starts at zero scale, so each block starts as the identity
+      (Goyal et al. 2017, torchvision's `zero_init_residual` for ResNets). Without it B7's 55
+      blocks pile up through the residual stream and a short run from scratch stays at chance.
+
+    `apply` visits children before their parent, so an MBConv's BatchNorm has its ones by then.
+    Reference weights, when loaded, replace all of this.
+    """
     if isinstance(module, nn.Conv2d):
         nn.init.kaiming_normal_(module.weight, mode="fan_out")
         if module.bias is not None:
@@ -196,9 +207,10 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Linear):
-        bound = 1.0 / math.sqrt(module.out_features)
-        nn.init.uniform_(module.weight, -bound, bound)
+        nn.init.zeros_(module.weight)
         nn.init.zeros_(module.bias)
+    elif isinstance(module, MBConv) and module.has_residual:
+        nn.init.zeros_(module.project.bn.weight)
 
 
 def build(name: str, **overrides: object) -> EfficientNet:

@@ -73,9 +73,12 @@ def export(variant: str, out_path: Path, weights: Path | None, num_classes: int 
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if check:
         difference, largest = _onnxruntime_difference(net, path, resolution)
-        # Relative to the largest logit: untrained weights give logits near 1e-14, where any
-        # absolute bound would pass whatever the file computes.
-        relative = difference / largest if largest else difference
+        if largest == 0:  # a fresh head is zero: equal logits would prove nothing about the file
+            console.print("onnxruntime vs PyTorch: not compared, every logit is 0 (an untrained classifier); "
+                          "export trained --weights to check the file")
+            return
+        # Relative to the largest logit: an absolute bound would pass whatever the file computes on small logits.
+        relative = difference / largest
         console.print(f"onnxruntime vs PyTorch: max |Δlogit| {difference:.1e} = {relative:.1e} × largest |logit|")
         if relative > ONNX_TOLERANCE:
             path.unlink()

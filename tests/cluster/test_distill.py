@@ -29,6 +29,7 @@ from cluster.train.distill import (
 )
 from cluster.train.loop import weighted_loss
 from cluster.train.strategy import make_strategy
+from tests.effnet.helpers import as_if_trained
 
 DATA = {"train": {"manifest": "s3://shards/d/manifest.json", "split": "train"},
         "val": {"manifest": "s3://shards/d/manifest.json", "split": "val"}, "batch_size": 2}
@@ -133,7 +134,7 @@ def test_feature_adapters_train_with_the_student_and_stay_out_of_its_weights() -
     distiller = Distiller(spec.distill, teacher, teacher_resolution=32, student_resolution=32,
                           autocast=contextlib.nullcontext)
     channels = distiller.teacher_channels()
-    student = effnet.build("efficientnet_b0", num_classes=3)
+    student = as_if_trained(effnet.build("efficientnet_b0", num_classes=3))
     wrapped = StudentWithAdapters(student, channels)
     strategy = make_strategy(wrapped, spec, torch.device("cpu"))
     wrapped.train()
@@ -156,7 +157,7 @@ def test_feature_adapters_train_with_the_student_and_stay_out_of_its_weights() -
 
 
 def test_a_pinned_teacher_rebuilds_frozen(tmp_path) -> None:
-    model = effnet.build("efficientnet_b0", num_classes=4)
+    model = as_if_trained(effnet.build("efficientnet_b0", num_classes=4))
     info = PinnedModel(arch="efficientnet_b0", num_classes=4, resolution=40, source="models:/t@champion")
     save_pinned(model.state_dict(), info, tmp_path / "teacher.safetensors")
     teacher, read = load_pinned(tmp_path / "teacher.safetensors", torch.device("cpu"))

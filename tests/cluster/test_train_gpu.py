@@ -12,6 +12,7 @@ from cluster.train.config import TrainingSpec
 from cluster.train.loop import weighted_loss
 from cluster.train.strategy import DDP, DeepSpeed
 from infra.stack import StackPorts
+from tests.effnet.helpers import as_if_trained
 
 pytestmark = pytest.mark.gpu
 
@@ -45,7 +46,7 @@ def _batch(device: torch.device) -> Batch:
 @pytest.mark.parametrize("strategy", [{"name": "ddp"}, {"name": "deepspeed", "zero_stage": 2}], ids=["ddp", "zero2"])
 def test_one_bf16_channels_last_step_on_cuda(nccl_group: torch.device, strategy: dict) -> None:
     spec = _spec(strategy)
-    model = effnet.build("efficientnet_b0", num_classes=10).to(nccl_group)
+    model = as_if_trained(effnet.build("efficientnet_b0", num_classes=10)).to(nccl_group)
     train = (DeepSpeed if strategy["name"] == "deepspeed" else DDP)(model, spec, nccl_group)
     before = [p.detach().float().clone() for p in train.module.parameters()]
     loss = train.micro_step(_batch(nccl_group), lambda logits, batch: weighted_loss(logits, batch, 0.1), sync=True)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from effnet import EfficientNet, build
 from tests.benchmarks.bench_effnet import peak_step_bytes
+from tests.effnet.helpers import as_if_trained
 
 NUM_CLASSES = 10
 
@@ -29,7 +30,7 @@ def _training_step(model: EfficientNet, images: torch.Tensor, labels: torch.Tens
 
 
 def _plain_and_checkpointed(**overrides: object) -> tuple[EfficientNet, EfficientNet]:
-    plain = build("efficientnet_b0", num_classes=NUM_CLASSES, **overrides)
+    plain = as_if_trained(build("efficientnet_b0", num_classes=NUM_CLASSES, **overrides))
     checkpointed = copy.deepcopy(plain)
     checkpointed.set_activation_checkpointing()
     return plain, checkpointed

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from effnet import build
 from effnet.layers import ConvBnAct, _SwishFunction
 from effnet.specs import get_spec
-from tests.effnet.helpers import separate_layers, with_realistic_bn_stats
+from tests.effnet.helpers import as_if_trained, separate_layers, with_realistic_bn_stats
 
 pytestmark = pytest.mark.gpu
 
@@ -33,7 +33,7 @@ def test_channels_last_autocast_matches_fp32(dtype: torch.dtype) -> None:
 
 
 def test_training_step_under_autocast_gives_finite_gradients() -> None:
-    model = build("efficientnet_b0", num_classes=10).cuda().to(memory_format=torch.channels_last).train()
+    model = as_if_trained(build("efficientnet_b0", num_classes=10)).cuda().to(memory_format=torch.channels_last).train()
     x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = F.cross_entropy(model(x), torch.randint(0, 10, (8,), device="cuda"))

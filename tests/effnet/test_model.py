@@ -41,6 +41,7 @@ def test_stochastic_depth_grows_linearly_over_all_blocks() -> None:
 
 def test_train_mode_is_stochastic_eval_is_deterministic() -> None:
     model = build("efficientnet_b0", num_classes=4)
+    torch.nn.init.normal_(model.classifier.weight)  # a fresh head is zero: it would hide what the body does
     x = torch.randn(2, 3, 32, 32)
     model.train()
     assert not torch.equal(model(x), model(x))

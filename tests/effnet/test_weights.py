@@ -20,7 +20,7 @@ from effnet.weights import (
     load_weights,
     save_checkpoint,
 )
-from tests.effnet.helpers import assert_close_relative, with_realistic_bn_stats
+from tests.effnet.helpers import as_if_trained, assert_close_relative, with_realistic_bn_stats
 
 OTHER_SIZE = 97  # odd on purpose: exercises padding at every stride
 
@@ -112,7 +112,7 @@ def test_transfer_learning_keeps_the_backbone_and_a_new_head(tmp_path: Path) -> 
 
 
 def test_own_checkpoint_round_trip_rebuilds_the_model(tmp_path: Path) -> None:
-    model = build("efficientnet_b0", num_classes=7, padding="same").eval()
+    model = as_if_trained(build("efficientnet_b0", num_classes=7, padding="same")).eval()
     path = save_checkpoint(model, tmp_path / "ckpt" / "model.safetensors")
     restored = load_checkpoint(path).eval()
     assert restored.spec == model.spec
@@ -155,7 +155,7 @@ def test_reference_state_dict_in_any_container_loads_by_content(
 
 
 def test_compound_checkpoint_under_a_pth_name_rebuilds_its_own_model(tmp_path: Path) -> None:
-    model = build("efficientnet_b0", num_classes=7, padding="same").eval()
+    model = as_if_trained(build("efficientnet_b0", num_classes=7, padding="same")).eval()
     path = save_checkpoint(model, tmp_path / "model.safetensors").rename(tmp_path / "model.pth")
     assert is_compound_checkpoint(path)
     for num_classes in (None, 7):
@@ -165,7 +165,7 @@ def test_compound_checkpoint_under_a_pth_name_rebuilds_its_own_model(tmp_path: P
 
 
 def test_compound_checkpoint_refuses_another_variant_or_num_classes(tmp_path: Path) -> None:
-    path = save_checkpoint(build("efficientnet_b0", num_classes=7), tmp_path / "model.safetensors")
+    path = save_checkpoint(as_if_trained(build("efficientnet_b0", num_classes=7)), tmp_path / "model.safetensors")
     with pytest.raises(WeightsMismatchError, match="compound checkpoint of efficientnet_b0, not efficientnet_b1"):
         load_weights(path, "efficientnet_b1")
     with pytest.raises(NumClassesMismatchError, match=r"7 classes, not the 10 asked for.*num_classes=7") as caught:

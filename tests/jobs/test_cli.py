@@ -77,15 +77,25 @@ def test_num_classes_mismatches_exit_non_zero_naming_the_flag_and_write_nothing(
 
 
 def test_console_script_exports_a_checked_onnx_file(tmp_path: Path) -> None:
-    out = tmp_path / "b0.onnx"
+    from effnet import build
+    from effnet.weights import save_checkpoint
+    from tests.effnet.helpers import as_if_trained
+
+    weights = save_checkpoint(as_if_trained(build("efficientnet_b0", num_classes=10)), tmp_path / "b0.safetensors")
     compound = Path(sys.executable).with_name("compound")
-    result = subprocess.run(
-        [str(compound), "model", "export", "efficientnet_b0", "--resolution", "64", "--out", str(out)],
-        check=False, capture_output=True, text=True, timeout=300,
-    )
+    export = [str(compound), "model", "export", "efficientnet_b0", "--resolution", "64", "--out"]
+    result = subprocess.run([*export, str(tmp_path / "b0.onnx"), "--weights", str(weights)],
+                            check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "× largest |logit|" in result.stdout
-    onnx.checker.check_model(str(out))
+    onnx.checker.check_model(str(tmp_path / "b0.onnx"))
+
+    # A fresh model's logits are all 0: the check says it compared nothing rather than passing.
+    result = subprocess.run([*export, str(tmp_path / "fresh.onnx")], check=False, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "not compared, every logit is 0" in result.stdout and "× largest" not in result.stdout
+    onnx.checker.check_model(str(tmp_path / "fresh.onnx"))
 
 
 def test_named_errors_end_a_command_with_their_message_and_others_stay_tracebacks() -> None:
