@@ -40,6 +40,9 @@ class ModelSpec(_Section):
     bn_momentum: float | None = Field(default=None, gt=0, le=1, description=(
         "BatchNorm running-statistics momentum (EfficientNet); default: the variant's (B5-B7: 0.01, "
         "TensorFlow's, which takes thousands of steps to settle: short runs want 0.1)"))
+    bn_recalibration_batches: int = Field(default=10, ge=0, le=10_000, description=(
+        "before each evaluation and the saved weights, BatchNorm statistics are recomputed over this many "
+        "training batches per worker with the weights as they are (0: keep the running averages)"))
     pretrained: str | None = Field(default=None, description="a local weights file (compound, torchvision or timm)")
     freeze_through_stage: int | None = Field(default=None, ge=-1, lt=len(B0_STAGES),
                                              description="freeze the stem (-1) and stages 0..k (EfficientNet)")

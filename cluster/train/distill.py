@@ -211,6 +211,13 @@ class Distiller:
         return student_batch, loss, teacher_hits
 
 
+    def teacher_classes(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's top-1 class for each of the student's images (resized to the teacher's resolution):
+        how often a distilled student agrees with its teacher on the validation split."""
+        with torch.no_grad(), self.autocast():
+            return self.teacher(_resized(images, self.teacher_resolution)).argmax(dim=1)
+
+
 def _resized(images: torch.Tensor, resolution: int) -> torch.Tensor:
     if images.shape[-1] == resolution and images.shape[-2] == resolution:
         return images

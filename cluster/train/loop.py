@@ -23,6 +23,7 @@ server has not acknowledged yet) is saved with every checkpoint and queued again
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ from cluster.data.manifest import ManifestError, ShardManifest, load_manifest
 from cluster.plots import confusion_matrix, training_curves
 from cluster.storage import S3Access, split_s3_url
 from cluster.tracking import RunLogger, RunRef, TrackingSpec
+from cluster.train.bn_statistics import recalibrate_batchnorm
 from cluster.train.checkpoint import (
     EMA_FILE,
     TRACKING_FILE,
@@ -113,8 +115,8 @@ def train_loop_per_worker(config: dict) -> None:
     if distiller is not None and distiller.spec.features is not None:
         model = StudentWithAdapters(model, distiller.teacher_channels())
     assert spec.model.resolution is not None
-    train_loader, val_loader = _loaders(job, rank, world_size,
-                                        crop_resolution=distiller.crop_resolution if distiller else spec.model.resolution)
+    train_loader, val_loader, calibration_loader = _loaders(
+        job, rank, world_size, crop_resolution=distiller.crop_resolution if distiller else spec.model.resolution)
     strategy = make_strategy(model.to(device), spec, device)
     ema = WeightEMA(strategy.module, spec.optim.ema_decay) if spec.optim.ema_decay else None
     schedule = _schedule(spec, train_loader)
@@ -132,7 +134,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and job.run is not None:
         logger = RunLogger(job.run, pending=pending, system_metrics=job.tracking.system_metrics)
         log.info("MLflow run: %s", job.run.url)
-    trainer = _EpochTrainer(job, strategy, ema, schedule, rank, world_size, device, logger, distiller)
+    trainer = _EpochTrainer(job, strategy, ema, schedule, rank, world_size, device, logger, distiller,
+                            calibration_loader)
     if logger is not None:  # an epoch logged before the restart is redone, not logged again
         trainer.epochs_logged = logger.last_step(EPOCH_METRIC)
     try:
@@ -171,9 +174,12 @@ def _log_to_stderr() -> None:
     logging.getLogger("botocore.credentials").setLevel(logging.WARNING)  # not "Found credentials" per process
 
 
-def _loaders(job: WorkerJob, rank: int, world_size: int, *, crop_resolution: int) -> tuple[ShardLoader, ShardLoader]:
+def _loaders(job: WorkerJob, rank: int, world_size: int, *,
+             crop_resolution: int) -> tuple[ShardLoader, ShardLoader, ShardLoader | None]:
     """The training split cropped at `crop_resolution` (a distilling teacher's may be larger than the
-    student's), the validation split at the model's resolution."""
+    student's), the validation split at the model's resolution, and (unless switched off) the training
+    split as the model sees it for recomputing BatchNorm statistics: read in this process (a few batches
+    an epoch), its shuffle block no larger than those batches, so it reads no more than it uses."""
     spec = job.spec
     assert spec.data.val is not None and spec.model.resolution is not None
     common = {"batch_size": spec.data.batch_size, "s3": job.s3, "rank": rank,
@@ -184,7 +190,13 @@ def _loaders(job: WorkerJob, rank: int, world_size: int, *, crop_resolution: int
                         shuffle_buffer=spec.data.shuffle_buffer, resolution=crop_resolution, **common)
     val = ShardLoader(val_manifest, spec.data.val.split, shuffle=False, augment=None,
                       resolution=spec.model.resolution, **common)
-    return train, val
+    batches = spec.model.bn_recalibration_batches
+    calibration = None
+    if batches:
+        calibration = ShardLoader(train_manifest, spec.data.train.split, shuffle=True, augment=spec.data.augment,
+                                  shuffle_buffer=min(spec.data.shuffle_buffer, batches * spec.data.batch_size),
+                                  resolution=spec.model.resolution, **{**common, "loader_workers": 0})
+    return train, val, calibration
 
 
 def _distiller(job: WorkerJob, device: torch.device, rank: int) -> Distiller:
@@ -266,8 +278,9 @@ class _EpochTrainer:
 
     def __init__(self, job: WorkerJob, strategy: Strategy, ema: WeightEMA | None, schedule: LrSchedule,
                  rank: int, world_size: int, device: torch.device, logger: RunLogger | None,
-                 distiller: Distiller | None = None) -> None:
+                 distiller: Distiller | None = None, calibration: ShardLoader | None = None) -> None:
         self.job, self.spec, self.logger, self.distiller = job, job.spec, logger, distiller
+        self.calibration = calibration
         self.strategy, self.ema, self.schedule = strategy, ema, schedule
         self.rank, self.world_size, self.device = rank, world_size, device
         self.memory_format = torch.channels_last if self.spec.precision.channels_last else torch.contiguous_format
@@ -353,9 +366,11 @@ class _EpochTrainer:
         }
         if self.distiller is not None:  # the teacher on the student's crops: a wrong teacher shows here first
             metrics["train_teacher_top1"] = teacher_hits / max(samples, 1)
+        self._recalibrate(self.strategy.module, progress.epoch)
         evaluation, self.confusion = self._evaluate(self.strategy.module, val_loader)
         metrics |= {f"val_{k}": v for k, v in evaluation.items()}
         if self.ema is not None:
+            self._recalibrate(self.ema.module, progress.epoch)
             metrics |= {f"ema_val_{k}": v for k, v in self._evaluate(self.ema.module, val_loader)[0].items()}
         if self.rank == 0:
             log.info("epoch %d done: %s", progress.epoch,
@@ -379,15 +394,32 @@ class _EpochTrainer:
         matrix = confusion_matrix(self.confusion, classes, title=f"validation after epoch {done}")
         self.logger.log_artifact(f"plots/confusion_matrix/epoch_{done:03d}.png", matrix)
 
+    def _recalibrate(self, model: torch.nn.Module, epoch: int) -> None:
+        """BatchNorm statistics for the weights as they are, from the first batches of this epoch's training
+        split (the same on a rerun of the epoch, so a resumed job saves the same statistics)."""
+        if self.calibration is None:
+            return
+        self.calibration.load_state_dict({"epoch": epoch, "step": 0})
+        dtype = next(model.parameters()).dtype
+        inputs = (batch.to(self.device, memory_format=self.memory_format).images.to(dtype)
+                  for batch in itertools.islice(self.calibration, self.spec.model.bn_recalibration_batches))
+        with self.strategy.autocast():
+            batches = recalibrate_batchnorm(model, inputs)
+        if self.rank == 0:
+            log.info("BatchNorm statistics recomputed over %d training batches of %d on each of %d workers",
+                     batches, self.spec.data.batch_size, self.world_size)
+
     @torch.no_grad()
     def _evaluate(self, model: torch.nn.Module, loader: ShardLoader) -> tuple[dict[str, float], torch.Tensor]:
-        """Loss and top-k accuracy over the rank's share of the split, summed over every rank; and the
-        confusion counts [true, predicted] over the whole split."""
+        """Loss and top-k accuracy over the rank's share of the split, summed over every rank (a distilled
+        model also its agreement with the teacher's top-1); and the confusion counts [true, predicted] over
+        the whole split."""
         was_training = model.training
         model.eval()
         dtype = next(model.parameters()).dtype  # DeepSpeed may run the model in bf16/fp16
-        # [loss sum, samples, top-1 hits, top-5 hits], kept on the device: no sync per batch
-        sums = torch.zeros(2 + len(TOP_K), dtype=torch.float64, device=self.device)
+        # [loss sum, samples, top-1 hits, top-5 hits, agreements with the teacher], kept on the device: no sync
+        # per batch
+        sums = torch.zeros(3 + len(TOP_K), dtype=torch.float64, device=self.device)
         classes = loader.num_classes
         confusion = torch.zeros(classes * classes, dtype=torch.float64, device=self.device)
         loader.load_state_dict({"epoch": 0, "step": 0})
@@ -397,9 +429,11 @@ class _EpochTrainer:
                 logits = model(batch.images.to(dtype)).float()
             weights = batch.weights
             hits = logits.topk(min(max(TOP_K), logits.shape[1]), dim=1).indices == batch.labels[:, None]
+            agree = (self.distiller.teacher_classes(batch.images) == logits.argmax(dim=1) if self.distiller
+                     else torch.zeros_like(weights))
             sums += torch.stack([
                 (F.cross_entropy(logits, batch.labels, reduction="none") * weights).sum(), weights.sum(),
-                *((hits[:, :k].any(dim=1).float() * weights).sum() for k in TOP_K),
+                *((hits[:, :k].any(dim=1).float() * weights).sum() for k in TOP_K), (agree.float() * weights).sum(),
             ]).double()
             confusion += torch.bincount(batch.labels * classes + logits.argmax(dim=1), weights=weights.double(),
                                         minlength=classes * classes)
@@ -407,10 +441,12 @@ class _EpochTrainer:
         totals = torch.cat([sums, confusion])  # one collective for both
         if dist.is_initialized():
             dist.all_reduce(totals)
-        loss_sum, count, *correct = totals[:len(sums)].tolist()
+        loss_sum, count, *correct, agreements = totals[:len(sums)].tolist()
         confusion = totals[len(sums):]
         count = max(count, 1.0)
         metrics = {"loss": loss_sum / count, **{f"top{k}": c / count for k, c in zip(TOP_K, correct, strict=True)}}
+        if self.distiller is not None:
+            metrics["teacher_agreement"] = agreements / count
         return metrics, confusion.view(classes, classes).cpu()
 
     def report(self, metrics: dict, progress: Progress, *, with_checkpoint: bool) -> None:
