@@ -108,10 +108,11 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
     for metric in history:
         assert [m.step for m in metric] == [1, 2, 3], metric
     assert {m.value for m in history[0]} == {digits.split("train").samples}
-    # It learns the digits: the loss goes down and validation top-1 ends well above chance (10 %).
+    # It learns the digits: the loss goes down and validation top-1 ends far above chance (10 %).
     train_loss = [m.value for m in sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)]
     top1 = [m.value for m in sorted(history[1], key=lambda m: m.step)]
-    assert train_loss[-1] < train_loss[0] and top1[-1] > max(top1[0], 0.3), (train_loss, top1)  # here: 0.10 -> 0.49
+    # Measured here (2026-12-06): top-1 0.79 -> 0.95 -> 0.95, train loss 1.94 -> 1.33 -> 1.12 (label smoothing 0.1).
+    assert train_loss[-1] < train_loss[0] and top1[-1] > 0.85, (train_loss, top1)
     final = f"s3://checkpoints/jobs/{spec['name']}/epoch0003-step0000000"
     expected = _expected_step_metrics(read_history(final, s3), every=10)
     progress = s3.client().get_object(Bucket="checkpoints", Key=f"jobs/{spec['name']}/epoch0003-step0000000/progress.json")
