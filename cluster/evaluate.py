@@ -33,6 +33,7 @@ class Evaluation:
     samples: int
     top1: float
     top5: float
+    majority_top1: float  # of always answering the split's most common class: what a model must beat
     agreement: float | None  # top-1 predictions equal to the reference model's (None: it is the reference)
     latency_ms: dict[int, dict[str, float]]  # batch size → {"p50": …, "p95": …}
     threads: int
@@ -93,7 +94,8 @@ def evaluate(path: str | Path, batches: list[tuple[np.ndarray, np.ndarray, np.nd
     np.add.at(confusion, (labels, predicted), 1)
     agreement = None if reference is None else float((predicted == reference.argmax(axis=1)).mean())
     evaluation = Evaluation(
-        path=str(path), samples=int(weights.sum()), top1=top[1], top5=top[5], agreement=agreement,
+        path=str(path), samples=int(weights.sum()), top1=top[1], top5=top[5],
+        majority_top1=float(np.bincount(labels).max() / len(labels)), agreement=agreement,
         latency_ms=latency(path, batches[0][0], threads), threads=threads,
         size_mb=Path(path).stat().st_size / 1e6, confusion=confusion,
     )

@@ -45,10 +45,15 @@ class Gate(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    tolerance: float = Field(default=0.5, ge=0, le=100,
+    min_top1: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False, description=(
+        "int8 top-1 (percent) a version must reach, champion or not; and it must always beat answering the "
+        "validation split's most common class"))
+    tolerance: float = Field(default=0.5, ge=0, le=100, allow_inf_nan=False,
                              description="top-1 points the challenger may be below the current champion")
-    max_int8_drop: float = Field(default=1.0, ge=0, le=100, description="the most top-1 points int8 may lose")
-    max_latency_ms: float | None = Field(default=None, gt=0, description="int8 latency bound, batch 1, median")
+    max_int8_drop: float = Field(default=1.0, ge=0, le=100, allow_inf_nan=False,
+                                 description="the most top-1 points int8 may lose against fp32")
+    max_latency_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                         description="int8 latency bound, batch 1, median")
 
 
 @dataclass(frozen=True)
@@ -156,15 +161,22 @@ def check_gate(gate: Gate, challenger: dict[str, float], champion: dict[str, flo
     top1 = challenger.get("int8_top1")
     if top1 is None:
         condition(False, "the version has no int8_top1 figure to judge it by")
-    elif champion is None or champion.get("int8_top1") is None:
-        lines.append(f"ok: int8 top-1 {top1:.2%}, and no champion to compare with")
+        return lines, holds
+    # Absolute floors first: they hold whether or not there is a champion to compare with.
+    majority = challenger.get("majority_top1")
+    condition(majority is not None and top1 > majority,
+              f"int8 top-1 {top1:.2%} > {_percent(majority)}, always answering the most common class")
+    if gate.min_top1 is not None:
+        condition(top1 >= gate.min_top1 / 100, f"int8 top-1 {top1:.2%} ≥ the floor {gate.min_top1:g} %")
+    if champion is None or champion.get("int8_top1") is None:
+        lines.append("ok: no champion to compare with")
     else:
         floor = champion["int8_top1"] - gate.tolerance / 100
         condition(top1 >= floor, f"int8 top-1 {top1:.2%} ≥ champion v{champion_version}'s "
                                  f"{champion['int8_top1']:.2%} − {gate.tolerance:g} points")
-    drop = challenger.get("int8_drop_points")
-    condition(drop is not None and drop <= gate.max_int8_drop,
-              f"int8 drop {_points(drop)} ≤ {gate.max_int8_drop:g} points")
+    change = challenger.get("int8_change_points")
+    condition(change is not None and change >= -gate.max_int8_drop,
+              f"int8 vs fp32 top-1 {signed_points(change)} ≥ −{gate.max_int8_drop:g} points")
     if gate.max_latency_ms is not None:
         latency = challenger.get("int8_latency_ms")
         condition(latency is not None and latency <= gate.max_latency_ms,
@@ -221,8 +233,16 @@ def _version(client, name: str, version: int):
 
 
 def _metrics(version) -> dict[str, float]:
-    return {key.removeprefix(METRIC_TAG_PREFIX): float(value) for key, value in version.tags.items()
-            if key.startswith(METRIC_TAG_PREFIX)}
+    return figures_of(version.tags)
+
+
+def figures_of(tags: dict[str, str]) -> dict[str, float]:
+    """A version's figures from its tags (`compound.metric.int8_top1` → `int8_top1`)."""
+    figures = {key.removeprefix(METRIC_TAG_PREFIX): float(value) for key, value in tags.items()
+               if key.startswith(METRIC_TAG_PREFIX)}
+    if "int8_drop_points" in figures:  # registered before the change was recorded signed
+        figures.setdefault("int8_change_points", -figures["int8_drop_points"])
+    return figures
 
 
 def _recorded_gate(version) -> Gate:
@@ -245,8 +265,15 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _points(value: float | None) -> str:
-    return "unknown" if value is None else f"{value:.2f}"
+def signed_points(value: float | None) -> str:
+    """int8's top-1 against fp32's, in points: a gain reads as one (+0.30 points, a gain), a loss as −0.30."""
+    if value is None:
+        return "unknown"
+    return f"{value:+.2f} points{', a gain' if value > 0 else ''}".replace("-", "−")
+
+
+def _percent(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.2%}"
 
 
 def _ms(value: float | None) -> str:

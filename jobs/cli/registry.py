@@ -77,7 +77,7 @@ def list_(as_json: bool, home: Path | None) -> None:
 @_registry_errors
 def show(name: str, as_json: bool, home: Path | None) -> None:
     """NAME's versions: aliases, figures, lineage, the last promotion decision; and the champion history."""
-    from pipelines.registry import DECISION_TAG, METRIC_TAG_PREFIX, REASONS_TAG, history
+    from pipelines.registry import DECISION_TAG, REASONS_TAG, figures_of, history
 
     client = _client(_settings(home))
     model = client.get_registered_model(name)
@@ -91,11 +91,11 @@ def show(name: str, as_json: bool, home: Path | None) -> None:
     if as_json:
         click.echo(json.dumps({"name": name, "versions": shown, "history": changes}))
         return
-    table = Table("version", "aliases", "int8 top-1", "drop", "int8 ms", "recipe", "decision", "lineage",
+    table = Table("version", "aliases", "int8 top-1", "int8 vs fp32", "int8 ms", "recipe", "decision", "lineage",
                   title=f"model {name}")
     def figure(tags: dict[str, str], key: str, fmt: str) -> str:
-        value = tags.get(f"{METRIC_TAG_PREFIX}{key}")
-        return "-" if value is None else fmt.format(float(value))
+        value = figures_of(tags).get(key)
+        return "-" if value is None else fmt.format(value)
 
     for v in shown:
         tags = v["tags"]
@@ -103,7 +103,7 @@ def show(name: str, as_json: bool, home: Path | None) -> None:
                             ("compound.pipeline_run", "compound.teacher_run", "compound.dataset_id",
                              "compound.code_version") if tags.get(key))
         table.add_row(f"v{v['version']}", ", ".join(v["aliases"]) or "-", figure(tags, "int8_top1", "{:.2%}"),
-                      figure(tags, "int8_drop_points", "{:.2f}"), figure(tags, "int8_latency_ms", "{:.2f}"),
+                      figure(tags, "int8_change_points", "{:+.2f}"), figure(tags, "int8_latency_ms", "{:.2f}"),
                       tags.get("compound.quantization_recipe", "-"), tags.get(DECISION_TAG, "-"), lineage or "-")
     console.print(table)
     for v in shown:

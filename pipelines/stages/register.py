@@ -58,8 +58,8 @@ def run(inputs: Inputs, context: StageContext) -> Outputs:
             client.log_artifact(inputs.run_id, str(Path(directory) / name), DEPLOY_FOLDER)
         report = json.loads((Path(directory) / REPORT_FILE).read_text())
     fp32, int8 = report["fp32"], report["int8"]
-    metrics = {"fp32_top1": fp32["top1"], "int8_top1": int8["top1"],
-               "int8_drop_points": (fp32["top1"] - int8["top1"]) * 100,
+    metrics = {"fp32_top1": fp32["top1"], "int8_top1": int8["top1"], "majority_top1": int8["majority_top1"],
+               "int8_change_points": (int8["top1"] - fp32["top1"]) * 100,  # signed: + is a gain
                "int8_latency_ms": int8["latency_ms"]["1"]["p50"], "int8_size_mb": int8["size_mb"],
                "fp32_size_mb": fp32["size_mb"]}
     metrics |= {f"{label}_{key}": value for label, values in inputs.figures.items() for key, value in values.items()}

@@ -32,11 +32,13 @@ from pipelines.registry import (
 GATE = Gate(tolerance=1.0, max_int8_drop=1.0, max_latency_ms=50)
 
 
-def _version(settings: Settings, name: str, run_id: str, top1: float, drop: float = 0.3, latency: float = 5.0) -> int:
+def _version(settings: Settings, name: str, run_id: str, top1: float, change: float = -0.3, latency: float = 5.0,
+             majority: float = 0.11, gate: Gate = GATE) -> int:
     return register_version(settings.mlflow_tracking_uri, name=name, run_id=run_id,
                             tags={"compound.pipeline_run": "p" * 32, "compound.dataset_id": "digits@1"},
-                            metrics={"int8_top1": top1, "int8_drop_points": drop, "int8_latency_ms": latency},
-                            gate=GATE)
+                            metrics={"int8_top1": top1, "int8_change_points": change, "int8_latency_ms": latency,
+                                     "majority_top1": majority},
+                            gate=gate)
 
 
 def _promote(settings: Settings, s3: S3Access, name: str, version: int, **options):
@@ -53,6 +55,7 @@ def test_the_gate_decides_and_every_decision_is_recorded(stack: Stack, settings:
     first = _promote(settings, s3, name, v1)
     assert first.action == "promoted" and alias_version(client, name, CHAMPION) == v1
     assert any("no champion to compare with" in line for line in first.reasons)
+    assert "ok: int8 top-1 90.00% > 11.00%, always answering the most common class" in first.reasons
 
     worse = _version(settings, name, model_run, top1=0.85)  # 5 points below the champion, tolerance 1
     home = ["--home", str(stack.home)]
@@ -65,8 +68,9 @@ def test_the_gate_decides_and_every_decision_is_recorded(stack: Stack, settings:
 
     slow = _version(settings, name, model_run, top1=0.95, latency=80.0)  # better, but over the latency bound
     assert _promote(settings, s3, name, slow).action == "rejected"
-    lossy = _version(settings, name, model_run, top1=0.95, drop=3.0)  # int8 lost too much
-    assert _promote(settings, s3, name, lossy).action == "rejected"
+    lossy = _version(settings, name, model_run, top1=0.95, change=-3.0)  # int8 lost too much
+    decision = _promote(settings, s3, name, lossy)
+    assert decision.action == "rejected" and "FAILED: int8 vs fp32 top-1 −3.00 points ≥ −1 points" in decision.reasons
 
     result = CliRunner().invoke(cli, ["registry", "promote", name, "--version", str(worse), "--force", *home])
     assert result.exit_code == 2 and "--reason" in result.output  # a forced promotion says why
@@ -94,6 +98,27 @@ def test_the_gate_decides_and_every_decision_is_recorded(stack: Stack, settings:
     listed = CliRunner().invoke(cli, ["registry", "list", "--json", *home])
     entry = next(m for m in json.loads(listed.output) if m["name"] == name)
     assert entry["aliases"][CHAMPION] == v1 and entry["latest"] == lossy
+
+
+def test_the_gate_never_crowns_a_model_at_chance_even_with_no_champion(stack: Stack, settings: Settings,
+                                                                       s3: S3Access, model_run: str) -> None:
+    name = f"floor-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    # The demo's old failure: a student at chance on the digits, int8 "better" than fp32 by luck.
+    at_chance = _version(settings, name, model_run, top1=0.106, change=+10.9, majority=0.109)
+    decision = _promote(settings, s3, name, at_chance)
+    assert decision.action == "rejected" and alias_version(client, name, CHAMPION) is None
+    assert "FAILED: int8 top-1 10.60% > 10.90%, always answering the most common class" in decision.reasons
+    assert "ok: int8 vs fp32 top-1 +10.90 points, a gain ≥ −1 points" in decision.reasons  # a gain reads as one
+
+    floored = Gate(min_top1=90, tolerance=1.0, max_int8_drop=1.0)
+    below = _version(settings, name, model_run, top1=0.85, gate=floored)  # beats the majority, not the floor
+    decision = _promote(settings, s3, name, below)
+    assert decision.action == "rejected" and "FAILED: int8 top-1 85.00% ≥ the floor 90 %" in decision.reasons
+    good = _version(settings, name, model_run, top1=0.93, gate=floored)
+    assert _promote(settings, s3, name, good).action == "promoted"
+    shown = CliRunner().invoke(cli, ["registry", "show", name, "--home", str(stack.home)])
+    assert "+10.90" in shown.output and "-0.30" in shown.output  # signed, in the version table
 
 
 def test_two_promotions_at_once_leave_one_champion_and_a_consistent_history(

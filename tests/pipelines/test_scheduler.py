@@ -66,7 +66,7 @@ def pipeline_file(tmp_path: Path, settings: Settings, model_run: str, digits) ->
     """A pipeline of one quick stage, under a name of its own, on the digits (a run checks its data is there)."""
     name = f"sched-{uuid.uuid4().hex[:6]}"
     version = register_version(settings.mlflow_tracking_uri, name=name, run_id=model_run, tags={},
-                               metrics={"int8_top1": 0.9, "int8_drop_points": 0.1}, gate=None)
+                               metrics={"int8_top1": 0.9, "int8_change_points": -0.1, "majority_top1": 0.11}, gate=None)
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump({
         "name": name, "data": "s3://shards/digits/manifest.json",
