@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import torchvision
 from torch import nn
 
@@ -82,7 +81,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(all, trainable) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
-def to_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
-    return model.to(memory_format=torch.channels_last) if channels_last else model

@@ -249,3 +249,46 @@ def test_every_deepspeed_key_generated_from_the_spec_is_refused_in_the_override(
         if key not in tunable:
             generated |= {(key, inner) for inner in value} if isinstance(value, dict) else {(key,)}
     assert generated <= set(DEEPSPEED_KEYS_FROM_THE_SPEC), generated - set(DEEPSPEED_KEYS_FROM_THE_SPEC)
+
+
+def _ddp_step_warnings(rank: int, port: int, results: dict) -> None:
+    import os
+    import warnings
+
+    import torch.distributed as dist
+
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = effnet.build("efficientnet_b0", num_classes=10)
+    strategy = DDP(model, _spec(), torch.device("cpu"))
+    batch = _batch(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last),
+                   torch.randint(0, 10, (4,)), torch.ones(4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            strategy.micro_step(batch, lambda logits, batch: weighted_loss(logits, batch, 0.0), sync=True)
+            strategy.optimizer_step(lr=1e-3)
+    results[rank] = {"warnings": [str(w.message) for w in caught],
+                     "depthwise_channels_last": model.stages[1][0].depthwise.conv.weight.is_contiguous(
+                         memory_format=torch.channels_last),
+                     "stem_strides": model.stem.conv.weight.stride()}
+    dist.destroy_process_group()
+
+
+def test_a_channels_last_ddp_job_gets_gradients_laid_out_like_its_buckets() -> None:
+    # Squeeze-excite runs its 1x1 convs as matrix products, whose gradients come back with the default strides:
+    # in channels_last those weights made every DDP job warn and copy their gradients into the buckets.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_step_warnings, args=(port, results), nprocs=2)
+    for rank in range(2):
+        assert not [w for w in results[rank]["warnings"] if "strides" in w], results[rank]["warnings"]
+        assert results[rank]["depthwise_channels_last"]  # the spatial kernels stay channels_last
+        assert results[rank]["stem_strides"] == (27, 1, 9, 3)
