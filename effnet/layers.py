@@ -203,13 +203,27 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = spatial_mean(x)  # (N, C)
-        scale = F.linear(scale, self.reduce.weight.flatten(1), self.reduce.bias)
-        scale = F.linear(self.act(scale), self.expand.weight.flatten(1), self.expand.bias)
+        scale = F.linear(scale, _as_matrix(self.reduce.weight), self.reduce.bias)
+        scale = F.linear(self.act(scale), _as_matrix(self.expand.weight), self.expand.bias)
         return x * torch.sigmoid(scale)[..., None, None]
 
     def borrowed_parameters(self) -> list[nn.Parameter]:
         """The children's parameters this forward uses without calling them (see `ConvBnAct`)."""
         return [*self.reduce.parameters(), *self.expand.parameters()]
+
+
+def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv's (out, in, 1, 1) weight as an (out, in) matrix, by a view whose gradient comes back with
+    the weight's own strides.
+
+    Both layouts hold a 1x1 kernel in the same order; only the strides of the size-1 dimensions tell them
+    apart, and DDP compares strides exactly ("Grad strides do not match bucket view strides": a warning and
+    a copy into its buckets). `flatten` hands back default strides, so a channels_last weight goes through
+    the permutation that undoes its own.
+    """
+    if weight.stride(2) == 1:  # default strides: (in, 1, 1, 1)
+        return weight.flatten(1)
+    return weight.permute(0, 2, 3, 1).flatten(1)  # channels_last: (in, 1, in, in)
 
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:

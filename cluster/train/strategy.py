@@ -103,7 +103,7 @@ class DDP(Strategy):
 
     def __init__(self, module: nn.Module, spec: TrainingSpec, device: torch.device) -> None:
         if spec.precision.channels_last:
-            module = to_channels_last(module)
+            module = module.to(memory_format=torch.channels_last)
         self.module, self.device = module, device
         self.dtype = DTYPES[spec.precision.dtype]
         self.accumulation = spec.optim.grad_accumulation
@@ -148,23 +148,6 @@ class DDP(Strategy):
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-
-
-def to_channels_last(module: nn.Module) -> nn.Module:
-    """The module's 4-D weights in channels_last, except 1x1 kernels, which keep the default strides.
-
-    A 1x1 kernel (out, in, 1, 1) lies in memory the same way in both layouts; only the strides of its
-    size-1 dimensions differ. Autograd hands a weight used as a matrix (squeeze-excite's 1x1 convs run as
-    `F.linear`) a gradient with the default strides, and DDP compares strides exactly: with channels_last
-    strides on those weights every DDP job warned "Grad strides do not match bucket view strides" and
-    copied those gradients into its buckets.
-    """
-    module = module.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            if parameter.ndim == 4 and parameter.shape[-2:] == (1, 1):
-                parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
-    return module
 
 
 def deepspeed_config(spec: TrainingSpec) -> dict[str, Any]:
