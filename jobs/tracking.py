@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from cluster.data.manifest import ShardManifest
 from cluster.storage import S3Access, split_s3_url
 from cluster.tracking import MAX_TAG_VALUE_LENGTH, RunRef
 from cluster.train.checkpoint import CHECKPOINT_PREFIX, WEIGHTS_FILE, Progress
@@ -36,6 +37,7 @@ MODEL_NAME = "model"
 MODEL_TAG = "compound.model_checkpoint"  # the checkpoint the logged model was made from
 TEACHER_TAG = "compound.teacher"  # a distillation job's: its spec's teacher
 BEST_METRIC = "val_top1"
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class TrackingUnavailableError(ConnectionError):
@@ -83,16 +85,34 @@ def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None
                   started_s=run.info.start_time / 1000)
 
 
+def log_dataset_input(client, run_id: str, url: str, manifest: ShardManifest, dataset_id: str, *,
+                      context: str) -> None:
+    """The dataset as an input of the run, where MLflow's UI lists them: named after its folder, its id (the
+    manifest's sha256) as the digest, its splits' sizes as the profile, and what the run used it for."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    name = url.removesuffix("manifest.json").rstrip("/").rsplit("/", 1)[-1]
+    profile = {"samples": {split: info.samples for split, info in manifest.splits.items()},
+               "classes": len(manifest.classes)}
+    dataset = Dataset(name=name, digest=dataset_id[:36], source_type="s3", source=json.dumps({"uri": url}),
+                      profile=json.dumps(profile))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+
 def experiment_id_of(client, name: str) -> str:
+    """The experiment `name`, created if need be, marked as model training: MLflow's UI opens an experiment
+    without `mlflow.experimentKind` in its GenAI view (traces, prompts) instead of the runs and their charts."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older compound, or by hand
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     except MlflowException as error:  # created meanwhile by another launch
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

@@ -29,6 +29,7 @@ METRIC_TAG_PREFIX = "compound.metric."  # a version's figures, e.g. compound.met
 GATE_TAG = "compound.gate"  # a version's: the gate its pipeline asked for (JSON)
 DECISION_TAG = "compound.promotion"  # a version's: promoted | rejected | forced | rolled back | restored
 REASONS_TAG = "compound.promotion_reasons"
+DECISION_HEADING = "#### Promotion:"  # the decision's part of a version's description
 HISTORY_TAG = "compound.champion_history"  # the registered model's: JSON list of changes, oldest first
 HISTORY_KEPT = 40  # within MLflow's 5000 characters a tag value
 LOCK_FOLDER = "registry-locks"  # s3://<checkpoints bucket>/registry-locks/<model>.lock
@@ -73,9 +74,10 @@ class Decision:
 # --- register ----------------------------------------------------------------------------------------
 
 def register_version(tracking_uri: str, *, name: str, run_id: str, tags: dict[str, str],
-                     metrics: dict[str, float], gate: Gate | None) -> int:
+                     metrics: dict[str, float], gate: Gate | None, description: str = "") -> int:
     """A new version of `name` from the model logged to `run_id`, with lineage tags and figures, aliased
-    `challenger`."""
+    `challenger`; `description` (markdown) is what the MLflow UI shows on the version's page, and each
+    promotion decision is added below it."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -91,6 +93,8 @@ def register_version(tracking_uri: str, *, name: str, run_id: str, tags: dict[st
         all_tags[GATE_TAG] = gate.model_dump_json()
     mlflow.set_tracking_uri(tracking_uri)
     version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=all_tags)
+    if description:
+        client.update_model_version(name, version.version, description=description)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return int(version.version)
 
@@ -251,9 +255,14 @@ def _recorded_gate(version) -> Gate:
 
 
 def _record(client, name: str, version: int, action: str, reasons: list[str]) -> None:
+    at = _now()
     client.set_model_version_tag(name, str(version), DECISION_TAG, action)
     client.set_model_version_tag(name, str(version), REASONS_TAG, "\n".join(reasons)[:5000])
-    client.set_model_version_tag(name, str(version), f"{DECISION_TAG}_at", _now())
+    client.set_model_version_tag(name, str(version), f"{DECISION_TAG}_at", at)
+    # The version's page in the UI: what it was registered with, then the latest decision and its reasons.
+    registered = (client.get_model_version(name, str(version)).description or "").split(DECISION_HEADING)[0].rstrip()
+    decision = f"{DECISION_HEADING} {action} ({at})\n\n" + "\n".join(f"- {reason}" for reason in reasons)
+    client.update_model_version(name, str(version), description=f"{registered}\n\n{decision}".strip())
 
 
 def _append_history(client, name: str, change: dict) -> None:

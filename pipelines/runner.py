@@ -18,6 +18,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from cluster.data.manifest import ShardManifest
 from cluster.tracking import RunRef
 from infra.settings import Settings
 from jobs.spec import SpecError, dump_spec
@@ -66,9 +67,9 @@ def run_pipeline(spec: PipelineSpec, settings: Settings, *, from_stage: str | No
     """Run (or resume) the pipeline against the configured cluster, store and tracking server."""
     if from_stage is not None and from_stage not in spec.stages:
         raise SpecError("--from", [f"no stage {from_stage!r}; stages: {', '.join(spec.stages)}"])
-    check_data(spec, settings)
+    dataset = check_data(spec, settings)
     parent, records, resumed = open_pipeline_run(spec, settings.mlflow_tracking_uri, from_stage=from_stage,
-                                                 submission_id=submission_id)
+                                                 submission_id=submission_id, dataset=dataset)
     log.info("pipeline %s: MLflow run %s%s", spec.name, parent.url, " (resumed)" if resumed else "")
     forced = spec.downstream(from_stage) if from_stage else set()
     outputs: dict[str, dict] = {}
@@ -122,24 +123,26 @@ def _run_stage(spec: PipelineSpec, context: StageContext, inputs, fingerprint: s
     return outputs
 
 
-def check_data(spec: PipelineSpec, settings: Settings) -> None:
-    """Refuse a pipeline whose dataset manifest cannot be read, before anything runs or is recorded."""
+def check_data(spec: PipelineSpec, settings: Settings) -> tuple[ShardManifest, str]:
+    """The pipeline's dataset manifest and id; a pipeline whose manifest cannot be read is refused before
+    anything runs or is recorded."""
     from cluster.data.manifest import ManifestError, load_manifest
     from jobs.connect import s3_access
 
     try:
-        load_manifest(spec.data, s3=s3_access(settings))
+        return load_manifest(spec.data, s3=s3_access(settings))
     except (ManifestError, ValueError) as error:
         raise SpecError(f"pipeline {spec.name}", [f"data: {error}"]) from None
 
 
-def open_pipeline_run(spec: PipelineSpec, tracking_uri: str, *, from_stage: str | None,
-                      submission_id: str | None) -> tuple[RunRef, dict[str, StageRecord], bool]:
+def open_pipeline_run(spec: PipelineSpec, tracking_uri: str, *, from_stage: str | None, submission_id: str | None,
+                      dataset: tuple[ShardManifest, str]) -> tuple[RunRef, dict[str, StageRecord], bool]:
     """The pipeline run to continue (the latest, if it did not finish; with `from_stage`, the latest
-    whatever its status) or a new one; its stage records; whether it was continued."""
+    whatever its status) or a new one, with its dataset (manifest, id) as an input; its stage records;
+    whether it was continued."""
     from mlflow import MlflowClient
 
-    from jobs.tracking import code_version, experiment_id_of, log_tags
+    from jobs.tracking import code_version, experiment_id_of, log_dataset_input, log_tags
 
     client = MlflowClient(tracking_uri)
     experiment_id = experiment_id_of(client, spec.experiment_name)
@@ -153,6 +156,7 @@ def open_pipeline_run(spec: PipelineSpec, tracking_uri: str, *, from_stage: str 
         run = client.create_run(experiment_id, run_name=f"{spec.name} {time.strftime('%Y-%m-%d %H:%M')}",
                                 tags={PIPELINE_TAG: spec.name})
         client.log_param(run.info.run_id, "data", spec.data)
+        log_dataset_input(client, run.info.run_id, spec.data, *dataset, context="training")
     tags = {PIPELINE_TAG: spec.name, DATA_TAG: spec.data, ORDER_TAG: ",".join(spec.order()),
             "compound.code_version": code_version(),
             "mlflow.source.name": f"compound {code_version()}", "mlflow.source.type": "PROJECT",
@@ -219,7 +223,23 @@ def _finish(parent: RunRef, outputs: dict[str, dict]) -> None:
 
     client = MlflowClient(parent.tracking_uri)
     client.log_text(parent.run_id, json.dumps(outputs, indent=2), "outputs.json")
+    for key, value in summary_metrics(outputs).items():
+        client.log_metric(parent.run_id, key, value)
     client.set_terminated(parent.run_id, status="FINISHED")
+
+
+def summary_metrics(outputs: dict[str, dict]) -> dict[str, float]:
+    """The stages' figures as metrics of the pipeline run, where the UI's run table and charts show them:
+    each number a stage returned as `<stage>/<output>`, an evaluate stage's as `<stage>/<model>_<figure>`."""
+    metrics = {}
+    for stage, values in outputs.items():
+        for key, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metrics[f"{stage}/{key}"] = float(value)
+            elif key == "figures" and isinstance(value, dict):
+                metrics |= {f"{stage}/{label}_{name}": float(number) for label, figures in value.items()
+                            for name, number in figures.items()}
+    return metrics
 
 
 def _summary(error: BaseException) -> str:

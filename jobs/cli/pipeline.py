@@ -111,9 +111,13 @@ def run(spec_ref: str, data: str | None, from_stage: str | None, as_json: bool, 
 
 def _figures_table(title: str, figures: dict[str, dict[str, float]]) -> Table:
     """An evaluate stage's figures: what a person compares first."""
-    table = Table("model", "top-1", "top-5", "latency b1 (ms)", "latency b32 (ms)", "size (MB)", title=title)
+    first = next(iter(figures))
+    table = Table("model", "top-1", "top-5", f"agrees with {first}", "latency b1 (ms)", "latency b32 (ms)",
+                  "size (MB)", title=title)
     for label, values in figures.items():
-        table.add_row(label, f"{values['top1']:.1%}", f"{values['top5']:.1%}", f"{values['latency_ms']:.2f}",
+        agreement = values.get("agreement")
+        table.add_row(label, f"{values['top1']:.1%}", f"{values['top5']:.1%}",
+                      "-" if agreement is None else f"{agreement:.1%}", f"{values['latency_ms']:.2f}",
                       f"{values['latency_b32_ms']:.1f}", f"{values['size_mb']:.1f}")
     return table
 

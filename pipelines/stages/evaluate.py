@@ -37,7 +37,8 @@ class Inputs(StageInputs):
 
 class Outputs(StageOutputs):
     figures: dict[str, dict[str, float]] = Field(
-        description="label → top1, top5, latency_ms (batch 1, median), latency_b32_ms, size_mb",
+        description="label → top1, top5, latency_ms (batch 1, median), latency_b32_ms, size_mb; and but for the "
+                    "first, agreement (top-1 equal to the first model's)",
         examples=[{"student": {"top1": 0.9}}])
     run_id: str = Field(description="the stage's MLflow run", examples=["0" * 32])
 
@@ -68,7 +69,8 @@ def run(inputs: Inputs, context: StageContext) -> Outputs:
         raise
     finish_run(run_ref, status="FINISHED")
     figures = {label: {"top1": e.top1, "top5": e.top5, "latency_ms": e.latency_ms[1]["p50"],
-                       "latency_b32_ms": e.latency_ms[32]["p50"], "size_mb": e.size_mb}
+                       "latency_b32_ms": e.latency_ms[32]["p50"], "size_mb": e.size_mb,
+                       **({"agreement": e.agreement} if e.agreement is not None else {})}
                for label, e in evaluations.items()}
     return Outputs(figures=figures, run_id=run_ref.run_id)
 

@@ -32,7 +32,7 @@ class Outputs(StageOutputs):
     recipe: str = Field(examples=["int8-all"])
     fp32_top1: float = Field(examples=[0.9])
     int8_top1: float = Field(examples=[0.9])
-    drop_points: float = Field(examples=[0.5])
+    change_points: float = Field(description="int8 top-1 − fp32 top-1, in points: + is a gain", examples=[-0.3])
     int8_latency_ms: float = Field(description="batch 1, median", examples=[1.0])
     int8_size_mb: float = Field(examples=[1.0])
     fp32_size_mb: float = Field(examples=[1.0])
@@ -66,5 +66,5 @@ def run(inputs: Inputs, context: StageContext) -> Outputs:
     return Outputs(folder=context.storage, int8_onnx=f"{context.storage}/{INT8_FILE}",
                    fp32_onnx=f"{context.storage}/{FP32_FILE}", report=f"{context.storage}/{REPORT_FILE}",
                    recipe=outcome.recipe.name, fp32_top1=fp32.top1, int8_top1=int8.top1,
-                   drop_points=(fp32.top1 - int8.top1) * 100, int8_latency_ms=int8.latency_ms[1]["p50"],
+                   change_points=(int8.top1 - fp32.top1) * 100, int8_latency_ms=int8.latency_ms[1]["p50"],
                    int8_size_mb=int8.size_mb, fp32_size_mb=fp32.size_mb, run_id=run_ref.run_id)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from pipelines.registry import Gate
+from pipelines.registry import Gate, signed_points
 from pipelines.stages.base import StageContext, StageInputs, StageOutputs
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
@@ -70,6 +70,28 @@ def run(inputs: Inputs, context: StageContext) -> Outputs:
             "compound.code_version": code_version(), "compound.quantization_recipe": report["recipe"]["name"],
             "compound.int8_onnx": int8_uri, "compound.fp32_onnx": f"runs:/{inputs.run_id}/{DEPLOY_FOLDER}/{FP32_FILE}"}
     version = register_version(tracking_uri, name=inputs.model_name, run_id=inputs.run_id, tags=tags,
-                               metrics=metrics, gate=inputs.gate)
+                               metrics=metrics, gate=inputs.gate,
+                               description=describe_version(inputs.figures, metrics, report["recipe"]["name"],
+                                                            dataset=report["data"], pipeline_run=context.parent.url))
     return Outputs(model_name=inputs.model_name, version=version, model_uri=f"models:/{inputs.model_name}/{version}",
                    int8_onnx=int8_uri)
+
+
+def describe_version(figures: dict[str, dict[str, float]], metrics: dict[str, float], recipe: str, *, dataset: str,
+                     pipeline_run: str) -> str:
+    """The version's summary for its page in the MLflow UI (markdown): the evaluate stage's table and the
+    int8 change."""
+    lines = [f"Registered by pipeline run {pipeline_run}, trained on `{dataset}`.", ""]
+    if figures:
+        first = next(iter(figures))
+        lines += [f"| model | top-1 | top-5 | agrees with {first} | latency b1 (ms) | size (MB) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for label, values in figures.items():
+            agreement = values.get("agreement")
+            lines.append(f"| {label} | {values['top1']:.1%} | {values['top5']:.1%} | "
+                         f"{'-' if agreement is None else f'{agreement:.1%}'} | {values['latency_ms']:.2f} | "
+                         f"{values['size_mb']:.1f} |")
+        lines.append("")
+    lines.append(f"int8 ({recipe}) against fp32: {signed_points(metrics['int8_change_points'])} of top-1; "
+                 f"always answering the most common class would score {metrics['majority_top1']:.1%}.")
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from cluster.data.manifest import ShardManifest
+from cluster.data.manifest import ShardManifest, load_manifest
 from cluster.storage import S3Access, split_s3_url
 from infra.settings import Settings
 from infra.stack import Stack
@@ -89,14 +89,27 @@ def test_the_tiny_pipeline_resumes_at_its_failed_stage_and_promotes_a_champion(
     figures = outputs["evaluate"]["figures"]
     assert set(figures) == {"teacher", "student", "student_int8", "late"}
     assert figures["late"]["top1"] == figures["student_int8"]["top1"]  # the same model
-    # chance: 0.1; here the teacher scored 0.68, the student 0.44
-    assert figures["teacher"]["top1"] > 0.4 and figures["student"]["top1"] > 0.25, figures
-    assert outputs["int8"]["drop_points"] <= 10.0
+    # chance: 0.1; measured here (2026-12-06) teacher 0.954, student 0.956, int8 0.956, agreement 0.954
+    assert figures["teacher"]["top1"] > 0.85 and figures["student"]["top1"] > 0.85, figures
+    assert 0 <= figures["student"]["agreement"] <= 1 and "agreement" not in figures["teacher"]  # with the first
+    assert outputs["int8"]["change_points"] >= -10.0
     assert outputs["register"]["version"] == 1 and outputs["promote"]["action"] == "promoted"
 
     client = MlflowClient(settings.mlflow_tracking_uri)
     parent = client.get_run(outcome["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags[DATA_TAG] == "s3://shards/digits/manifest.json"
+    # What a person sees in MLflow: the model-training view, the dataset as an input, the figures as metrics.
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (dataset_input,) = parent.inputs.dataset_inputs
+    _, digits_id = load_manifest("s3://shards/digits/manifest.json", s3=s3)
+    assert dataset_input.dataset.name == "digits" and digits_id.startswith(dataset_input.dataset.digest)
+    assert json.loads(dataset_input.dataset.profile)["samples"] == {"train": digits.split("train").samples,
+                                                                    "val": digits.split("val").samples}
+    metrics = parent.data.metrics
+    assert metrics["evaluate/teacher_top1"] == pytest.approx(figures["teacher"]["top1"])
+    assert metrics["evaluate/student_agreement"] == pytest.approx(figures["student"]["agreement"])
+    assert metrics["int8/change_points"] == pytest.approx(outputs["int8"]["change_points"])
     records = {key.removeprefix(STAGE_RECORD_PREFIX): json.loads(value) for key, value in parent.data.tags.items()
                if key.startswith(STAGE_RECORD_PREFIX)}
     assert all(record["status"] == "finished" for record in records.values()) and len(records) == 6
@@ -122,6 +135,10 @@ def test_the_tiny_pipeline_resumes_at_its_failed_stage_and_promotes_a_champion(
     assert float(tags["compound.metric.int8_top1"]) == pytest.approx(outputs["int8"]["int8_top1"], rel=1e-5)  # 6 digits
     assert float(tags["compound.metric.teacher_top1"]) == pytest.approx(figures["teacher"]["top1"], rel=1e-5)
     assert alias_version(client, MODEL, CHAMPION) == 1 == alias_version(client, MODEL, CHALLENGER)
+    # The version's page: the summary table, then the gate's decision and its reasons.
+    description = client.get_model_version(MODEL, "1").description
+    assert f"| teacher | {figures['teacher']['top1']:.1%} |" in description, description
+    assert "#### Promotion: promoted" in description and "- ok: no champion to compare with" in description
     deployed = {a.path for a in client.list_artifacts(version.run_id, "deploy")}
     assert {"deploy/model.int8.onnx", "deploy/model.fp32.onnx", "deploy/quantization.json"} <= deployed
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
