@@ -208,8 +208,8 @@ def write_digits(s3: S3Access, *, resolution: int, shard_mb: float) -> ShardMani
     return write_shards(source, SHARDS_PREFIX, s3=s3, shard_bytes=int(shard_mb * 2**20)).manifest
 
 
-def export_image_folder(manifest: ShardManifest, s3: S3Access, directory: Path) -> int:
-    """The train split's images as `directory/<class>/<key>.<ext>`, for ImageFolder; returns how many."""
+def export_image_folder(manifest: ShardManifest, s3: S3Access, directory: Path, *, split: str = "train") -> int:
+    """The split's images as `directory/<class>/<key>.<ext>`, for ImageFolder; returns how many."""
     from cluster.data.samples import image_of, tar_samples
     from cluster.storage import split_s3_url
 
@@ -217,7 +217,7 @@ def export_image_folder(manifest: ShardManifest, s3: S3Access, directory: Path) 
     tars = directory.parent / f"{directory.name}-tars"
     tars.mkdir(parents=True)
     count = 0
-    for shard in manifest.split("train").shards:
+    for shard in manifest.split(split).shards:
         bucket, key = split_s3_url(shard.url)
         tar = tars / Path(key).name
         client.download_file(bucket, key, str(tar))
