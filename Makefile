@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_sweep.py
 	$(BIN)/python tests/benchmarks/bench_quantize.py
 	$(BIN)/python tests/benchmarks/bench_distill.py
+	$(BIN)/python tests/benchmarks/bench_quality.py
 
 # Re-pin every transitive dependency after changing pyproject.toml.
 lock: $(STAMP)

@@ -178,8 +178,8 @@ def _loaders(job: WorkerJob, rank: int, world_size: int, *,
              crop_resolution: int) -> tuple[ShardLoader, ShardLoader, ShardLoader | None]:
     """The training split cropped at `crop_resolution` (a distilling teacher's may be larger than the
     student's), the validation split at the model's resolution, and (unless switched off) the training
-    split as the model sees it for recomputing BatchNorm statistics: read in this process (a few batches
-    an epoch), its shuffle block no larger than those batches, so it reads no more than it uses."""
+    split as the model sees it, shuffled as training is, for recomputing BatchNorm statistics: read in
+    this process (a few batches an epoch)."""
     spec = job.spec
     assert spec.data.val is not None and spec.model.resolution is not None
     common = {"batch_size": spec.data.batch_size, "s3": job.s3, "rank": rank,
@@ -190,12 +190,11 @@ def _loaders(job: WorkerJob, rank: int, world_size: int, *,
                         shuffle_buffer=spec.data.shuffle_buffer, resolution=crop_resolution, **common)
     val = ShardLoader(val_manifest, spec.data.val.split, shuffle=False, augment=None,
                       resolution=spec.model.resolution, **common)
-    batches = spec.model.bn_recalibration_batches
     calibration = None
-    if batches:
+    if spec.model.bn_recalibration_batches:
         calibration = ShardLoader(train_manifest, spec.data.train.split, shuffle=True, augment=spec.data.augment,
-                                  shuffle_buffer=min(spec.data.shuffle_buffer, batches * spec.data.batch_size),
-                                  resolution=spec.model.resolution, **{**common, "loader_workers": 0})
+                                  shuffle_buffer=spec.data.shuffle_buffer, resolution=spec.model.resolution,
+                                  **{**common, "loader_workers": 0})
     return train, val, calibration
 
 
