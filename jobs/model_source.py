@@ -28,6 +28,7 @@ from cluster.train.config import DistillSpec, ModelSpec, TrainingSpec
 from cluster.train.distill import TEACHER_FILE, PinnedModel, pinned_info, save_pinned, teacher_url
 from cluster.train.models import build_model
 from effnet import VARIANTS
+from jobs.tags import MODEL_TAG
 
 
 class ModelSourceError(ValueError):
@@ -192,8 +193,6 @@ def _logged_model_checkpoint(uri: str, tracking_uri: str) -> str:
     """The checkpoint a compound job logged the model at `uri` from (its run's tag)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-
-    from jobs.tracking import MODEL_TAG  # jobs.tracking imports the resolver, which imports this
 
     client = MlflowClient(tracking_uri)
     try:

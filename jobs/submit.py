@@ -12,25 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import shlex
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
 
 from cluster.storage import split_s3_url
 from infra.settings import Settings
+from jobs.capacity import autoscaling_groups, first_line, fits
 from jobs.connect import s3_access
 from jobs.driver import prepare_job
 from jobs.model_source import pin_teacher
-from jobs.spec import JobSpec, SweepSpec, dump_spec, load_job_spec, load_sweep_spec
-
-if TYPE_CHECKING:
-    from pipelines.spec import PipelineSpec
+from jobs.spec import JobSpec, dump_spec, load_job_spec, load_sweep_spec
+from jobs.sweep import SWEEP_STORAGE_PREFIX, check_concurrency
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +39,6 @@ KIND_KEY = "compound.kind"  # "sweep" or "pipeline" for their drivers; absent fo
 ACTIVE = ("PENDING", "RUNNING")
 SUBMISSIONS_FOLDER = "submissions"
 STOP_WAIT_S = 60.0
-PROBE_TIMEOUT_S = 5.0
 
 
 class SubmissionError(RuntimeError):
@@ -80,7 +77,7 @@ class Submission:
 class Plan:
     """What `submit` sends (or, with --dry-run, would send)."""
 
-    spec: JobSpec | SweepSpec | PipelineSpec
+    spec: BaseModel  # a job, sweep or pipeline spec
     submission_id: str
     spec_uri: str
     entrypoint: str
@@ -99,7 +96,7 @@ class JobsClient:
         try:
             self.ray = JobSubmissionClient(self.address)
         except (ConnectionError, RuntimeError) as error:
-            raise SubmissionError(f"cannot reach the Ray job server at {self.address} ({_first_line(error)}): start "
+            raise SubmissionError(f"cannot reach the Ray job server at {self.address} ({first_line(error)}): start "
                                   "the local stack with `compound up`, or pass --address / set "
                                   "COMPOUND_RAY_DASHBOARD_URL to your cluster's dashboard") from None
 
@@ -168,34 +165,24 @@ def plan_submission(spec_path: Path, settings: Settings, client: JobsClient, *, 
         raise SubmissionError(f"job {spec.name} can never run on the cluster at {client.address}: {room_problem}")
     assert resolved.checkpoint.storage is not None
     # The spec as the user wrote it, every default spelled out: the cluster resolves it against its own settings.
-    return _plan(spec, kind="job", name=spec.name, experiment=resolved.run_names[0], client=client,
-                 folder=f"{resolved.checkpoint.storage.rstrip('/')}/{spec.name}", resolved=resolved)
+    return plan_driver(spec, kind="job", name=spec.name, experiment=resolved.run_names[0], client=client,
+                       folder=f"{resolved.checkpoint.storage.rstrip('/')}/{spec.name}", resolved=resolved)
 
 
 def plan_sweep_submission(spec_path: Path, settings: Settings, client: JobsClient) -> Plan:
     """Check the sweep spec, its base job's data and storage, the cluster's room for its trials and the
     sweep's earlier submissions; the sweep's driver (`compound sweep run`) runs as the Ray job."""
-    from jobs.sweep import SWEEP_STORAGE_PREFIX, check_concurrency
-
     sweep = load_sweep_spec(spec_path)
     base = prepare_job(sweep.base_job, settings, source=f"{spec_path}: job").spec
     check_concurrency(sweep, base, client.capacity(), str(spec_path))
-    return _plan(sweep, kind="sweep", name=sweep.name, experiment=sweep.experiment, client=client,
-                 folder=f"s3://{settings.checkpoints_bucket}/{SWEEP_STORAGE_PREFIX}/{sweep.name}")
+    return plan_driver(sweep, kind="sweep", name=sweep.name, experiment=sweep.experiment, client=client,
+                       folder=f"s3://{settings.checkpoints_bucket}/{SWEEP_STORAGE_PREFIX}/{sweep.name}")
 
 
-def plan_pipeline_submission(spec: PipelineSpec, settings: Settings, client: JobsClient, *,
-                             options: tuple[str, ...] = ()) -> Plan:
-    """The pipeline's driver (`compound pipeline run`, with `options`) as a Ray job, unless one is active."""
-    from pipelines.stages.base import PIPELINE_STORAGE_PREFIX
-
-    return _plan(spec, kind="pipeline", name=spec.name, experiment=spec.experiment_name, client=client,
-                 folder=f"s3://{settings.checkpoints_bucket}/{PIPELINE_STORAGE_PREFIX}/{spec.name}", options=options)
-
-
-def _plan(spec: JobSpec | SweepSpec | PipelineSpec, *, kind: str, name: str, experiment: str, client: JobsClient,
-          folder: str, resolved: JobSpec | None = None, options: tuple[str, ...] = ()) -> Plan:
-    """A submission of `compound <kind> run` for the spec, refused while one of the same name is active."""
+def plan_driver(spec: BaseModel, *, kind: str, name: str, experiment: str, client: JobsClient, folder: str,
+                resolved: JobSpec | None = None, options: tuple[str, ...] = ()) -> Plan:
+    """A submission of `compound <kind> run` for the spec (stored under `folder`), refused while one of the
+    same name is active."""
     running = [s for s in client.submissions() if s.job == name and s.active]
     if running:
         raise SubmissionError(f"{kind} {name} is already {running[-1].status.lower()} as submission "
@@ -237,79 +224,3 @@ def read_spec_text(spec_uri: str, settings: Settings) -> str:
         return s3_access(settings).client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
     except (ClientError, BotoCoreError, UnicodeDecodeError) as error:
         raise SpecError(spec_uri, [f"cannot read the spec: {error}"]) from None
-
-
-def autoscaling_groups(gcs_address: str) -> list[tuple[dict[str, float], int]]:
-    """The node groups the cluster's autoscaler may add: (resources of one node, most nodes; -1: no
-    limit). None configured (the local stack), or the config cannot be read: []."""
-    host, _, port = gcs_address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
-        from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE, GcsClient
-        from ray.core.generated import autoscaler_pb2
-
-        data = GcsClient(address=gcs_address).internal_kv_get(
-            GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), GCS_AUTOSCALER_STATE_NAMESPACE.encode(), timeout=PROBE_TIMEOUT_S)
-    except Exception as error:  # noqa: BLE001 - without it the check counts the alive nodes, as documented
-        log.info("could not read the autoscaling config at %s (%s): counting the alive nodes only", gcs_address,
-                 _first_line(error))
-        return []
-    if not data:
-        return []
-    config = autoscaler_pb2.ClusterConfig.FromString(data)
-    return [(dict(group.resources), group.max_count) for group in config.node_group_configs]
-
-
-def worker_needs(spec: JobSpec) -> dict[str, float]:
-    """What one of the job's workers takes from a node."""
-    scaling = spec.scaling
-    need = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        need["GPU"] = scaling.gpus_per_worker
-    if scaling.memory_per_worker_gb is not None:
-        need["memory"] = scaling.memory_per_worker_gb * 2**30
-    return need
-
-
-def worker_slots(spec: JobSpec, nodes: list[dict[str, float]],
-                 groups: list[tuple[dict[str, float], int]] = ()) -> int | None:
-    """How many of the job's workers the alive nodes, and any the autoscaler may add, hold at once
-    (None: no limit)."""
-    need = worker_needs(spec)
-
-    def workers_on(node: dict[str, float]) -> int:
-        return min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in need.items())
-
-    room = sum(workers_on(node) for node in nodes)
-    for resources, most in groups:
-        if workers_on(resources) > 0:
-            if most < 0:
-                return None
-            room += most * workers_on(resources)
-    return room
-
-
-def fits(spec: JobSpec, nodes: list[dict[str, float]],
-         groups: list[tuple[dict[str, float], int]] = ()) -> str | None:
-    """Why the alive nodes, and any the autoscaler may add, can never hold the job's workers at once;
-    None if they can."""
-    room = worker_slots(spec, nodes, groups)
-    scaling = spec.scaling
-    if room is None or room >= scaling.num_workers:
-        return None
-    need = worker_needs(spec)
-    wanted = ", ".join(_amount(name, amount) for name, amount in need.items())
-    totals = ", ".join(_amount(name, sum(node.get(name, 0.0) for node in nodes)) for name in need)
-    scaled = " and the node groups its autoscaler may add" if groups else ""
-    return (f"it needs {scaling.num_workers} workers of {wanted} each, and its {len(nodes)} node(s){scaled} hold at "
-            f"most {room} (alive now: {totals}); lower scaling.num_workers or the resources per worker, or add nodes")
-
-
-def _amount(name: str, value: float) -> str:
-    if name == "memory":
-        return f"{value / 2**30:g} GiB memory"
-    return f"{value:g} {name}"
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0][:300]

@@ -27,18 +27,12 @@ from cluster.train.trainer import storage_path
 from cluster.tune import EPOCHS_DONE, Sweep, epoch_report_callback, run_sweep
 from infra.settings import Settings
 from jobs.connect import s3_access
+from jobs.capacity import fits, worker_slots
 from jobs.driver import connect_ray, finish_job, prepare_job, train_job
 from jobs.resolve import ResolvedJob
 from jobs.spec import JobSpec, SpecError, SweepSpec, dump_spec, parse_spec
-from jobs.submit import fits, worker_slots
-from jobs.tracking import (
-    PARENT_TAG,
-    TRIAL_TAG,
-    mark_trial,
-    open_sweep_run,
-    record_sweep_result,
-    trial_run_id,
-)
+from jobs.tags import PARENT_TAG, SUBMISSION_TAG, TRIAL_TAG
+from jobs.tracking import mark_trial, open_sweep_run, record_sweep_result, trial_run_id
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +138,7 @@ def run_sweep_job(sweep: SweepSpec, settings: Settings, *, source: str,
                    "scheduler.max_epochs": str(sweep.max_epochs), "max_concurrent_trials": str(concurrent)}
         tags = {**sweep.tracking.tags, "mlflow.note.content": _describe(sweep, concurrent)}
         if submission_id is not None:
-            tags["compound.submission_id"] = submission_id
+            tags[SUBMISSION_TAG] = submission_id
         parent = open_sweep_run(settings.mlflow_tracking_uri, experiment=sweep.experiment, sweep_name=sweep.name,
                                 params=params, tags=tags, spec_yaml=dump_spec(sweep))
         log.info("sweep %s: MLflow parent run %s; up to %d trial(s) at once", sweep.name, parent.url, concurrent)

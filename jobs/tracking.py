@@ -27,17 +27,29 @@ from cluster.train.models import build_model
 from cluster.train.strategy import deepspeed_config
 from jobs.resolve import ResolvedJob
 from jobs.spec import JobSpec, dump_spec
+from jobs.tags import (
+    BEST_CHECKPOINT_TAG,
+    CODE_VERSION_TAG,
+    DATASET_TAG_PREFIX,
+    EXPERIMENT_KIND_TAG,
+    JOB_TAG,
+    MODEL_TAG,
+    MODEL_TRAINING_KIND,
+    PARENT_TAG,
+    SUBMISSION_TAG,
+    SWEEP_TAG,
+    TEACHER_PINNED_TAG,
+    TEACHER_TAG,
+    TRIAL_STATUS_TAG,
+    TRIAL_TAG,
+)
 
 log = logging.getLogger(__name__)
 
-JOB_TAG = "compound.job"
 MAX_PARAM_VALUE_LENGTH = 500  # what MLflow stores everywhere (some backends allow more)
 MAX_PARAMS_PER_BATCH = 100  # params, and tags, per log_batch request
 MODEL_NAME = "model"
-MODEL_TAG = "compound.model_checkpoint"  # the checkpoint the logged model was made from
-TEACHER_TAG = "compound.teacher"  # a distillation job's: its spec's teacher
 BEST_METRIC = "val_top1"
-EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class TrackingUnavailableError(ConnectionError):
@@ -63,14 +75,14 @@ def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None
             client.update_run(run.info.run_id, status="RUNNING")
         run_id = run.info.run_id
         _log_params(client, run_id, flatten(spec.model_dump(mode="json")), logged=run.data.params)
-        tags = {**spec.tracking.tags, JOB_TAG: spec.name, "compound.code_version": code_version(),
+        tags = {**spec.tracking.tags, JOB_TAG: spec.name, CODE_VERSION_TAG: code_version(),
                 "compound.world_size": str(world_size), "compound.strategy": _strategy(spec),
                 "compound.checkpoints": f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/",
-                **{f"compound.dataset.{field.split('.')[1]}": identity for field, identity in job.dataset_ids.items()}}
+                **{f"{DATASET_TAG_PREFIX}{field.split('.')[1]}": identity for field, identity in job.dataset_ids.items()}}
         if submission_id is not None:
-            tags["compound.submission_id"] = submission_id
+            tags[SUBMISSION_TAG] = submission_id
         if spec.distill is not None:  # the run links what it was distilled from
-            tags |= {TEACHER_TAG: spec.distill.teacher, "compound.teacher_pinned": teacher_url(spec)}
+            tags |= {TEACHER_TAG: spec.distill.teacher, TEACHER_PINNED_TAG: teacher_url(spec)}
         tags |= {"mlflow.source.name": f"compound {code_version()}", "mlflow.source.type": "JOB",
                  "mlflow.note.content": describe(spec)}
         log_tags(client, run_id, tags)
@@ -243,7 +255,7 @@ def log_final_model(run: RunRef, spec: JobSpec, *, checkpoint: str, history: lis
     client = MlflowClient(run.tracking_uri)
     best = _best_checkpoint(checkpoint, history, s3)
     if best is not None:
-        client.set_tag(run.run_id, "compound.best_checkpoint", best)
+        client.set_tag(run.run_id, BEST_CHECKPOINT_TAG, best)
     if client.get_run(run.run_id).data.tags.get(MODEL_TAG) == checkpoint:
         return
     import torch
@@ -308,12 +320,6 @@ def _best_checkpoint(latest: str, history: list[dict], s3: S3Access) -> str | No
 
 # --- sweeps: one parent run, a child run per trial (each trial is a job with the parent's id) --------
 
-SWEEP_TAG = "compound.sweep"  # the parent run's: the sweep's name
-TRIAL_TAG = "compound.trial"  # a child run's: its Tune trial id
-TRIAL_STATUS_TAG = "compound.trial_status"
-PARENT_TAG = "mlflow.parentRunId"  # what nests a run under another in the MLflow UI
-
-
 def open_sweep_run(tracking_uri: str, *, experiment: str, sweep_name: str, params: dict[str, str],
                    tags: dict[str, str], spec_yaml: str) -> RunRef:
     """The sweep's one parent run (found by its tag, else created), marked running, with the search's settings."""
@@ -333,7 +339,7 @@ def open_sweep_run(tracking_uri: str, *, experiment: str, sweep_name: str, param
         else:
             run = client.create_run(experiment_id, run_name=sweep_name, tags={SWEEP_TAG: sweep_name})
         _log_params(client, run.info.run_id, params, logged=run.data.params)
-        log_tags(client, run.info.run_id, {**tags, SWEEP_TAG: sweep_name, "compound.code_version": code_version(),
+        log_tags(client, run.info.run_id, {**tags, SWEEP_TAG: sweep_name, CODE_VERSION_TAG: code_version(),
                                             "mlflow.source.name": f"compound {code_version()}",
                                             "mlflow.source.type": "JOB"})
         client.log_text(run.info.run_id, spec_yaml, "sweep.yaml")
@@ -381,7 +387,7 @@ def record_sweep_result(parent: RunRef, *, best: dict, trials: list[dict], plot:
                                         for path, value in best["config"].items()}, logged=logged)
     client.log_metric(parent.run_id, f"best_{best['metric']}", best["value"])
     log_tags(client, parent.run_id, {"compound.best_trial": best["trial"], "compound.best_job": best["job"],
-                                      "compound.best_checkpoint": best["checkpoint"],
+                                      BEST_CHECKPOINT_TAG: best["checkpoint"],
                                       "compound.best_run_id": best.get("mlflow_run_id") or ""})
     client.log_text(parent.run_id, json.dumps(best, indent=2), "best.json")
     client.log_text(parent.run_id, json.dumps(trials, indent=2), "trials.json")

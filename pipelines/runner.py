@@ -22,6 +22,7 @@ from cluster.data.manifest import ShardManifest
 from cluster.tracking import RunRef
 from infra.settings import Settings
 from jobs.spec import SpecError, dump_spec
+from jobs.tags import CODE_VERSION_TAG, SUBMISSION_TAG
 from pipelines.spec import PipelineSpec, stage_inputs
 from pipelines.stages import STAGES
 from pipelines.stages.base import PIPELINE_TAG, StageContext
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 STAGE_RECORD_PREFIX = "compound.stage."  # + stage name: the stage's record on the parent run (JSON)
 DATA_TAG = "compound.pipeline_data"
 ORDER_TAG = "compound.pipeline_stages"  # the stages in the order they run, comma-separated
-SUBMISSION_TAG = "compound.submission_id"
 UNFINISHED = ("RUNNING", "FAILED", "KILLED", "SCHEDULED")
 
 
@@ -158,7 +158,7 @@ def open_pipeline_run(spec: PipelineSpec, tracking_uri: str, *, from_stage: str 
         client.log_param(run.info.run_id, "data", spec.data)
         log_dataset_input(client, run.info.run_id, spec.data, *dataset, context="training")
     tags = {PIPELINE_TAG: spec.name, DATA_TAG: spec.data, ORDER_TAG: ",".join(spec.order()),
-            "compound.code_version": code_version(),
+            CODE_VERSION_TAG: code_version(),
             "mlflow.source.name": f"compound {code_version()}", "mlflow.source.type": "PROJECT",
             "mlflow.note.content": describe(spec)}
     if submission_id is not None:

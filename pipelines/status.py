@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from cluster.tracking import RunRef
-from pipelines.runner import DATA_TAG, ORDER_TAG, SUBMISSION_TAG, quoted, stage_records
+from jobs.tags import SUBMISSION_TAG
+from pipelines.runner import DATA_TAG, ORDER_TAG, quoted, stage_records
 from pipelines.stages.base import PIPELINE_TAG
 
 

@@ -180,6 +180,16 @@ class ScalingSpec(_Section):
     gpus_per_worker: float = Field(default=1.0, gt=0, description="with use_gpu")
     memory_per_worker_gb: float | None = Field(default=None, gt=0)
 
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """What one worker takes from a node, in Ray's resource names (memory in bytes)."""
+        resources = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = self.gpus_per_worker
+        if self.memory_per_worker_gb is not None:
+            resources["memory"] = self.memory_per_worker_gb * 2**30
+        return resources
+
 
 class CheckpointSpec(_Section):
     every_steps: int | None = Field(default=None, ge=1, description="also checkpoint every N steps")

@@ -44,18 +44,13 @@ def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: s
     from ray.train.torch import TorchConfig, TorchTrainer
 
     scaling = spec.scaling
-    resources: dict[str, float] = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker
-    if scaling.memory_per_worker_gb is not None:
-        resources["memory"] = scaling.memory_per_worker_gb * 2**30
     job = WorkerJob(spec=spec, s3=s3, spec_json=spec_json, threads_per_worker=threads_per_worker(spec),
                     dataset_ids=dataset_ids, run=run, tracking=tracking or TrackingSpec())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=scaling.worker_resources),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=spec.name, storage_path=storage_path(storage), storage_filesystem=s3.filesystem(),

@@ -11,10 +11,10 @@ from pydantic import BaseModel, ConfigDict
 
 from cluster.tracking import RunRef
 from infra.settings import Settings
+from jobs.tags import PARENT_TAG
 
 PIPELINE_TAG = "compound.pipeline"  # on the pipeline's parent run and every stage's run: the pipeline's name
 STAGE_TAG = "compound.stage"  # on a stage's run: the stage's name
-PARENT_TAG = "mlflow.parentRunId"  # what nests a run under another in the MLflow UI
 PIPELINE_STORAGE_PREFIX = "pipelines"  # s3://<checkpoints bucket>/pipelines/<name>/<run>/<stage>/
 
 

@@ -44,6 +44,7 @@ def run(inputs: Inputs, context: StageContext) -> Outputs:
     from cluster.storage import split_s3_url
     from jobs.connect import s3_access
     from jobs.deploy import FP32_FILE, INT8_FILE, REPORT_FILE
+    from jobs.tags import CODE_VERSION_TAG, DATASET_TAG_PREFIX
     from jobs.tracking import code_version
     from pipelines.registry import register_version
 
@@ -66,8 +67,8 @@ def run(inputs: Inputs, context: StageContext) -> Outputs:
     int8_uri = f"runs:/{inputs.run_id}/{DEPLOY_FOLDER}/{INT8_FILE}"
     tags = {"compound.pipeline": context.pipeline, "compound.pipeline_run": context.parent.run_id,
             "compound.student_run": inputs.run_id, "compound.teacher_run": inputs.teacher_run or "",
-            "compound.dataset_id": student.data.tags.get("compound.dataset.train", ""),
-            "compound.code_version": code_version(), "compound.quantization_recipe": report["recipe"]["name"],
+            "compound.dataset_id": student.data.tags.get(f"{DATASET_TAG_PREFIX}train", ""),
+            CODE_VERSION_TAG: code_version(), "compound.quantization_recipe": report["recipe"]["name"],
             "compound.int8_onnx": int8_uri, "compound.fp32_onnx": f"runs:/{inputs.run_id}/{DEPLOY_FOLDER}/{FP32_FILE}"}
     version = register_version(tracking_uri, name=inputs.model_name, run_id=inputs.run_id, tags=tags,
                                metrics=metrics, gate=inputs.gate,

@@ -20,7 +20,7 @@ from cluster.data.sources import DigitsSource, ImageFolderSource, TarSource
 from cluster.data.transforms import AugmentSpec
 from cluster.data.writer import DatasetExistsError, write_shards
 from cluster.storage import S3Access, split_s3_url
-from jobs.cli import cli
+from compound.cli import cli
 
 SHARD_BYTES = 20_000  # a few samples per shard: many shards from a small dataset
 RESOLUTION = 16

@@ -22,7 +22,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from infra.settings import Settings, load_settings, write_private
 from infra.stack import GRPC_OFFSET, Stack, StackError, StackPorts, ephemeral_ports_start
-from jobs.cli import cli
+from compound.cli import cli
 
 
 def test_s3_put_get_list(settings: Settings) -> None:

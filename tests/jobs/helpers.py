@@ -30,7 +30,7 @@ from cluster.storage import S3Access
 from cluster.train.checkpoint import newest_uploaded
 from infra.settings import Settings
 from infra.stack import Stack
-from jobs.cli import cli
+from compound.cli import cli
 
 SMOKE = Path(__file__).parents[2] / "jobs" / "examples" / "b0-cpu-smoke.yaml"
 COMPOUND = str(Path(sys.executable).with_name("compound"))

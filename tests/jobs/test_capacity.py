@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from jobs.spec import JobSpec, load_job_spec
-from jobs.submit import fits
+from jobs.capacity import fits
 
 EXAMPLES = Path(__file__).parents[2] / "jobs" / "examples"
 GIB = 2**30

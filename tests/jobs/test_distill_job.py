@@ -22,10 +22,10 @@ from cluster.train.models import build_model
 from effnet.weights import save_checkpoint
 from infra.settings import Settings
 from infra.stack import Stack
-from jobs.cli import cli
+from compound.cli import cli
 from jobs.model_source import ModelSourceError, resolve_teacher
 from jobs.spec import JobSpec
-from jobs.tracking import MODEL_TAG, TEACHER_TAG
+from jobs.tags import MODEL_TAG, TEACHER_TAG
 from tests.jobs.helpers import (
     DRILL_CHECKPOINTS,
     SMALL,

@@ -16,7 +16,7 @@ from cluster.data.writer import write_shards
 from cluster.storage import S3Access
 from infra.settings import Settings
 from infra.stack import Stack, StackPorts
-from jobs.cli import cli
+from compound.cli import cli
 from jobs.driver import prepare_job
 from jobs.resolve import check_relaunch, record_launch
 from jobs.spec import load_job_spec

@@ -21,7 +21,7 @@ from cluster.data.manifest import ShardManifest, load_manifest
 from cluster.storage import S3Access
 from infra.settings import Settings
 from infra.stack import Stack
-from jobs.cli import cli
+from compound.cli import cli
 from jobs.driver import read_history
 from tests.jobs.helpers import (
     DRILL_CHECKPOINTS,

@@ -22,7 +22,7 @@ from cluster.storage import S3Access
 from effnet.weights import save_checkpoint
 from infra.settings import Settings
 from infra.stack import Stack
-from jobs.cli import cli
+from compound.cli import cli
 from jobs.deploy import FP32_FILE, INT8_FILE, REPORT_FILE, evaluate_models, quantize_model
 from jobs.model_source import ModelRef
 

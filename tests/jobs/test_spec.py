@@ -6,7 +6,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from jobs.cli import cli
+from compound.cli import cli
 from jobs.spec import MAX_SPEC_BYTES, JobSpec, SpecError, load_job_spec, load_sweep_spec
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "jobs" / "examples").glob("*.yaml"))

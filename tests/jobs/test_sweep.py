@@ -20,7 +20,7 @@ from cluster.data.manifest import ShardManifest
 from cluster.storage import S3Access, split_s3_url
 from infra.settings import Settings
 from infra.stack import Stack
-from jobs.cli import cli
+from compound.cli import cli
 from jobs.spec import SpecError, load_sweep_spec
 from jobs.sweep import check_concurrency, read_best
 from tests.jobs.helpers import (

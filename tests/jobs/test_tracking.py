@@ -16,7 +16,8 @@ from cluster.train.checkpoint import WEIGHTS_FILE, Progress
 from effnet.weights import save_checkpoint
 from infra.settings import Settings
 from jobs.spec import JobSpec
-from jobs.tracking import MODEL_TAG, log_final_model
+from jobs.tags import MODEL_TAG
+from jobs.tracking import log_final_model
 
 
 def test_the_final_model_is_logged_whatever_experiment_the_process_has_set(

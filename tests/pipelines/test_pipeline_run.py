@@ -19,10 +19,10 @@ from cluster.data.manifest import ShardManifest, load_manifest
 from cluster.storage import S3Access, split_s3_url
 from infra.settings import Settings
 from infra.stack import Stack
-from jobs.cli import cli
+from compound.cli import cli
 from pipelines.registry import CHALLENGER, CHAMPION, alias_version
 from pipelines.runner import DATA_TAG, STAGE_RECORD_PREFIX
-from pipelines.stages.base import PARENT_TAG
+from jobs.tags import PARENT_TAG
 
 EXAMPLES = Path(__file__).parents[2] / "pipelines" / "examples"
 MODEL = "digits-tiny-b0"

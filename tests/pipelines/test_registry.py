@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from cluster.storage import S3Access
 from infra.settings import Settings
 from infra.stack import Stack
-from jobs.cli import cli
+from compound.cli import cli
 from pipelines.registry import (
     CHALLENGER,
     CHAMPION,

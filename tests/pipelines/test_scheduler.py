@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from cluster.data.manifest import ShardManifest
 from infra.settings import Settings
 from infra.stack import Stack
-from jobs.cli import cli
+from compound.cli import cli
 from jobs.submit import JOB_KEY, JobsClient
 from pipelines import scheduler
 from pipelines.registry import register_version

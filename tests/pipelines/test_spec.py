@@ -9,7 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from jobs.cli import cli
+from compound.cli import cli
 from jobs.spec import SpecError, read_job_data, read_sweep_data
 from pipelines.graph import downstream, substitute, topological_order
 from pipelines.spec import load_pipeline_spec, load_pipeline_spec_text, with_data

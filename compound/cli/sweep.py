@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from jobs.cli.common import console, home_option
-from jobs.cli.job import (
+from compound.cli.common import console, home_option
+from compound.cli.job import (
     _address_option,
     _client,
     _fail_on_spec_error,

@@ -5,7 +5,7 @@ from pathlib import Path
 import onnx
 from click.testing import CliRunner
 
-from jobs.cli import cli
+from compound.cli import cli
 
 
 def test_model_list_shows_every_variant() -> None:
@@ -101,7 +101,7 @@ def test_console_script_exports_a_checked_onnx_file(tmp_path: Path) -> None:
 def test_named_errors_end_a_command_with_their_message_and_others_stay_tracebacks() -> None:
     import click
 
-    from jobs.cli.common import exits_cleanly_on
+    from compound.cli.common import exits_cleanly_on
     from jobs.submit import SubmissionError
 
     class Refused(SubmissionError):

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from jobs.cli.common import console, exits_cleanly_on, home_option
-from jobs.cli.job import _fail_on_spec_error, _json_option, _settings, _spec_argument
+from compound.cli.common import console, exits_cleanly_on, home_option
+from compound.cli.job import _fail_on_spec_error, _json_option, _settings, _spec_argument
 
 
 @click.group()

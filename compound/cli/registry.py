@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from jobs.cli.common import console, exits_cleanly_on, home_option
-from jobs.cli.job import _json_option, _settings
+from compound.cli.common import console, exits_cleanly_on, home_option
+from compound.cli.job import _json_option, _settings
 
 REJECTED_EXIT = 3  # a promotion the gate refused: not an error, but not what was asked
 
@@ -77,6 +77,7 @@ def list_(as_json: bool, home: Path | None) -> None:
 @_registry_errors
 def show(name: str, as_json: bool, home: Path | None) -> None:
     """NAME's versions: aliases, figures, lineage, the last promotion decision; and the champion history."""
+    from jobs.tags import CODE_VERSION_TAG
     from pipelines.registry import DECISION_TAG, REASONS_TAG, figures_of, history
 
     client = _client(_settings(home))
@@ -101,7 +102,7 @@ def show(name: str, as_json: bool, home: Path | None) -> None:
         tags = v["tags"]
         lineage = "\n".join(f"{key.removeprefix('compound.')}={tags[key]}" for key in
                             ("compound.pipeline_run", "compound.teacher_run", "compound.dataset_id",
-                             "compound.code_version") if tags.get(key))
+                             CODE_VERSION_TAG) if tags.get(key))
         table.add_row(f"v{v['version']}", ", ".join(v["aliases"]) or "-", figure(tags, "int8_top1", "{:.2%}"),
                       figure(tags, "int8_change_points", "{:+.2f}"), figure(tags, "int8_latency_ms", "{:.2f}"),
                       tags.get("compound.quantization_recipe", "-"), tags.get(DECISION_TAG, "-"), lineage or "-")

@@ -8,16 +8,16 @@ import sys
 
 import click
 
-from jobs.cli.data import data
-from jobs.cli.job import job
-from jobs.cli.model import model
-from jobs.cli.pipeline import pipeline
-from jobs.cli.registry import registry
-from jobs.cli.schedule import schedule
-from jobs.cli.stack import down, stack, up
-from jobs.cli.sweep import sweep
+from compound.cli.data import data
+from compound.cli.job import job
+from compound.cli.model import model
+from compound.cli.pipeline import pipeline
+from compound.cli.registry import registry
+from compound.cli.schedule import schedule
+from compound.cli.stack import down, stack, up
+from compound.cli.sweep import sweep
 
-OUR_PACKAGES = ("effnet", "cluster", "pipelines", "jobs", "infra")
+OUR_PACKAGES = ("effnet", "cluster", "pipelines", "jobs", "infra", "compound")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

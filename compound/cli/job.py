@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from jobs.cli.common import console, exits_cleanly_on, home_option
+from compound.cli.common import console, exits_cleanly_on, home_option
 
 SPEC_ERROR_EXIT = 2
 EPOCH_COLUMNS = (  # what a person reads after a run: (header, (metric, format))

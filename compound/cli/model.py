@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
-from jobs.cli.common import console, home_option
+from compound.cli.common import console, home_option
 
 if TYPE_CHECKING:
     from cluster.evaluate import Evaluation
@@ -138,7 +138,7 @@ def quantize(source: str, data: str, out_dir: Path, max_drop: float, calibration
     """
     from cluster.data.manifest import ManifestError
     from cluster.quantize import QuantizationError
-    from jobs.cli.job import _settings
+    from compound.cli.job import _settings
     from jobs.connect import s3_access
     from jobs.deploy import quantize_model
     from jobs.model_source import ModelRef, ModelSourceError
@@ -172,7 +172,7 @@ def evaluate(models: tuple[Path, ...], data: str, split: str, threads: int, run_
     """Top-1/top-5, agreement with the first model, latency p50/p95 at batch 1 and 32, and file size
     of each ONNX model in MODELS on a split of the shards."""
     from cluster.data.manifest import ManifestError
-    from jobs.cli.job import _settings
+    from compound.cli.job import _settings
     from jobs.connect import s3_access
     from jobs.deploy import evaluate_models
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from jobs.cli.common import console, home_option
+from compound.cli.common import console, home_option
 
 
 @click.group()

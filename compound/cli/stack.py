@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from jobs.cli.common import console, home_option
+from compound.cli.common import console, home_option
 
 
 @click.command()

@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from jobs.cli.common import console, home_option
-from jobs.cli.job import (
+from compound.cli.common import console, home_option
+from compound.cli.job import (
     _address_option,
     _client,
     _fail_on_spec_error,
@@ -138,7 +138,7 @@ def submit(spec_path: Path, data: str | None, from_stage: str | None, address: s
     `compound job logs NAME` and in MLflow.
     """
     from jobs.spec import SpecError
-    from jobs.submit import plan_pipeline_submission
+    from pipelines.submit import plan_pipeline_submission
     from jobs.submit import submit as submit_plan
     from pipelines.runner import check_data
     from pipelines.spec import load_pipeline_spec, with_data
