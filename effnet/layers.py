@@ -30,13 +30,6 @@ class _SwishFunction(torch.autograd.Function):
         return torch.ops.aten.silu_backward(grad_output, x)
 
 
-class Swish(nn.Module):
-    """The plain form, for inference and export."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(x)
-
-
 class MemoryEfficientSwish(nn.Module):
     """Swish whose autograd saves only its input.
 

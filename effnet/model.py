@@ -50,7 +50,6 @@ class EfficientNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
             stage_strides.append(stride)
         self.stages = nn.ModuleList(stages)
-        self.stage_strides = tuple(stage_strides)
         # The last stage at each stride is the one whose output a feature pyramid taps.
         self.feature_stages = {s: max(i for i, st in enumerate(stage_strides) if st == s) for s in FEATURE_STRIDES}
         self.feature_channels = {s: spec.channels(B0_STAGES[i].out_channels) for s, i in self.feature_stages.items()}

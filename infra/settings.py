@@ -67,14 +67,6 @@ class Settings(BaseModel):
             config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
         )
 
-    def client_env(self) -> dict[str, str]:
-        """Environment for processes that talk to the stack (MLflow clients, Ray drivers and jobs)."""
-        return {
-            **RAY_CLIENT_ENV,
-            "RAY_ADDRESS": self.ray_address,
-            "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
-        }
-
     def s3_env(self) -> dict[str, str]:
         """Environment with the S3 credentials, for processes that must reach S3 directly."""
         env = {"AWS_DEFAULT_REGION": self.s3_region}

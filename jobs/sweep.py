@@ -214,12 +214,6 @@ def _best(sweep: SweepSpec, trials: list[dict], parent: RunRef) -> dict:
             "mlflow_run_id": trial_run_id(parent.tracking_uri, experiment_id=parent.experiment_id, job_name=best["job"])}
 
 
-def read_best(sweep_name: str, settings: Settings) -> dict:
-    """A finished sweep's best trial, as a later stage reads it."""
-    bucket, key = split_s3_url(f"s3://{settings.checkpoints_bucket}/{SWEEP_STORAGE_PREFIX}/{sweep_name}/{BEST_FILE}")
-    return json.loads(s3_access(settings).client().get_object(Bucket=bucket, Key=key)["Body"].read())
-
-
 def _describe(sweep: SweepSpec, concurrent: int) -> str:
     return (f"{sweep.trials} trials of job {sweep.base_job.name} over {', '.join(sweep.space)}; "
             f"{sweep.searcher.name} search, ASHA on {sweep.metric} ({sweep.mode}) from epoch "

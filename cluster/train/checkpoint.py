@@ -112,10 +112,6 @@ def load_progress(directory: Path, *, rank: int) -> Progress:
     return progress
 
 
-def stored_spec(directory: Path) -> dict:
-    return json.loads((directory / PROGRESS_FILE).read_text())["spec"]
-
-
 def upload_marker(rank: int, world_size: int) -> str:
     return f"uploaded-{rank}-of-{world_size}"
 

@@ -9,7 +9,6 @@ from effnet.layers import (
     ConvBnAct,
     MemoryEfficientSwish,
     SameConv2d,
-    Swish,
     _BatchNormSwishFunction,
     _SwishFunction,
     add_drop_path,
@@ -33,7 +32,6 @@ def test_memory_efficient_swish_matches_plain_swish() -> None:
     (g,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(y, y_plain)
     torch.testing.assert_close(g, g_plain)
-    torch.testing.assert_close(Swish()(x), y_plain)
 
 
 def _saved_tensor_bytes(fn, x: torch.Tensor) -> int:

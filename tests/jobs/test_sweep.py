@@ -22,7 +22,7 @@ from infra.settings import Settings
 from infra.stack import Stack
 from compound.cli import cli
 from jobs.spec import SpecError, load_sweep_spec
-from jobs.sweep import check_concurrency, read_best
+from jobs.sweep import BEST_FILE, SWEEP_STORAGE_PREFIX, check_concurrency
 from tests.jobs.helpers import (
     COMPOUND,
     RUN_TIMEOUT_S,
@@ -83,6 +83,12 @@ def _parent(client: MlflowClient, experiment: str, name: str):
     return parent
 
 
+def _read_best(sweep_name: str, s3: S3Access, settings: Settings) -> dict:
+    """The best trial the sweep recorded for later stages."""
+    key = f"{SWEEP_STORAGE_PREFIX}/{sweep_name}/{BEST_FILE}"
+    return json.loads(s3.client().get_object(Bucket=settings.checkpoints_bucket, Key=key)["Body"].read())
+
+
 def test_a_sweep_stops_bad_trials_early_and_is_one_parent_run_with_a_child_per_trial(
     stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
 ) -> None:
@@ -99,7 +105,7 @@ def test_a_sweep_stops_bad_trials_early_and_is_one_parent_run_with_a_child_per_t
     assert all(t["epochs"] == 2 for t in trials if t["status"] == "completed")
     best = outcome["best"]
     assert best["value"] == min(t["value"] for t in trials) and best["config"]["optim.lr"] == GOOD_LR
-    assert read_best(sweep["name"], settings) == best
+    assert _read_best(sweep["name"], s3, settings) == best
     bucket, key = split_s3_url(f"{best['checkpoint']}/progress.json")
     assert json.loads(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())["spec"]["name"] == best["job"]
 
@@ -178,7 +184,7 @@ def test_a_sweep_whose_driver_was_killed_resumes_when_submitted_without_running_
     children = _children(client, parent)
     assert sorted(c.data.tags["compound.job"] for c in children) == sorted([done, midway])
     assert [c.data.tags["compound.trial_status"] for c in children] == ["completed", "completed"]
-    assert parent.info.status == "FINISHED" and read_best(sweep["name"], settings)["job"] in (done, midway)
+    assert parent.info.status == "FINISHED" and _read_best(sweep["name"], s3, settings)["job"] in (done, midway)
 
 
 @pytest.mark.parametrize(("space", "expected"), [
