@@ -26,8 +26,8 @@ from cluster.tracking import RunRef
 from cluster.train.trainer import storage_path
 from cluster.tune import EPOCHS_DONE, Sweep, epoch_report_callback, run_sweep
 from infra.settings import Settings
-from jobs.connect import s3_access
 from jobs.capacity import fits, worker_slots
+from jobs.connect import s3_access
 from jobs.driver import connect_ray, finish_job, prepare_job, train_job
 from jobs.resolve import ResolvedJob
 from jobs.spec import JobSpec, SpecError, SweepSpec, dump_spec, parse_spec

@@ -35,13 +35,11 @@ from jobs.tags import (
     JOB_TAG,
     MODEL_TAG,
     MODEL_TRAINING_KIND,
-    PARENT_TAG,
     SUBMISSION_TAG,
     SWEEP_TAG,
     TEACHER_PINNED_TAG,
     TEACHER_TAG,
     TRIAL_STATUS_TAG,
-    TRIAL_TAG,
 )
 
 log = logging.getLogger(__name__)

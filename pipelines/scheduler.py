@@ -196,8 +196,8 @@ def fire(*, schedule: str, spec_uri: str, data_prefix: str | None, home: str | N
     run of it is still active. Recorded in the history; a failure is recorded and logged, not raised."""
     from infra.settings import load_settings
     from jobs.submit import JobsClient, read_spec_text, submit
-    from pipelines.submit import plan_pipeline_submission
     from pipelines.spec import load_pipeline_spec_text, with_data
+    from pipelines.submit import plan_pipeline_submission
 
     data = None
     try:

@@ -1,14 +1,20 @@
-"""What every command group shares: the console, the `--home` option, errors that end a command cleanly."""
+"""What the command groups share: the console, options and arguments, settings, errors that end a command
+cleanly, and following a submission."""
 
 from __future__ import annotations
 
+import datetime
 import functools
+import sys
+import time
 from pathlib import Path
 
 import click
 from rich.console import Console
 
 console = Console()
+SPEC_ERROR_EXIT = 2
+RUN_WAIT_S = 60.0
 
 
 def home_option(function):
@@ -33,3 +39,87 @@ def exits_cleanly_on(*errors: str):
                 raise click.ClickException(str(error)) from None
         return wrapper
     return decorate
+
+
+submission_errors = exits_cleanly_on("jobs.submit.SubmissionError")
+
+
+def spec_argument(function):
+    return click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))(function)
+
+
+def address_option(function):
+    return click.option("--address", default=None, metavar="URL",
+                        help="The Ray dashboard (job server) [default: the stack's, or $COMPOUND_RAY_DASHBOARD_URL].",
+                        )(function)
+
+
+def json_option(function):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")(function)
+
+
+def fail_on_spec_error(error: Exception) -> None:
+    """Print a spec's problems and exit 2: nothing was started."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+    sys.exit(SPEC_ERROR_EXIT)
+
+
+def settings_of(home: Path | None):
+    """The stack's settings; a missing or broken settings file ends the command with what to do."""
+    from infra.settings import ConfigError, load_settings
+
+    try:
+        return load_settings(home)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def jobs_client(settings, address: str | None):
+    from jobs.submit import JobsClient
+
+    return JobsClient(address or settings.ray_dashboard_url)
+
+
+def spec_text_from_s3(spec_ref: str, settings) -> str:
+    from jobs.submit import read_spec_text
+
+    return read_spec_text(spec_ref, settings)
+
+
+def run_of(settings, submission):
+    """The MLflow run of a submission's job (None until its driver has opened it)."""
+    from jobs.tracking import find_run
+
+    return find_run(settings.mlflow_tracking_uri, experiment=submission.experiment or submission.job,
+                    job_name=submission.job)
+
+
+def wait_for_run(settings, client, submission_id: str):
+    """The job's MLflow run, once its driver has opened it (None if the job ends or a minute passes first)."""
+    deadline = time.monotonic() + RUN_WAIT_S
+    while time.monotonic() < deadline:
+        submission = client.find(submission_id)
+        run = run_of(settings, submission)
+        if run is not None or not submission.active:
+            return run
+        time.sleep(1.0)
+    return None
+
+
+def follow_submission(settings, client, submission_id: str) -> None:
+    """Print the log until the job ends, then the MLflow run's link; exit 1 unless the job succeeded."""
+    ended = client.follow(submission_id, lambda text: click.echo(text, nl=False))
+    style = "green" if ended.status == "SUCCEEDED" else "red"
+    console.print(f"submission {submission_id}: [{style}]{ended.status}[/{style}] {ended.message}", highlight=False,
+                  soft_wrap=True)
+    run = run_of(settings, ended)
+    if run is not None:
+        console.print(f"MLflow run: {run.url}", highlight=False, soft_wrap=True)
+    if ended.status != "SUCCEEDED":
+        sys.exit(1)
+
+
+def local_time(seconds: float | None) -> str:
+    return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S") if seconds else "-"

@@ -3,17 +3,29 @@ and watch it (list, status, logs, stop)."""
 
 from __future__ import annotations
 
-import datetime
 import json
-import sys
 from pathlib import Path
 
 import click
 from rich.table import Table
 
-from compound.cli.common import console, exits_cleanly_on, home_option
+from compound.cli.common import (
+    address_option,
+    console,
+    fail_on_spec_error,
+    follow_submission,
+    home_option,
+    jobs_client,
+    json_option,
+    local_time,
+    run_of,
+    settings_of,
+    spec_argument,
+    spec_text_from_s3,
+    submission_errors,
+    wait_for_run,
+)
 
-SPEC_ERROR_EXIT = 2
 EPOCH_COLUMNS = (  # what a person reads after a run: (header, (metric, format))
     ("epoch", ("epoch", str)),
     ("samples", ("train_samples_epoch", str)),
@@ -31,20 +43,8 @@ def job() -> None:
     """Training jobs: validate a spec, run or submit it to the Ray cluster, watch submissions."""
 
 
-def _spec_argument(function):
-    return click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))(function)
-
-
-def _fail_on_spec_error(error: Exception) -> None:
-    """Print a spec's problems and exit 2: nothing was started."""
-    from rich.markup import escape
-
-    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
-    sys.exit(SPEC_ERROR_EXIT)
-
-
 @job.command("validate")
-@_spec_argument
+@spec_argument
 @click.option("--offline", is_flag=True, help="Check the spec alone, not its datasets and storage on S3.")
 @home_option
 def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
@@ -58,7 +58,7 @@ def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
         if not offline:
             spec = prepare_job(spec, load_settings(home), source=str(spec_path)).spec
     except SpecError as error:
-        _fail_on_spec_error(error)
+        fail_on_spec_error(error)
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     console.print(dump_spec(spec), highlight=False, markup=False, end="")
@@ -87,7 +87,7 @@ def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | No
         spec = spec or _spec_from_s3(spec_ref, settings)
         outcome = run_job(spec, settings, source=spec_ref, submission_id=submission_id)
     except SpecError as error:
-        _fail_on_spec_error(error)
+        fail_on_spec_error(error)
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     except (JobFailedError, ClusterUnreachableError, TrackingUnavailableError) as error:
@@ -108,52 +108,18 @@ def _spec_from_s3(spec_ref: str, settings):
     """A job spec from S3, where `submit` puts it."""
     from jobs.spec import load_job_spec_text
 
-    return load_job_spec_text(_spec_text_from_s3(spec_ref, settings), spec_ref)
-
-
-def _spec_text_from_s3(spec_ref: str, settings) -> str:
-    from jobs.submit import read_spec_text
-
-    return read_spec_text(spec_ref, settings)
+    return load_job_spec_text(spec_text_from_s3(spec_ref, settings), spec_ref)
 
 
 # --- submissions ------------------------------------------------------------------------------------
 
-def _address_option(function):
-    return click.option("--address", default=None, metavar="URL",
-                        help="The Ray dashboard (job server) [default: the stack's, or $COMPOUND_RAY_DASHBOARD_URL].",
-                        )(function)
-
-
-def _json_option(function):
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")(function)
-
-
-def _client(settings, address: str | None):
-    from jobs.submit import JobsClient
-
-    return JobsClient(address or settings.ray_dashboard_url)
-
-
-def _settings(home: Path | None):
-    from infra.settings import ConfigError, load_settings
-
-    try:
-        return load_settings(home)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
-
-
-_submission_errors = exits_cleanly_on("jobs.submit.SubmissionError")
-
-
 @job.command("submit")
-@_spec_argument
-@_address_option
+@spec_argument
+@address_option
 @click.option("--dry-run", is_flag=True, help="Check everything, submit nothing.")
 @click.option("--follow", is_flag=True, help="Print the job's log until it ends; exit non-zero unless it succeeds.")
 @home_option
-@_submission_errors
+@submission_errors
 def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, home: Path | None) -> None:
     """Submit SPEC to the Ray cluster as a Ray job running `compound job run`.
 
@@ -164,13 +130,13 @@ def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, ho
     from jobs.submit import plan_submission
     from jobs.submit import submit as submit_plan
 
-    settings = _settings(home)
-    client = _client(settings, address)
+    settings = settings_of(home)
+    client = jobs_client(settings, address)
     try:
         # The autoscaling limits are read from the configured cluster's GCS, not from another --address.
         plan = plan_submission(spec_path, settings, client, gcs_address=None if address else settings.ray_address)
     except SpecError as error:
-        _fail_on_spec_error(error)
+        fail_on_spec_error(error)
     if dry_run:
         console.print(f"[green]ok:[/green] job {plan.spec.name} can be submitted to {client.address}; "
                       f"nothing was submitted (--dry-run)\nentrypoint: {plan.entrypoint}", highlight=False,
@@ -180,96 +146,54 @@ def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, ho
     console.print(f"submitted job {plan.spec.name} as [bold]{plan.submission_id}[/bold]\n"
                   f"Ray dashboard: {client.dashboard_url(plan.submission_id)}", highlight=False, soft_wrap=True)
     if follow:
-        _follow(settings, client, plan.submission_id)
+        follow_submission(settings, client, plan.submission_id)
         return
-    run = _wait_for_run(settings, client, plan.submission_id)
+    run = wait_for_run(settings, client, plan.submission_id)
     console.print(f"MLflow run: {run.url if run else 'not created yet; `compound job status` shows it once it is'}",
                   highlight=False, soft_wrap=True)
 
 
-RUN_WAIT_S = 60.0
-
-
-def _run_of(settings, submission):
-    """The MLflow run of a submission's job (None until its driver has opened it)."""
-    from jobs.tracking import find_run
-
-    return find_run(settings.mlflow_tracking_uri, experiment=submission.experiment or submission.job,
-                    job_name=submission.job)
-
-
-def _wait_for_run(settings, client, submission_id: str):
-    """The job's MLflow run, once its driver has opened it (None if the job ends or a minute passes first)."""
-    import time
-
-    deadline = time.monotonic() + RUN_WAIT_S
-    while time.monotonic() < deadline:
-        submission = client.find(submission_id)
-        run = _run_of(settings, submission)
-        if run is not None or not submission.active:
-            return run
-        time.sleep(1.0)
-    return None
-
-
-def _follow(settings, client, submission_id: str) -> None:
-    """Print the log until the job ends, then the MLflow run's link; exit 1 unless the job succeeded."""
-    ended = client.follow(submission_id, lambda text: click.echo(text, nl=False))
-    style = "green" if ended.status == "SUCCEEDED" else "red"
-    console.print(f"submission {submission_id}: [{style}]{ended.status}[/{style}] {ended.message}", highlight=False,
-                  soft_wrap=True)
-    run = _run_of(settings, ended)
-    if run is not None:
-        console.print(f"MLflow run: {run.url}", highlight=False, soft_wrap=True)
-    if ended.status != "SUCCEEDED":
-        sys.exit(1)
-
-
-def _when(seconds: float | None) -> str:
-    return datetime.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S") if seconds else "-"
-
-
 @job.command("list")
-@_address_option
-@_json_option
+@address_option
+@json_option
 @home_option
-@_submission_errors
+@submission_errors
 def list_(address: str | None, as_json: bool, home: Path | None) -> None:
     """The cluster's compound submissions, newest last."""
     import dataclasses
 
-    submissions = _client(_settings(home), address).submissions()
+    submissions = jobs_client(settings_of(home), address).submissions()
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(s) for s in submissions]))
         return
     table = Table("submission", "job", "status", "started", "ended", "message")
     for s in submissions:
-        table.add_row(s.submission_id, s.job, s.status, _when(s.start_time), _when(s.end_time), s.message[:80])
+        table.add_row(s.submission_id, s.job, s.status, local_time(s.start_time), local_time(s.end_time), s.message[:80])
     console.print(table)
 
 
 @job.command("status")
 @click.argument("ref", metavar="REF")
-@_address_option
-@_json_option
+@address_option
+@json_option
 @home_option
-@_submission_errors
+@submission_errors
 def status(ref: str, address: str | None, as_json: bool, home: Path | None) -> None:
     """A submission's status, by submission id or job name (its latest submission)."""
     import dataclasses
 
-    settings = _settings(home)
-    client = _client(settings, address)
+    settings = settings_of(home)
+    client = jobs_client(settings, address)
     found = client.find(ref)
-    run = _run_of(settings, found)
+    run = run_of(settings, found)
     links = {"dashboard": client.dashboard_url(found.submission_id), "mlflow_run": run.url if run else None}
     if as_json:
         click.echo(json.dumps({**dataclasses.asdict(found), **links}))
         return
     table = Table(show_header=False, box=None)
     for label, value in (("submission", found.submission_id), ("job", found.job), ("status", found.status),
-                         ("message", found.message or "-"), ("started", _when(found.start_time)),
-                         ("ended", _when(found.end_time)), ("spec", found.spec or "-"),
+                         ("message", found.message or "-"), ("started", local_time(found.start_time)),
+                         ("ended", local_time(found.end_time)), ("spec", found.spec or "-"),
                          ("Ray dashboard", links["dashboard"]), ("MLflow run", links["mlflow_run"] or "-")):
         table.add_row(label, value)
     console.print(table)
@@ -277,29 +201,29 @@ def status(ref: str, address: str | None, as_json: bool, home: Path | None) -> N
 
 @job.command("logs")
 @click.argument("ref", metavar="REF")
-@_address_option
+@address_option
 @click.option("--follow", is_flag=True, help="Keep printing until the job ends.")
 @home_option
-@_submission_errors
+@submission_errors
 def logs(ref: str, address: str | None, follow: bool, home: Path | None) -> None:
     """A submission's log (its driver's output), by submission id or job name."""
-    settings = _settings(home)
-    client = _client(settings, address)
+    settings = settings_of(home)
+    client = jobs_client(settings, address)
     found = client.find(ref)
     if follow:
-        _follow(settings, client, found.submission_id)
+        follow_submission(settings, client, found.submission_id)
         return
     click.echo(client.logs(found.submission_id), nl=False)
 
 
 @job.command("stop")
 @click.argument("ref", metavar="REF")
-@_address_option
+@address_option
 @home_option
-@_submission_errors
+@submission_errors
 def stop(ref: str, address: str | None, home: Path | None) -> None:
     """Stop a submission, by submission id or job name; its checkpoints stay, so submitting again resumes it."""
-    client = _client(_settings(home), address)
+    client = jobs_client(settings_of(home), address)
     found = client.find(ref)
     ended = client.stop(found)
     console.print(f"submission {ended.submission_id} of job {ended.job}: {ended.status}", highlight=False,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
-from compound.cli.common import console, home_option
+from compound.cli.common import console, home_option, settings_of
 
 if TYPE_CHECKING:
     from cluster.evaluate import Evaluation
@@ -138,12 +138,11 @@ def quantize(source: str, data: str, out_dir: Path, max_drop: float, calibration
     """
     from cluster.data.manifest import ManifestError
     from cluster.quantize import QuantizationError
-    from compound.cli.job import _settings
     from jobs.connect import s3_access
     from jobs.deploy import quantize_model
     from jobs.model_source import ModelRef, ModelSourceError
 
-    settings = _settings(home)
+    settings = settings_of(home)
     try:
         with console.status(f"quantizing {source}"):
             outcome = quantize_model(ModelRef(source, arch, resolution, "--arch"), data=data, out=out_dir,
@@ -172,11 +171,10 @@ def evaluate(models: tuple[Path, ...], data: str, split: str, threads: int, run_
     """Top-1/top-5, agreement with the first model, latency p50/p95 at batch 1 and 32, and file size
     of each ONNX model in MODELS on a split of the shards."""
     from cluster.data.manifest import ManifestError
-    from compound.cli.job import _settings
     from jobs.connect import s3_access
     from jobs.deploy import evaluate_models
 
-    settings = _settings(home)
+    settings = settings_of(home)
     try:
         with console.status(f"evaluating on {data} ({split})"):
             evaluations = evaluate_models(list(models), data=data, split=split, threads=threads,

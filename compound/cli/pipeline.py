@@ -10,18 +10,19 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from compound.cli.common import console, home_option
-from compound.cli.job import (
-    _address_option,
-    _client,
-    _fail_on_spec_error,
-    _follow,
-    _json_option,
-    _settings,
-    _spec_argument,
-    _spec_text_from_s3,
-    _submission_errors,
-    _when,
+from compound.cli.common import (
+    address_option,
+    console,
+    fail_on_spec_error,
+    follow_submission,
+    home_option,
+    jobs_client,
+    json_option,
+    local_time,
+    settings_of,
+    spec_argument,
+    spec_text_from_s3,
+    submission_errors,
 )
 
 
@@ -41,7 +42,7 @@ def _from_option(function):
 
 
 @pipeline.command("validate")
-@_spec_argument
+@spec_argument
 @_data_option
 def validate(spec_path: Path, data: str | None) -> None:
     """Print SPEC with its job and sweep files read in, every default spelled out; or every problem (exit 2)."""
@@ -51,7 +52,7 @@ def validate(spec_path: Path, data: str | None) -> None:
     try:
         spec = with_data(load_pipeline_spec(spec_path), data, str(spec_path))
     except SpecError as error:
-        _fail_on_spec_error(error)
+        fail_on_spec_error(error)
     console.print(dump_spec(spec), highlight=False, markup=False, end="")
     console.print(f"# order: {' → '.join(spec.order())}", highlight=False, markup=False)
 
@@ -80,12 +81,12 @@ def run(spec_ref: str, data: str | None, from_stage: str | None, as_json: bool, 
     started = time.monotonic()
     try:
         spec = None if spec_ref.startswith("s3://") else load_pipeline_spec(Path(spec_ref))
-        settings = _settings(home)
-        spec = spec or load_pipeline_spec_text(_spec_text_from_s3(spec_ref, settings), spec_ref)
+        settings = settings_of(home)
+        spec = spec or load_pipeline_spec_text(spec_text_from_s3(spec_ref, settings), spec_ref)
         spec = with_data(spec, data, spec_ref)
         outcome = run_pipeline(spec, settings, from_stage=from_stage, submission_id=submission_id)
     except SpecError as error:
-        _fail_on_spec_error(error)
+        fail_on_spec_error(error)
     except (StageFailedError, ClusterUnreachableError, TrackingUnavailableError) as error:
         raise click.ClickException(str(error)) from None
     except MlflowException as error:
@@ -123,13 +124,13 @@ def _figures_table(title: str, figures: dict[str, dict[str, float]]) -> Table:
 
 
 @pipeline.command("submit")
-@_spec_argument
+@spec_argument
 @_data_option
 @_from_option
-@_address_option
+@address_option
 @click.option("--follow", is_flag=True, help="Print the driver's log until it ends; exit non-zero unless it succeeds.")
 @home_option
-@_submission_errors
+@submission_errors
 def submit(spec_path: Path, data: str | None, from_stage: str | None, address: str | None, follow: bool,
            home: Path | None) -> None:
     """Submit the pipeline SPEC to the Ray cluster as a Ray job running `compound pipeline run`.
@@ -138,32 +139,32 @@ def submit(spec_path: Path, data: str | None, from_stage: str | None, address: s
     `compound job logs NAME` and in MLflow.
     """
     from jobs.spec import SpecError
-    from pipelines.submit import plan_pipeline_submission
     from jobs.submit import submit as submit_plan
     from pipelines.runner import check_data
     from pipelines.spec import load_pipeline_spec, with_data
+    from pipelines.submit import plan_pipeline_submission
 
-    settings = _settings(home)
-    client = _client(settings, address)
+    settings = settings_of(home)
+    client = jobs_client(settings, address)
     try:
         spec = with_data(load_pipeline_spec(spec_path), data, str(spec_path))
         if from_stage is not None and from_stage not in spec.stages:
             raise SpecError("--from", [f"no stage {from_stage!r}; stages: {', '.join(spec.stages)}"])
         check_data(spec, settings)
     except SpecError as error:
-        _fail_on_spec_error(error)
+        fail_on_spec_error(error)
     plan = plan_pipeline_submission(spec, settings, client, options=("--from", from_stage) if from_stage else ())
     submit_plan(plan, settings, client)
     console.print(f"submitted pipeline {spec.name} as [bold]{plan.submission_id}[/bold]\n"
                   f"Ray dashboard: {client.dashboard_url(plan.submission_id)}", highlight=False, soft_wrap=True)
     if follow:
-        _follow(settings, client, plan.submission_id)
+        follow_submission(settings, client, plan.submission_id)
 
 
 @pipeline.command("status")
 @click.argument("name", required=False)
 @click.option("--limit", default=5, show_default=True, type=click.IntRange(min=1), help="Runs shown per pipeline.")
-@_json_option
+@json_option
 @home_option
 def status(name: str | None, limit: int, as_json: bool, home: Path | None) -> None:
     """The latest runs of pipeline NAME (or of every pipeline), each stage's status and outputs."""
@@ -171,7 +172,7 @@ def status(name: str | None, limit: int, as_json: bool, home: Path | None) -> No
 
     from pipelines.status import pipeline_runs
 
-    settings = _settings(home)
+    settings = settings_of(home)
     try:
         runs = pipeline_runs(settings.mlflow_tracking_uri, name, limit=limit)
     except MlflowException as error:
@@ -186,7 +187,7 @@ def status(name: str | None, limit: int, as_json: bool, home: Path | None) -> No
     for entry in runs:
         table = Table("stage", "status", "seconds", "outputs / error",
                       title=f"pipeline {entry['pipeline']}: run {entry['run_id']} {entry['status']} "
-                            f"(started {_when(entry['start_s'])}, data {entry['data']})")
+                            f"(started {local_time(entry['start_s'])}, data {entry['data']})")
         for stage, record in entry["stages"].items():
             seconds = f"{record['seconds']:.0f}" if record.get("seconds") is not None else "-"
             detail = record.get("error") or _short(record.get("outputs") or {})

@@ -10,8 +10,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from compound.cli.common import console, exits_cleanly_on, home_option
-from compound.cli.job import _json_option, _settings
+from compound.cli.common import console, exits_cleanly_on, home_option, json_option, settings_of
 
 REJECTED_EXIT = 3  # a promotion the gate refused: not an error, but not what was asked
 
@@ -21,7 +20,7 @@ def registry() -> None:
     """The MLflow model registry: versions, aliases (champion, challenger), promotion and rollback."""
 
 
-def _client(settings):
+def _mlflow(settings):
     from mlflow import MlflowClient
 
     return MlflowClient(settings.mlflow_tracking_uri)
@@ -47,12 +46,12 @@ def _registry_errors(function):
 
 
 @registry.command("list")
-@_json_option
+@json_option
 @home_option
 @_registry_errors
 def list_(as_json: bool, home: Path | None) -> None:
     """Every registered model, its latest version and its aliases."""
-    client = _client(_settings(home))
+    client = _mlflow(settings_of(home))
     models = []
     for model in client.search_registered_models():
         versions = client.search_model_versions(f"name = '{model.name}'")
@@ -72,7 +71,7 @@ def list_(as_json: bool, home: Path | None) -> None:
 
 @registry.command("show")
 @click.argument("name")
-@_json_option
+@json_option
 @home_option
 @_registry_errors
 def show(name: str, as_json: bool, home: Path | None) -> None:
@@ -80,7 +79,7 @@ def show(name: str, as_json: bool, home: Path | None) -> None:
     from jobs.tags import CODE_VERSION_TAG
     from pipelines.registry import DECISION_TAG, REASONS_TAG, figures_of, history
 
-    client = _client(_settings(home))
+    client = _mlflow(settings_of(home))
     model = client.get_registered_model(name)
     aliases: dict[int, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
@@ -121,7 +120,7 @@ def show(name: str, as_json: bool, home: Path | None) -> None:
 @click.option("--version", "version", required=True, type=click.IntRange(min=1), help="The version to promote.")
 @click.option("--force", is_flag=True, help="Promote even if the gate does not hold (say why with --reason).")
 @click.option("--reason", default=None, help="Why; recorded with the decision.")
-@_json_option
+@json_option
 @home_option
 @_registry_errors
 def promote(name: str, version: int, force: bool, reason: str | None, as_json: bool, home: Path | None) -> None:
@@ -134,7 +133,7 @@ def promote(name: str, version: int, force: bool, reason: str | None, as_json: b
 
     if force and not reason:
         raise click.UsageError("--force needs a --reason: it is recorded with the decision")
-    settings = _settings(home)
+    settings = settings_of(home)
     decision = promote_version(settings.mlflow_tracking_uri, s3_access(settings),
                                lock_bucket=settings.checkpoints_bucket, name=name, version=version, force=force,
                                reason=reason)
@@ -146,7 +145,7 @@ def promote(name: str, version: int, force: bool, reason: str | None, as_json: b
 @registry.command("rollback")
 @click.argument("name")
 @click.option("--reason", default=None, help="Why; recorded with the rollback.")
-@_json_option
+@json_option
 @home_option
 @_registry_errors
 def rollback(name: str, reason: str | None, as_json: bool, home: Path | None) -> None:
@@ -154,7 +153,7 @@ def rollback(name: str, reason: str | None, as_json: bool, home: Path | None) ->
     from jobs.connect import s3_access
     from pipelines.registry import rollback as rollback_model
 
-    settings = _settings(home)
+    settings = settings_of(home)
     _print_decision(rollback_model(settings.mlflow_tracking_uri, s3_access(settings),
                                    lock_bucket=settings.checkpoints_bucket, name=name, reason=reason), as_json)
 

@@ -9,8 +9,15 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from compound.cli.common import console, exits_cleanly_on, home_option
-from compound.cli.job import _fail_on_spec_error, _json_option, _settings, _spec_argument
+from compound.cli.common import (
+    console,
+    exits_cleanly_on,
+    fail_on_spec_error,
+    home_option,
+    json_option,
+    settings_of,
+    spec_argument,
+)
 
 
 @click.group()
@@ -24,11 +31,11 @@ _schedule_errors = exits_cleanly_on("pipelines.scheduler.ScheduleError")
 def _store(home: Path | None) -> str:
     from pipelines.scheduler import store_url
 
-    return store_url(_settings(home), home)
+    return store_url(settings_of(home), home)
 
 
 @schedule.command("add")
-@_spec_argument
+@spec_argument
 @click.option("--cron", default=None, metavar="EXPR", help="Five-field cron expression in UTC, e.g. '0 2 * * *'.")
 @click.option("--on-new-data", "data_prefix", default=None, metavar="S3_PREFIX",
               help="Run when a new manifest.json appears under this prefix; it becomes the pipeline's data.")
@@ -54,12 +61,12 @@ def add(spec_path: Path, cron: str | None, data_prefix: str | None, poll_s: floa
     try:
         spec = load_pipeline_spec(spec_path)
     except SpecError as error:
-        _fail_on_spec_error(error)
+        fail_on_spec_error(error)
     trigger = make_trigger(cron=cron, data_prefix=data_prefix, poll_s=poll_s)
     name = name or spec.name
     if not re.match(SCHEDULE_NAME_PATTERN, name):
         raise ScheduleError(f"--name {name!r}: lowercase letters, digits and -, at most 63")
-    settings, url = _settings(home), _store(home)
+    settings, url = settings_of(home), _store(home)
     if not replace and name in {s.name for s in list_schedules(url)}:
         raise ScheduleError(f"a schedule named {name} exists; remove it first, pass --replace, or pass --name")
     spec_uri = f"s3://{settings.checkpoints_bucket}/{PIPELINE_STORAGE_PREFIX}/{spec.name}/schedules/{name}.yaml"
@@ -75,11 +82,11 @@ def add(spec_path: Path, cron: str | None, data_prefix: str | None, poll_s: floa
             store.delete_object(Bucket=bucket, Key=key)
         raise
     console.print(f"scheduled pipeline {spec.name} as [bold]{added.name}[/bold]: {added.trigger}; next run "
-                  f"{_when(added.next_run)}", highlight=False, soft_wrap=True)
+                  f"{when(added.next_run)}", highlight=False, soft_wrap=True)
 
 
 @schedule.command("list")
-@_json_option
+@json_option
 @home_option
 def list_(as_json: bool, home: Path | None) -> None:
     """Every schedule: its pipeline, trigger and next run (paused: none)."""
@@ -92,7 +99,7 @@ def list_(as_json: bool, home: Path | None) -> None:
         return
     table = Table("schedule", "pipeline", "trigger", "next run (UTC)")
     for s in schedules:
-        table.add_row(s.name, s.pipeline, s.trigger, _when(s.next_run))
+        table.add_row(s.name, s.pipeline, s.trigger, when(s.next_run))
     console.print(table)
 
 
@@ -117,7 +124,7 @@ def resume(name: str, home: Path | None) -> None:
     from pipelines.scheduler import resume_schedule
 
     resumed = resume_schedule(_store(home), name)
-    console.print(f"schedule {name}: resumed; next run {_when(resumed.next_run)}")
+    console.print(f"schedule {name}: resumed; next run {when(resumed.next_run)}")
 
 
 @schedule.command("remove")
@@ -135,7 +142,7 @@ def remove(name: str, home: Path | None) -> None:
 @schedule.command("history")
 @click.argument("name", required=False)
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
-@_json_option
+@json_option
 @home_option
 def history_(name: str | None, limit: int, as_json: bool, home: Path | None) -> None:
     """What NAME's firings did (every schedule's without NAME), newest first: submitted, skipped, failed."""
@@ -147,10 +154,10 @@ def history_(name: str | None, limit: int, as_json: bool, home: Path | None) -> 
         return
     table = Table("at (UTC)", "schedule", "action", "data", "submission / detail")
     for row in rows:
-        table.add_row(_when(row["at"]), row["schedule"], row["action"], row["data"] or "-",
+        table.add_row(when(row["at"]), row["schedule"], row["action"], row["data"] or "-",
                       row["submission_id"] or row["detail"] or "-")
     console.print(table)
 
 
-def _when(moment) -> str:
+def when(moment) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"

@@ -9,16 +9,17 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from compound.cli.common import console, home_option
-from compound.cli.job import (
-    _address_option,
-    _client,
-    _fail_on_spec_error,
-    _follow,
-    _settings,
-    _spec_argument,
-    _spec_text_from_s3,
-    _submission_errors,
+from compound.cli.common import (
+    address_option,
+    console,
+    fail_on_spec_error,
+    follow_submission,
+    home_option,
+    jobs_client,
+    settings_of,
+    spec_argument,
+    spec_text_from_s3,
+    submission_errors,
 )
 
 
@@ -28,7 +29,7 @@ def sweep() -> None:
 
 
 @sweep.command("validate")
-@_spec_argument
+@spec_argument
 @click.option("--offline", is_flag=True, help="Check the spec alone, not the base job's datasets and storage.")
 @home_option
 def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
@@ -44,9 +45,9 @@ def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
         spec = load_sweep_spec(spec_path)
         job = spec.base_job
         if not offline:
-            job = prepare_job(job, _settings(home), source=f"{spec_path}: job").spec
+            job = prepare_job(job, settings_of(home), source=f"{spec_path}: job").spec
     except SpecError as error:
-        _fail_on_spec_error(error)
+        fail_on_spec_error(error)
     shown = spec.model_copy(update={"job": job.model_dump(mode="json")})
     console.print(dump_spec(shown), highlight=False, markup=False, end="")
 
@@ -69,11 +70,11 @@ def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | No
 
     try:
         spec = None if spec_ref.startswith("s3://") else load_sweep_spec(Path(spec_ref))
-        settings = _settings(home)
+        settings = settings_of(home)
         spec = spec or _sweep_from_s3(spec_ref, settings)
         outcome = run_sweep_job(spec, settings, source=spec_ref, submission_id=submission_id)
     except SpecError as error:
-        _fail_on_spec_error(error)
+        fail_on_spec_error(error)
     except (SweepFailedError, JobFailedError, ClusterUnreachableError, TrackingUnavailableError) as error:
         raise click.ClickException(str(error)) from None
     if as_json:
@@ -97,16 +98,16 @@ def _sweep_from_s3(spec_ref: str, settings):
     """A sweep spec from S3, where `submit` puts it (the base job inline)."""
     from jobs.spec import load_sweep_spec_text
 
-    return load_sweep_spec_text(_spec_text_from_s3(spec_ref, settings), spec_ref)
+    return load_sweep_spec_text(spec_text_from_s3(spec_ref, settings), spec_ref)
 
 
 @sweep.command("submit")
-@_spec_argument
-@_address_option
+@spec_argument
+@address_option
 @click.option("--dry-run", is_flag=True, help="Check everything, submit nothing.")
 @click.option("--follow", is_flag=True, help="Print the sweep's log until it ends; exit non-zero unless it succeeds.")
 @home_option
-@_submission_errors
+@submission_errors
 def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, home: Path | None) -> None:
     """Submit the sweep SPEC to the Ray cluster as a Ray job running `compound sweep run`.
 
@@ -116,12 +117,12 @@ def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, ho
     from jobs.submit import plan_sweep_submission
     from jobs.submit import submit as submit_plan
 
-    settings = _settings(home)
-    client = _client(settings, address)
+    settings = settings_of(home)
+    client = jobs_client(settings, address)
     try:
         plan = plan_sweep_submission(spec_path, settings, client)
     except SpecError as error:
-        _fail_on_spec_error(error)
+        fail_on_spec_error(error)
     if dry_run:
         console.print(f"[green]ok:[/green] sweep {plan.spec.name} can be submitted to {client.address}; nothing was "
                       f"submitted (--dry-run)\nentrypoint: {plan.entrypoint}", highlight=False, soft_wrap=True)
@@ -130,4 +131,4 @@ def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, ho
     console.print(f"submitted sweep {plan.spec.name} as [bold]{plan.submission_id}[/bold]\n"
                   f"Ray dashboard: {client.dashboard_url(plan.submission_id)}", highlight=False, soft_wrap=True)
     if follow:
-        _follow(settings, client, plan.submission_id)
+        follow_submission(settings, client, plan.submission_id)

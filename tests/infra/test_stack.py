@@ -20,9 +20,9 @@ from botocore.exceptions import ClientError
 from click.testing import CliRunner
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from compound.cli import cli
 from infra.settings import Settings, load_settings, write_private
 from infra.stack import GRPC_OFFSET, Stack, StackError, StackPorts, ephemeral_ports_start
-from compound.cli import cli
 
 
 def test_s3_put_get_list(settings: Settings) -> None:

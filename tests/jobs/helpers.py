@@ -28,9 +28,9 @@ from cluster.data.loader import read_shard
 from cluster.data.manifest import ShardManifest
 from cluster.storage import S3Access
 from cluster.train.checkpoint import newest_uploaded
+from compound.cli import cli
 from infra.settings import Settings
 from infra.stack import Stack
-from compound.cli import cli
 
 SMOKE = Path(__file__).parents[2] / "jobs" / "examples" / "b0-cpu-smoke.yaml"
 COMPOUND = str(Path(sys.executable).with_name("compound"))

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from jobs.spec import JobSpec, load_job_spec
 from jobs.capacity import fits
+from jobs.spec import JobSpec, load_job_spec
 
 EXAMPLES = Path(__file__).parents[2] / "jobs" / "examples"
 GIB = 2**30

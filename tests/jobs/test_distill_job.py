@@ -19,10 +19,10 @@ from cluster.train.checkpoint import WEIGHTS_FILE, Progress, save_progress
 from cluster.train.config import ModelSpec
 from cluster.train.distill import TEACHER_FILE, pinned_info
 from cluster.train.models import build_model
+from compound.cli import cli
 from effnet.weights import save_checkpoint
 from infra.settings import Settings
 from infra.stack import Stack
-from compound.cli import cli
 from jobs.model_source import ModelSourceError, resolve_teacher
 from jobs.spec import JobSpec
 from jobs.tags import MODEL_TAG, TEACHER_TAG

@@ -14,9 +14,9 @@ from cluster.data.manifest import ShardManifest
 from cluster.data.sources import DigitsSource
 from cluster.data.writer import write_shards
 from cluster.storage import S3Access
+from compound.cli import cli
 from infra.settings import Settings
 from infra.stack import Stack, StackPorts
-from compound.cli import cli
 from jobs.driver import prepare_job
 from jobs.resolve import check_relaunch, record_launch
 from jobs.spec import load_job_spec

@@ -19,9 +19,9 @@ from mlflow import MlflowClient
 
 from cluster.data.manifest import ShardManifest, load_manifest
 from cluster.storage import S3Access
+from compound.cli import cli
 from infra.settings import Settings
 from infra.stack import Stack
-from compound.cli import cli
 from jobs.driver import read_history
 from tests.jobs.helpers import (
     DRILL_CHECKPOINTS,

@@ -19,10 +19,10 @@ from cluster.data.transforms import AugmentSpec
 from cluster.evaluate import predict, split_batches
 from cluster.quantize import RECIPES, QuantizationError, top1
 from cluster.storage import S3Access
+from compound.cli import cli
 from effnet.weights import save_checkpoint
 from infra.settings import Settings
 from infra.stack import Stack
-from compound.cli import cli
 from jobs.deploy import FP32_FILE, INT8_FILE, REPORT_FILE, evaluate_models, quantize_model
 from jobs.model_source import ModelRef
 

@@ -18,9 +18,9 @@ from mlflow import MlflowClient
 
 from cluster.data.manifest import ShardManifest
 from cluster.storage import S3Access, split_s3_url
+from compound.cli import cli
 from infra.settings import Settings
 from infra.stack import Stack
-from compound.cli import cli
 from jobs.spec import SpecError, load_sweep_spec
 from jobs.sweep import BEST_FILE, SWEEP_STORAGE_PREFIX, check_concurrency
 from tests.jobs.helpers import (

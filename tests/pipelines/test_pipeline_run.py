@@ -17,12 +17,12 @@ from mlflow import MlflowClient
 
 from cluster.data.manifest import ShardManifest, load_manifest
 from cluster.storage import S3Access, split_s3_url
+from compound.cli import cli
 from infra.settings import Settings
 from infra.stack import Stack
-from compound.cli import cli
+from jobs.tags import PARENT_TAG
 from pipelines.registry import CHALLENGER, CHAMPION, alias_version
 from pipelines.runner import DATA_TAG, STAGE_RECORD_PREFIX
-from jobs.tags import PARENT_TAG
 
 EXAMPLES = Path(__file__).parents[2] / "pipelines" / "examples"
 MODEL = "digits-tiny-b0"

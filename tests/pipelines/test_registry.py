@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from cluster.storage import S3Access
+from compound.cli import cli
 from infra.settings import Settings
 from infra.stack import Stack
-from compound.cli import cli
 from pipelines.registry import (
     CHALLENGER,
     CHAMPION,

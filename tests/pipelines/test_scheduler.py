@@ -24,9 +24,9 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from cluster.data.manifest import ShardManifest
+from compound.cli import cli
 from infra.settings import Settings
 from infra.stack import Stack
-from compound.cli import cli
 from jobs.submit import JOB_KEY, JobsClient
 from pipelines import scheduler
 from pipelines.registry import register_version
