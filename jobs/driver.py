@@ -20,9 +20,9 @@ from cluster.tracking import RunRef
 from cluster.train.checkpoint import PROGRESS_FILE, latest_checkpoint, remove_unregistered
 from cluster.train.trainer import make_trainer
 from infra.settings import RAY_CLIENT_ENV, Settings
-from jobs.connect import s3_access
 from jobs.model_source import pin_teacher
 from jobs.resolve import Launch, ResolvedJob, check_relaunch, record_launch, resolve_job
+from jobs.s3 import s3_access
 from jobs.spec import JobSpec
 from jobs.tracking import TrackingUnavailableError, finish_run, log_final_model, open_run
 

@@ -24,9 +24,9 @@ from pydantic import BaseModel
 from cluster.storage import split_s3_url
 from infra.settings import Settings
 from jobs.capacity import autoscaling_groups, first_line, fits
-from jobs.connect import s3_access
 from jobs.driver import prepare_job
 from jobs.model_source import pin_teacher
+from jobs.s3 import s3_access
 from jobs.spec import JobSpec, dump_spec, load_job_spec, load_sweep_spec
 from jobs.sweep import SWEEP_STORAGE_PREFIX, check_concurrency
 

@@ -27,9 +27,9 @@ from cluster.train.trainer import storage_path
 from cluster.tune import EPOCHS_DONE, Sweep, epoch_report_callback, run_sweep
 from infra.settings import Settings
 from jobs.capacity import fits, worker_slots
-from jobs.connect import s3_access
 from jobs.driver import connect_ray, finish_job, prepare_job, train_job
 from jobs.resolve import ResolvedJob
+from jobs.s3 import s3_access
 from jobs.spec import JobSpec, SpecError, SweepSpec, dump_spec, parse_spec
 from jobs.tags import PARENT_TAG, SUBMISSION_TAG, TRIAL_TAG
 from jobs.tracking import mark_trial, open_sweep_run, record_sweep_result, trial_run_id

@@ -127,7 +127,7 @@ def check_data(spec: PipelineSpec, settings: Settings) -> tuple[ShardManifest, s
     """The pipeline's dataset manifest and id; a pipeline whose manifest cannot be read is refused before
     anything runs or is recorded."""
     from cluster.data.manifest import ManifestError, load_manifest
-    from jobs.connect import s3_access
+    from jobs.s3 import s3_access
 
     try:
         return load_manifest(spec.data, s3=s3_access(settings))

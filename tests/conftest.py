@@ -15,7 +15,7 @@ from cluster.data.writer import write_shards
 from cluster.storage import S3Access
 from infra.settings import Settings, load_settings
 from infra.stack import Stack, StackPorts
-from jobs.connect import s3_access
+from jobs.s3 import s3_access
 
 
 def pytest_configure(config: pytest.Config) -> None:

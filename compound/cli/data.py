@@ -40,7 +40,7 @@ def data_shards(source: str, dest: str, image_size: int, val_fraction: float, se
     from cluster.data.sources import open_source
     from cluster.data.writer import write_shards
     from infra.settings import ConfigError, load_settings
-    from jobs.connect import s3_access
+    from jobs.s3 import s3_access
 
     if overwrite and if_missing:
         raise click.UsageError("--overwrite and --if-missing contradict each other; pass one")

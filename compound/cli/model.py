@@ -138,9 +138,9 @@ def quantize(source: str, data: str, out_dir: Path, max_drop: float, calibration
     """
     from cluster.data.manifest import ManifestError
     from cluster.quantize import QuantizationError
-    from jobs.connect import s3_access
-    from jobs.deploy import quantize_model
     from jobs.model_source import ModelRef, ModelSourceError
+    from jobs.quantize import quantize_model
+    from jobs.s3 import s3_access
 
     settings = settings_of(home)
     try:
@@ -171,8 +171,8 @@ def evaluate(models: tuple[Path, ...], data: str, split: str, threads: int, run_
     """Top-1/top-5, agreement with the first model, latency p50/p95 at batch 1 and 32, and file size
     of each ONNX model in MODELS on a split of the shards."""
     from cluster.data.manifest import ManifestError
-    from jobs.connect import s3_access
-    from jobs.deploy import evaluate_models
+    from jobs.evaluate import evaluate_models
+    from jobs.s3 import s3_access
 
     settings = settings_of(home)
     try:

@@ -128,7 +128,7 @@ def promote(name: str, version: int, force: bool, reason: str | None, as_json: b
 
     Exits 3 when the gate refuses; the decision and its reasons are recorded on the version either way.
     """
-    from jobs.connect import s3_access
+    from jobs.s3 import s3_access
     from pipelines.registry import promote as promote_version
 
     if force and not reason:
@@ -150,7 +150,7 @@ def promote(name: str, version: int, force: bool, reason: str | None, as_json: b
 @_registry_errors
 def rollback(name: str, reason: str | None, as_json: bool, home: Path | None) -> None:
     """Make the previous champion of NAME champion again, recorded as a rollback."""
-    from jobs.connect import s3_access
+    from jobs.s3 import s3_access
     from pipelines.registry import rollback as rollback_model
 
     settings = settings_of(home)

@@ -52,7 +52,7 @@ def add(spec_path: Path, cron: str | None, data_prefix: str | None, poll_s: floa
     import re
 
     from cluster.storage import split_s3_url
-    from jobs.connect import s3_access
+    from jobs.s3 import s3_access
     from jobs.spec import SpecError, dump_spec
     from pipelines.scheduler import SCHEDULE_NAME_PATTERN, ScheduleError, add_schedule, list_schedules, make_trigger
     from pipelines.spec import load_pipeline_spec

@@ -44,25 +44,17 @@ class Outputs(StageOutputs):
 
 
 def run(inputs: Inputs, context: StageContext) -> Outputs:
-    from cluster.data.manifest import load_manifest
-    from cluster.evaluate import evaluate, split_batches
-    from jobs.deploy import log_evaluations
+    from jobs.evaluate import evaluate_side_by_side, log_evaluations, manifest_at
     from jobs.tracking import finish_run
 
     s3 = _s3(context)
-    manifest = load_manifest(inputs.data, s3=s3)[0]
+    manifest = manifest_at(inputs.data, s3)
     run_ref = context.child_run()
-    evaluations, batches, reference = {}, {}, None
     try:
         with tempfile.TemporaryDirectory(prefix="compound-stage-") as directory:
-            for label, source in inputs.models.items():
-                path, resolution = _onnx(source, Path(directory) / label, len(manifest.classes), context)
-                if resolution not in batches:
-                    batches[resolution] = list(split_batches(manifest, inputs.split, resolution=resolution, s3=s3))
-                evaluation, logits = evaluate(path, batches[resolution], num_classes=len(manifest.classes),
-                                              threads=inputs.threads, reference=reference)
-                reference = logits if reference is None else reference
-                evaluations[label] = evaluation
+            models = {label: _onnx(source, Path(directory) / label, len(manifest.classes), context)
+                      for label, source in inputs.models.items()}
+            evaluations = evaluate_side_by_side(models, manifest, split=inputs.split, threads=inputs.threads, s3=s3)
             log_evaluations(context.settings.mlflow_tracking_uri, run_ref.run_id, evaluations, manifest.classes)
     except BaseException:
         finish_run(run_ref, status="FAILED", required=False)
@@ -75,14 +67,13 @@ def run(inputs: Inputs, context: StageContext) -> Outputs:
     return Outputs(figures=figures, run_id=run_ref.run_id)
 
 
-def _onnx(source: str, folder: Path, num_classes: int, context: StageContext) -> tuple[Path, int]:
-    """The model as an ONNX file in `folder`, and its input side."""
+def _onnx(source: str, folder: Path, num_classes: int, context: StageContext) -> Path:
+    """The model as an ONNX file in `folder` (exported at the input side it was trained at)."""
     from botocore.exceptions import ClientError
 
     from cluster.storage import is_not_found, split_s3_url
     from cluster.train.distill import load_pinned
     from effnet.export import export_onnx
-    from jobs.deploy import input_resolution
     from jobs.model_source import ModelRef, fetch_model
 
     folder.mkdir(parents=True)
@@ -97,16 +88,16 @@ def _onnx(source: str, folder: Path, num_classes: int, context: StageContext) ->
                 raise
         else:
             path = Path(source).expanduser()
-        return path, input_resolution(path)
+        return path
     import torch
 
     pinned, info = fetch_model(ModelRef(source), num_classes, s3=_s3(context),
                                tracking_uri=context.settings.mlflow_tracking_uri, out=folder)
     model, _ = load_pinned(pinned, device=torch.device("cpu"))
-    return export_onnx(model, folder / "model.onnx", resolution=info.resolution, dynamic_batch=True), info.resolution
+    return export_onnx(model, folder / "model.onnx", resolution=info.resolution, dynamic_batch=True)
 
 
 def _s3(context: StageContext):
-    from jobs.connect import s3_access
+    from jobs.s3 import s3_access
 
     return s3_access(context.settings)

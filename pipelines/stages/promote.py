@@ -26,7 +26,7 @@ class Outputs(StageOutputs):
 
 
 def run(inputs: Inputs, context: StageContext) -> Outputs:
-    from jobs.connect import s3_access
+    from jobs.s3 import s3_access
     from pipelines.registry import promote
 
     decision = promote(context.settings.mlflow_tracking_uri, s3_access(context.settings),

@@ -1,4 +1,4 @@
-"""Export a trained model to ONNX and quantize it to int8 within an accuracy limit (`jobs.deploy`).
+"""Export a trained model to ONNX and quantize it to int8 within an accuracy limit (`jobs.quantize`).
 
 The fp32 and int8 models and the quantization report go to the stage's folder on S3; the figures
 (top-1 of each, the drop, latency, size) and confusion matrices to the stage's own MLflow run.
@@ -41,9 +41,9 @@ class Outputs(StageOutputs):
 
 def run(inputs: Inputs, context: StageContext) -> Outputs:
     from cluster.storage import split_s3_url
-    from jobs.connect import s3_access
-    from jobs.deploy import FP32_FILE, INT8_FILE, REPORT_FILE, quantize_model
     from jobs.model_source import ModelRef
+    from jobs.quantize import FP32_FILE, INT8_FILE, REPORT_FILE, quantize_model
+    from jobs.s3 import s3_access
     from jobs.tracking import finish_run
 
     s3 = s3_access(context.settings)

@@ -42,8 +42,8 @@ def run(inputs: Inputs, context: StageContext) -> Outputs:
     from mlflow import MlflowClient
 
     from cluster.storage import split_s3_url
-    from jobs.connect import s3_access
-    from jobs.deploy import FP32_FILE, INT8_FILE, REPORT_FILE
+    from jobs.quantize import FP32_FILE, INT8_FILE, REPORT_FILE
+    from jobs.s3 import s3_access
     from jobs.tags import CODE_VERSION_TAG, DATASET_TAG_PREFIX
     from jobs.tracking import code_version
     from pipelines.registry import register_version

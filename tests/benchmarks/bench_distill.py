@@ -53,7 +53,7 @@ def main() -> None:
     from bench_training import start_stack, write_digits
 
     from infra.stack import Stack
-    from jobs.connect import s3_access
+    from jobs.s3 import s3_access
 
     home = Path(tempfile.mkdtemp(prefix="cdistill", dir="/tmp"))
     stack = Stack(home)

@@ -33,7 +33,7 @@ from cluster.data.transforms import AugmentSpec
 from cluster.data.writer import write_shards
 from cluster.storage import S3Access, split_s3_url
 from infra.stack import Stack, StackPorts
-from jobs.connect import s3_access
+from jobs.s3 import s3_access
 
 
 def local_copy(manifest: ShardManifest, s3: S3Access, directory: Path) -> ShardManifest:

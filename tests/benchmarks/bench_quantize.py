@@ -1,7 +1,7 @@
 """int8 against fp32 ONNX for a B0 trained here at 224 px, with ONNX Runtime on 2 threads.
 
 Trains a B0 on the digits at 224 px (`--epochs`, in this process), then runs what
-`compound model quantize` runs (`jobs.deploy.quantize_model`: export, calibration on 8 training
+`compound model quantize` runs (`jobs.quantize.quantize_model`: export, calibration on 8 training
 batches, the recipe ladder with a 1-point limit) and prints, for the kept recipe and for every recipe
 tried: top-1 drop on the validation split, batch-32 and batch-1 latency (p50) and file size, each as
 int8 ÷ fp32; and the kept model's batch-32 ratio over interleaved rounds (median and range). If no
@@ -41,9 +41,9 @@ def main() -> None:
     from effnet.export import export_onnx
     from effnet.weights import save_checkpoint
     from infra.stack import Stack
-    from jobs.connect import s3_access
-    from jobs.deploy import FP32_FILE, INT8_FILE, quantize_model
     from jobs.model_source import ModelRef
+    from jobs.quantize import FP32_FILE, INT8_FILE, quantize_model
+    from jobs.s3 import s3_access
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(THREADS)

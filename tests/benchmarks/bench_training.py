@@ -366,7 +366,7 @@ def main() -> None:
 
     from cluster.train.trainer import threads_per_worker
     from infra.stack import Stack
-    from jobs.connect import s3_access
+    from jobs.s3 import s3_access
     from jobs.spec import load_job_spec
 
     home = Path(tempfile.mkdtemp(prefix="cbench", dir="/tmp"))

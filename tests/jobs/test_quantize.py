@@ -23,8 +23,9 @@ from compound.cli import cli
 from effnet.weights import save_checkpoint
 from infra.settings import Settings
 from infra.stack import Stack
-from jobs.deploy import FP32_FILE, INT8_FILE, REPORT_FILE, evaluate_models, quantize_model
+from jobs.evaluate import evaluate_models
 from jobs.model_source import ModelRef
+from jobs.quantize import FP32_FILE, INT8_FILE, REPORT_FILE, quantize_model
 
 DATA = "s3://shards/digits/manifest.json"
 RESOLUTION = 32

@@ -1,4 +1,4 @@
-"""How jobs reach the stack: the S3 access handed to workers, built from the settings."""
+"""How jobs reach the S3 store: the S3 access handed to workers, built from the settings."""
 
 from __future__ import annotations
 

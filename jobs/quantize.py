@@ -1,12 +1,10 @@
-"""The models people deploy: a trained model as ONNX fp32 and int8, evaluated on the validation shards.
+"""A trained model as ONNX fp32 and int8 (`compound model quantize`, a pipeline's quantize stage).
 
-`quantize_model` (`compound model quantize`): the model a source names (an S3 checkpoint, an MLflow
-model, a weights file) exported to ONNX with a dynamic batch, quantized to int8 calibrated on real
-training batches (`cluster.quantize`: the first recipe within the accuracy limit), both evaluated.
-The output folder appears whole (fp32 model, int8 model, report) or not at all.
-
-`evaluate_models` (`compound model evaluate`): ONNX files on a split, the first as the reference for
-agreement. Either logs its figures and confusion matrices to an MLflow run when given one.
+The model a source names (an S3 checkpoint, an MLflow model, a weights file) is exported to ONNX with a
+dynamic batch, quantized to int8 calibrated on real training batches (`cluster.quantize`: the first
+recipe within the accuracy limit), and both are evaluated on the validation split; with a run, the
+figures and confusion matrices go to MLflow. The output folder appears whole (fp32 model, int8 model,
+report) or not at all.
 """
 
 from __future__ import annotations
@@ -18,11 +16,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.data.manifest import ShardManifest, load_manifest
 from cluster.evaluate import Evaluation, evaluate, split_batches
 from cluster.quantize import RECIPES, Attempt, Recipe, quantize, write_atomically
 from cluster.storage import S3Access
 from cluster.train.distill import load_pinned
+from jobs.evaluate import log_evaluations, manifest_at
 from jobs.model_source import ModelRef, fetch_model
 
 log = logging.getLogger(__name__)
@@ -44,7 +42,7 @@ def quantize_model(ref: ModelRef, *, data: str, out: Path, max_drop_points: floa
                    recipes: tuple[Recipe, ...] = RECIPES) -> QuantizeOutcome:
     from effnet.export import export_onnx
 
-    manifest = _manifest(data, s3)
+    manifest = manifest_at(data, s3)
     with tempfile.TemporaryDirectory(prefix="compound-quantize-") as directory:
         work = Path(directory)
         pinned, _ = fetch_model(ref, len(manifest.classes), s3=s3, tracking_uri=tracking_uri, out=work)
@@ -73,67 +71,15 @@ def quantize_model(ref: ModelRef, *, data: str, out: Path, max_drop_points: floa
     fp32_eval = dataclasses.replace(fp32_eval, path=str(out / FP32_FILE))
     int8_eval = dataclasses.replace(int8_eval, path=str(out / INT8_FILE))
     if run_id is not None:
-        log_evaluations(tracking_uri, run_id, {"fp32": fp32_eval, "int8": int8_eval}, manifest.classes,
-                        report=report)
+        from mlflow import MlflowClient
+
+        log_evaluations(tracking_uri, run_id, {"fp32": fp32_eval, "int8": int8_eval}, manifest.classes)
+        MlflowClient(tracking_uri).log_dict(run_id, report, f"evaluation/{REPORT_FILE}")
     return QuantizeOutcome(out=out, recipe=recipe, attempts=attempts, fp32=fp32_eval, int8=int8_eval)
-
-
-def evaluate_models(paths: list[Path], *, data: str, split: str, threads: int, s3: S3Access, tracking_uri: str,
-                    run_id: str | None = None) -> list[Evaluation]:
-    """Each ONNX model on the split, agreement against the first."""
-    manifest = _manifest(data, s3)
-    resolution = input_resolution(paths[0])
-    batches = list(split_batches(manifest, split, resolution=resolution, s3=s3))
-    evaluations, reference = [], None
-    for path in paths:
-        if input_resolution(path) != resolution:
-            raise ValueError(f"{path} takes {input_resolution(path)} px images, {paths[0]} {resolution} px; "
-                             "compare models of one input size")
-        evaluation, logits = evaluate(path, batches, num_classes=len(manifest.classes), threads=threads,
-                                      reference=reference)
-        reference = logits if reference is None else reference
-        evaluations.append(evaluation)
-    if run_id is not None:
-        log_evaluations(tracking_uri, run_id, {Path(e.path).stem.replace(".", "_"): e for e in evaluations},
-                        manifest.classes)
-    return evaluations
-
-
-def log_evaluations(tracking_uri: str, run_id: str, evaluations: dict[str, Evaluation], classes: list[str], *,
-                    report: dict | None = None) -> None:
-    """Each evaluation's figures as `<label>_…` metrics and its confusion matrix as a plot, on the run."""
-    import torch
-    from mlflow import MlflowClient
-
-    from cluster.plots import confusion_matrix
-
-    client = MlflowClient(tracking_uri)
-    metrics = {key: value for label, e in evaluations.items() for key, value in e.metrics(label).items()}
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
-    for label, e in evaluations.items():
-        png = confusion_matrix(torch.from_numpy(e.confusion), classes, title=f"{label}: {Path(e.path).name}")
-        with tempfile.TemporaryDirectory() as directory:
-            path = Path(directory) / f"confusion_{label}.png"
-            path.write_bytes(png)
-            client.log_artifact(run_id, str(path), "evaluation")
-    if report is not None:
-        client.log_dict(run_id, report, f"evaluation/{REPORT_FILE}")
 
 
 def _figures(evaluation: Evaluation) -> dict:
     return {key: value for key, value in dataclasses.asdict(evaluation).items() if key != "confusion"}
-
-
-def _manifest(data: str, s3: S3Access) -> ShardManifest:
-    return load_manifest(data, s3=s3)[0]
-
-
-def input_resolution(path: Path) -> int:
-    import onnx
-
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    return dims[-1].dim_value
 
 
 def _cpu():
