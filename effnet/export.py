@@ -14,6 +14,7 @@ from effnet.specs import IMAGE_CHANNELS
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+ONNX_TOLERANCE = 1e-4  # ONNX Runtime's logits may differ from PyTorch's by this much of the largest
 
 
 def export_onnx(model: EfficientNet, path: str | Path, *, resolution: int | None = None, batch_size: int = 1,
@@ -77,3 +78,29 @@ def _is_spatial_mean(context, x, axes, scale, **_) -> bool:
         return False
     spatial = sorted(int(axis) % 4 for axis in axes.numpy().ravel()) == [2, 3]
     return spatial and math.isclose(float(scale.numpy().ravel()[0]), 1 / (height * width), rel_tol=1e-6)
+
+
+def onnx_difference(model: EfficientNet, path: str | Path, *, resolution: int, images: torch.Tensor | None = None,
+                    threads: int | None = None) -> float | None:
+    """How far ONNX Runtime's logits for the file at `path` are from `model`'s (in eval mode), as the largest
+    difference over the largest logit: compare with ONNX_TOLERANCE. On random images unless given.
+
+    Relative because an absolute bound passes whatever the file computes when logits are small; None when
+    every PyTorch logit is 0 (a fresh classifier starts at zero), where agreeing logits prove nothing.
+    """
+    import onnxruntime
+
+    images = torch.randn(1, IMAGE_CHANNELS, resolution, resolution) if images is None else images
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(None, {INPUT_NAME: images.numpy()})
+    was_training = model.training
+    with torch.no_grad():
+        torch_logits = model.eval()(images)
+    model.train(was_training)
+    largest = torch_logits.abs().max().item()
+    if largest == 0:
+        return None
+    return (torch.from_numpy(onnx_logits) - torch_logits).abs().max().item() / largest

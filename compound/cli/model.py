@@ -14,9 +14,6 @@ if TYPE_CHECKING:
     from cluster.evaluate import Evaluation
     from effnet.weights import NumClassesMismatchError
 
-ONNX_TOLERANCE = 1e-4  # exported logits may differ from PyTorch's by this much of the largest
-
-
 @click.group()
 def model() -> None:
     """Inspect, export, quantize and evaluate models."""
@@ -55,7 +52,7 @@ def export(variant: str, out_path: Path, weights: Path | None, num_classes: int 
     torch.save form under any suffix: the file's content decides which.
     """
     from effnet import build
-    from effnet.export import export_onnx
+    from effnet.export import ONNX_TOLERANCE, export_onnx, onnx_difference
     from effnet.weights import NumClassesMismatchError, load_weights
 
     try:
@@ -72,14 +69,12 @@ def export(variant: str, out_path: Path, weights: Path | None, num_classes: int 
         path = export_onnx(net, out_path, resolution=resolution)
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if check:
-        difference, largest = _onnxruntime_difference(net, path, resolution)
-        if largest == 0:  # a fresh head is zero: equal logits would prove nothing about the file
+        relative = onnx_difference(net, path, resolution=resolution)
+        if relative is None:
             console.print("onnxruntime vs PyTorch: not compared, every logit is 0 (an untrained classifier); "
                           "export trained --weights to check the file")
             return
-        # Relative to the largest logit: an absolute bound would pass whatever the file computes on small logits.
-        relative = difference / largest
-        console.print(f"onnxruntime vs PyTorch: max |Δlogit| {difference:.1e} = {relative:.1e} × largest |logit|")
+        console.print(f"onnxruntime vs PyTorch: max |Δlogit| = {relative:.1e} × largest |logit|")
         if relative > ONNX_TOLERANCE:
             path.unlink()
             raise click.ClickException(
@@ -95,21 +90,6 @@ def _num_classes_fix(error: NumClassesMismatchError, *, given: bool) -> str:
         return (f"{error.path} is a compound checkpoint for {error.in_file} classes, not {asked}; "
                 f"leave out --num-classes or pass --num-classes {error.in_file}")
     return f"{error.path} has a classifier for {error.in_file} classes, not {asked}; pass --num-classes {error.in_file}"
-
-
-def _onnxruntime_difference(net, path: Path, resolution: int) -> tuple[float, float]:
-    import onnxruntime
-    import torch
-
-    from effnet.export import INPUT_NAME
-    from effnet.specs import IMAGE_CHANNELS
-
-    images = torch.randn(1, IMAGE_CHANNELS, resolution, resolution)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (onnx_logits,) = session.run(None, {INPUT_NAME: images.numpy()})
-    with torch.no_grad():
-        torch_logits = net.eval()(images)
-    return (torch.from_numpy(onnx_logits) - torch_logits).abs().max().item(), torch_logits.abs().max().item()
 
 
 @model.command("quantize")
