@@ -30,6 +30,8 @@ from cluster.train.models import build_model
 from effnet import VARIANTS
 from jobs.tags import MODEL_TAG
 
+PINNED_FILE = "pinned.safetensors"  # what `fetch_model` writes: the model, and what it is
+
 
 class ModelSourceError(ValueError):
     """The model named cannot be used; the message says why and what to give instead."""
@@ -173,7 +175,7 @@ def _from_file(path: Path, ref: ModelRef, num_classes: int, *, resolution: int |
     info = PinnedModel(arch=arch, num_classes=classes,
                        resolution=ref.resolution or resolution or ModelSpec(arch=arch).resolution,
                        source=source)
-    pinned = out / TEACHER_FILE
+    pinned = out / PINNED_FILE
     save_pinned(model.state_dict(), info, pinned)
     return pinned, info
 

@@ -20,10 +20,9 @@ from pathlib import Path
 from cluster.data.manifest import ShardManifest
 from cluster.storage import S3Access, split_s3_url
 from cluster.tracking import MAX_TAG_VALUE_LENGTH, RunRef
-from cluster.train.checkpoint import CHECKPOINT_PREFIX, WEIGHTS_FILE, Progress
+from cluster.train.checkpoint import CHECKPOINT_PREFIX, Progress
 from cluster.train.config import DeepSpeedStrategy
 from cluster.train.distill import teacher_url
-from cluster.train.models import build_model
 from cluster.train.strategy import deepspeed_config
 from jobs.resolve import ResolvedJob
 from jobs.spec import JobSpec, dump_spec
@@ -259,7 +258,7 @@ def log_final_model(run: RunRef, spec: JobSpec, *, checkpoint: str, history: lis
     import torch
     from mlflow.models import infer_signature
 
-    model = _final_model(spec, checkpoint, s3)
+    model = _final_model(checkpoint, spec.model.num_classes, s3=s3, tracking_uri=run.tracking_uri)
     example = _input_example(spec)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
@@ -275,19 +274,18 @@ def log_final_model(run: RunRef, spec: JobSpec, *, checkpoint: str, history: lis
     client.set_tag(run.run_id, MODEL_TAG, checkpoint)
 
 
-def _final_model(spec: JobSpec, checkpoint: str, s3: S3Access):
-    import safetensors.torch
+def _final_model(checkpoint: str, num_classes: int, *, s3: S3Access, tracking_uri: str):
+    """The model at an epoch-end checkpoint, loaded as every later stage loads one (`fetch_model`)."""
+    import torch
 
-    bucket, key = split_s3_url(f"{checkpoint.rstrip('/')}/{WEIGHTS_FILE}")
+    from cluster.train.distill import load_pinned
+    from jobs.model_source import ModelRef, fetch_model
+
     with tempfile.TemporaryDirectory(prefix="compound-model-") as directory:
-        local = Path(directory) / WEIGHTS_FILE
-        s3.client().download_file(bucket, key, str(local))
-        state = safetensors.torch.load_file(local)
-    plain = spec.model.model_copy(update={"pretrained": None, "activation_checkpointing": False,
-                                          "freeze_through_stage": None})
-    model = build_model(plain)
-    model.load_state_dict(state)
-    return model.eval()
+        pinned, _ = fetch_model(ModelRef(checkpoint), num_classes, s3=s3, tracking_uri=tracking_uri,
+                                out=Path(directory))
+        model, _ = load_pinned(pinned, torch.device("cpu"))
+    return model
 
 
 def _input_example(spec: JobSpec):
