@@ -78,6 +78,7 @@ SHARDS_PREFIX = "s3://shards/digits/"  # where the smoke spec's manifest lives
 VAL_FRACTION = 0.2  # `compound data shards`' default, as in the demo
 SPLIT_SEED = 0
 RUNS = ("ours", "plain", "plain-cl")
+STRIDE_WARNING = "Grad strides do not match bucket view strides"
 BARS = {"plain": 1.2, "plain-cl": 1.0}  # ours / plain must reach these
 LABELS = {"ours": "ours (compound job run)", "plain": "plain torchrun, default format",
           "plain-cl": "plain torchrun, channels_last"}
@@ -167,6 +168,7 @@ class RunResult:
     samples_per_epoch: int
     seconds: float  # wall time of the whole command, start-up and evaluation included
     foreign_cores: float = 0.0  # CPU everything else used meanwhile (ForeignLoad)
+    stride_warnings: int = 0  # workers that logged DDP's "Grad strides do not match bucket view strides"
 
     @property
     def images_per_s(self) -> float:
@@ -279,7 +281,8 @@ def run_ours(spec_path: Path, *, home: Path, run_dir: Path, foreign: ForeignLoad
     epochs = outcome["epochs"]
     return RunResult(epoch_images_per_s=tuple(e["train_images_per_s"] for e in epochs),
                      steps_per_epoch=max(e["step"] for e in epochs),
-                     samples_per_epoch=epochs[-1]["train_samples_epoch"], seconds=seconds)
+                     samples_per_epoch=epochs[-1]["train_samples_epoch"], seconds=seconds,
+                     stride_warnings=text.count(STRIDE_WARNING))
 
 
 def plain_arguments(spec: JobSpec) -> list[str]:
@@ -338,7 +341,8 @@ def print_summary(results: dict[str, list[RunResult]]) -> None:
               f"{runs[-1].steps_per_epoch:>10}{runs[-1].samples_per_epoch:>12}"
               f"{statistics.median(r.seconds for r in runs):>8.0f}"
               f"{statistics.median(r.foreign_cores for r in runs):>8.2f}")
-    print()
+    print(f"\nours' workers that warned 'Grad strides do not match bucket view strides' (a weight whose gradient "
+          f"comes back laid out otherwise, copied into DDP's bucket): {sum(r.stride_warnings for r in ours)}")
     for name, bar in BARS.items():
         ratios = sorted(o.images_per_s / p.images_per_s for o, p in zip(ours, results[name], strict=True))
         ratio = statistics.median(ratios)
