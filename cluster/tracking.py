@@ -66,7 +66,18 @@ class RunRef:
 
     @property
     def url(self) -> str:
-        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return self.page()
+
+    def page(self, tab: str = "") -> str:
+        """The run's page in the MLflow UI (a tab of it, e.g. "model-metrics"), in the model-training view."""
+        return ui_url(self.tracking_uri, f"experiments/{self.experiment_id}/runs/{self.run_id}/{tab}".rstrip("/"))
+
+
+def ui_url(tracking_uri: str, path: str) -> str:
+    """A page of the MLflow UI, opened in its model-training view. MLflow 3's UI opens every page in its GenAI
+    view (traces, prompts, judges) unless the browser chose otherwise before, and then the experiment's
+    `mlflow.experimentKind` tag is not consulted: only the link's `workflowType` says which view to open."""
+    return f"{tracking_uri.rstrip('/')}/#/{path}?workflowType=machine_learning"
 
 
 @dataclass(frozen=True)

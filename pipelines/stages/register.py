@@ -93,6 +93,6 @@ def describe_version(figures: dict[str, dict[str, float]], metrics: dict[str, fl
                          f"{'-' if agreement is None else f'{agreement:.1%}'} | {values['latency_ms']:.2f} | "
                          f"{values['size_mb']:.1f} |")
         lines.append("")
-    lines.append(f"int8 ({recipe}) against fp32: {signed_points(metrics['int8_change_points'])} of top-1; "
-                 f"always answering the most common class would score {metrics['majority_top1']:.1%}.")
+    lines.append(f"Top-1 of int8 ({recipe}) against fp32: {signed_points(metrics['int8_change_points'])}. "
+                 f"Always answering the most common class would score {metrics['majority_top1']:.1%}.")
     return "\n".join(lines)

@@ -69,6 +69,7 @@ def test_the_tiny_pipeline_resumes_at_its_failed_stage_and_promotes_a_champion(
     code, output = _invoke("pipeline", "status", "digits-tiny", "--json", *home)
     (failed,) = _json(output)
     assert failed["status"] == "FAILED"
+    assert failed["url"].endswith(f"/runs/{failed['run_id']}?workflowType=machine_learning")  # MLflow's training view
     assert [(stage, record["status"]) for stage, record in failed["stages"].items()] == [
         ("teacher", "finished"), ("student", "finished"), ("int8", "finished"), ("evaluate", "failed"),
         ("register", "pending"), ("promote", "pending")]

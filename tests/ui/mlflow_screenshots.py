@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cluster.tracking import ui_url
 from infra.settings import load_settings
 from jobs.tracking import find_run
 
@@ -51,13 +52,13 @@ def main() -> None:
     set_tracking_uri(settings.mlflow_tracking_uri)
     models = search_logged_models(experiment_ids=[run.experiment_id], output_format="list",
                                   filter_string=f"source_run_id = '{run.run_id}'")
-    base = f"{settings.mlflow_tracking_uri.rstrip('/')}/#/experiments/{run.experiment_id}"
     pages = {
         "run": run.url,
-        "metrics": f"{run.url}/model-metrics",
-        "system-metrics": f"{run.url}/system-metrics",
-        "plots": f"{run.url}/artifacts/plots/training_curves.png",
-        **({"model": f"{base}/models/{models[0].model_id}"} if models else {}),
+        "metrics": run.page("model-metrics"),
+        "system-metrics": run.page("system-metrics"),
+        "plots": run.page("artifacts/plots/training_curves.png"),
+        **({"model": ui_url(settings.mlflow_tracking_uri, f"experiments/{run.experiment_id}/models/"
+                                                          f"{models[0].model_id}")} if models else {}),
     }
     MlflowClient(settings.mlflow_tracking_uri).get_run(run.run_id)  # fail here, not in Chromium, if it is gone
     args.out.mkdir(parents=True, exist_ok=True)

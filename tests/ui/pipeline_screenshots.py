@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mlflow_screenshots import screenshot
 
+from cluster.tracking import ui_url
 from infra.settings import load_settings
 from pipelines.status import pipeline_runs
 
@@ -38,13 +39,14 @@ def main() -> None:
     if not versions:
         sys.exit(f"no registered model {model} at {settings.mlflow_tracking_uri}")
     latest = max(int(v.version) for v in versions)
-    root = settings.mlflow_tracking_uri.rstrip("/")
-    experiment = runs[0]["url"].split("/runs/")[0]
+    root, experiment = settings.mlflow_tracking_uri, client.get_run(runs[0]["run_id"]).info.experiment_id
     pages = {
-        "pipeline-runs": f"{experiment}/runs",  # the runs table: the pipeline run, its stages nested under it
+        # the runs table: the pipeline run, its stages nested under it
+        "pipeline-runs": ui_url(root, f"experiments/{experiment}/runs"),
         "pipeline-run": runs[0]["url"],
-        "registered-model": f"{root}/#/models/{model}",
-        "model-version": f"{root}/#/models/{model}/versions/{latest}",
+        "pipeline-metrics": runs[0]["url"].replace("?", "/model-metrics?"),
+        "registered-model": ui_url(root, f"models/{model}"),
+        "model-version": ui_url(root, f"models/{model}/versions/{latest}"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     for name, url in pages.items():
