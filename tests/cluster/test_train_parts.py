@@ -65,9 +65,10 @@ def test_padding_and_bad_samples_add_nothing_to_the_loss() -> None:
 
 
 def test_soft_labels_from_mixup_train_too() -> None:
-    soft = torch.softmax(torch.randn(3, 5), dim=1)
-    loss = weighted_loss(torch.randn(3, 5), _batch(torch.zeros(3), soft, torch.ones(3)), label_smoothing=0.0)
-    assert loss.item() > 0
+    soft, logits = torch.softmax(torch.randn(3, 5), dim=1), torch.randn(3, 5)
+    loss = weighted_loss(logits, _batch(torch.zeros(3), soft, torch.ones(3)), label_smoothing=0.0)
+    expected = -(soft * torch.log_softmax(logits, dim=1)).sum() / 3  # cross-entropy against the soft targets
+    assert loss.item() == pytest.approx(expected.item())
 
 
 def test_accumulated_micro_steps_give_the_full_batch_gradient() -> None:

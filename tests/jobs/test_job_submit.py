@@ -239,7 +239,7 @@ def test_submit_refuses_what_can_never_run_and_stop_ends_a_submission(
     result = CliRunner().invoke(cli, ["job", "submit", str(fine), "--dry-run", "--home", str(stack.home)])
     assert result.exit_code == 0 and "nothing was submitted" in result.output, result.output
     listed = CliRunner().invoke(cli, ["job", "list", "--json", "--home", str(stack.home)])
-    assert spec["name"] not in listed.output
+    assert listed.exit_code == 0 and all(s["job"] != spec["name"] for s in json.loads(listed.output)), listed.output
 
     job = submit(fine, stack, settings)
     stopped = CliRunner().invoke(cli, ["job", "stop", spec["name"], "--home", str(stack.home)])
