@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -88,11 +89,36 @@ def running() -> Iterator[list]:
         instance.shutdown(wait=True)
 
 
-def _start(store: str, running: list):
+def _start(store: str, running: list, *, paused: bool = False):
     instance = scheduler.make_scheduler(store)
-    instance.start()
+    instance.start(paused=paused)
     running.append(instance)
     return instance
+
+
+def _submitted_in_next_pass(instance, clock: Clock) -> list[str]:
+    """The schedules the scheduler submits the next time it goes through what is due (it is resumed if
+    paused). A probe job due now, in a store of its own that the scheduler looks at after the schedules'
+    store, marks the end of that pass: what is waited on is the pass itself, not a guess of its length."""
+    from apscheduler.events import EVENT_JOB_SUBMITTED
+    from apscheduler.jobstores.memory import MemoryJobStore
+
+    submitted, done, probe = [], threading.Event(), f"probe-{uuid.uuid4().hex[:6]}"
+
+    def listen(event) -> None:
+        if event.jobstore != probe:
+            submitted.append(event.job_id)
+
+    instance.add_listener(listen, EVENT_JOB_SUBMITTED)
+    instance.add_jobstore(MemoryJobStore(), probe)
+    instance.add_job(done.set, "date", run_date=clock.now, jobstore=probe)
+    instance.resume()
+    try:
+        assert done.wait(WAIT_S), "the scheduler did not go through its jobs"
+    finally:
+        instance.remove_listener(listen)
+        instance.remove_jobstore(probe)
+    return submitted
 
 
 def _add(stack: Stack, pipeline: Path, *options: str) -> str:
@@ -109,6 +135,21 @@ def _rows(store: str, name: str, count: int, *, within_s: float = WAIT_S) -> lis
         if len(rows) >= count or time.monotonic() > deadline:
             return rows
         time.sleep(0.5)
+
+
+def _polled(store: str, name: str, *, times: int) -> None:
+    """Wait until the service has polled a new-data schedule `times` more times (each poll moves its next run)."""
+
+    def next_run() -> datetime.datetime | None:
+        return next(s.next_run for s in scheduler.list_schedules(store) if s.name == name)
+
+    runs = [next_run()]
+    deadline = time.monotonic() + WAIT_S
+    while len(runs) <= times:
+        assert time.monotonic() < deadline, f"the service did not poll {name} {times} times"
+        if (current := next_run()) != runs[-1]:
+            runs.append(current)
+        time.sleep(0.2)
 
 
 def _wait_ended(settings: Settings, submission_id: str) -> str:
@@ -132,18 +173,18 @@ def test_missed_runs_collapse_into_one_and_a_restart_neither_loses_nor_doubles_o
     (fired,) = _rows(store, name, 1)
     assert fired["action"] == "submitted" and fired["data"] == "s3://shards/digits/manifest.json"
     assert _wait_ended(settings, fired["submission_id"]) == "SUCCEEDED"
-    time.sleep(2.0)
-    assert len(_rows(store, name, 2, within_s=0)) == 1  # one catch-up run, not five
+    assert _submitted_in_next_pass(instance, clock) == []  # nothing more is due: one catch-up run, not five
+    assert len(_rows(store, name, 2, within_s=0)) == 1
     assert scheduler.list_schedules(store)[0].next_run == datetime.datetime(2026, 11, 24, 10, 6, tzinfo=datetime.UTC)
 
     instance.shutdown(wait=True)  # a restart at the same moment: nothing is due again
     running.remove(instance)
-    instance = _start(store, running)
-    time.sleep(2.0)
+    instance = _start(store, running, paused=True)
+    assert _submitted_in_next_pass(instance, clock) == []  # its first pass
     assert len(_rows(store, name, 2, within_s=0)) == 1
 
     clock.advance(minutes=1)  # 10:06:30 — the next firing is neither lost nor doubled
-    instance.wakeup()
+    assert _submitted_in_next_pass(instance, clock) == [name]  # (the probe sees a submission when there is one)
     rows = _rows(store, name, 2)
     assert [r["action"] for r in rows] == ["submitted", "submitted"]
     assert _wait_ended(settings, rows[1]["submission_id"]) == "SUCCEEDED"
@@ -188,7 +229,7 @@ def test_the_service_runs_a_pipeline_on_a_new_manifest_and_the_cli_manages_sched
     name = _add(stack, pipeline_file, "--on-new-data", prefix, "--poll", "2")
     seen = scheduler.history(store, name)
     assert [(r["action"], r["data"]) for r in seen] == [("seen", f"{prefix}2026-11-01/manifest.json")]
-    time.sleep(8.0)  # the service looks at the store and the prefix: nothing new, nothing runs
+    _polled(store, name, times=2)  # the service looked at the prefix twice: nothing new, nothing runs
     assert _rows(store, name, 1, within_s=0) == []
 
     settings.s3_client().put_object(Bucket=bucket, Key=f"{key}2026-11-24/manifest.json", Body=manifest)
