@@ -99,19 +99,23 @@ def _start(store: str, running: list, *, paused: bool = False):
 def _submitted_in_next_pass(instance, clock: Clock) -> list[str]:
     """The schedules the scheduler submits the next time it goes through what is due (it is resumed if
     paused). A probe job due now, in a store of its own that the scheduler looks at after the schedules'
-    store, marks the end of that pass: what is waited on is the pass itself, not a guess of its length."""
+    store, marks the end of that pass: what is waited on is the pass itself, not a guess of its length.
+    The probe's own submission event is the mark, not its run: a pass sends its events after submitting
+    every due job, so the probe may have run before the schedules' events are out."""
     from apscheduler.events import EVENT_JOB_SUBMITTED
     from apscheduler.jobstores.memory import MemoryJobStore
 
     submitted, done, probe = [], threading.Event(), f"probe-{uuid.uuid4().hex[:6]}"
 
     def listen(event) -> None:
-        if event.jobstore != probe:
+        if event.jobstore == probe:
+            done.set()
+        else:
             submitted.append(event.job_id)
 
     instance.add_listener(listen, EVENT_JOB_SUBMITTED)
     instance.add_jobstore(MemoryJobStore(), probe)
-    instance.add_job(done.set, "date", run_date=clock.now, jobstore=probe)
+    instance.add_job(print, "date", run_date=clock.now, jobstore=probe, args=[f"{probe}: end of a pass"])
     instance.resume()
     try:
         assert done.wait(WAIT_S), "the scheduler did not go through its jobs"
