@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -50,15 +48,12 @@ def main() -> None:
     parser.add_argument("--student", type=Path, default=STUDENT, help="the student's job spec (with a distill section)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "tests" / "benchmarks"))
-    from bench_training import start_stack, write_digits
+    from local_stack import local_stack, write_digits
 
-    from infra.stack import Stack
     from jobs.s3 import s3_access
 
-    home = Path(tempfile.mkdtemp(prefix="cdistill", dir="/tmp"))
-    stack = Stack(home)
-    try:
-        settings = start_stack(stack)
+    with local_stack("cdistill") as (stack, settings):
+        home = stack.home
         write_digits(s3_access(settings), resolution=64, shard_mb=0.25)
         tag = uuid.uuid4().hex[:6]
         teacher_spec = yaml.safe_load(args.teacher.read_text())
@@ -89,10 +84,7 @@ def main() -> None:
         print(f"distilled − label-only: {(distilled - label_only) * 100:+.2f} points (bar: ≥ 0: "
               f"{'met' if distilled >= label_only else 'MISSED'}); distilled {distilled:.4f} (bar: ≥ "
               f"{STUDENT_FLOOR}: {'met' if distilled >= STUDENT_FLOOR else 'MISSED'})")
-    finally:
-        stack.down()
-        shutil.rmtree(stack.ray_dir, ignore_errors=True)
-        shutil.rmtree(home, ignore_errors=True)
+
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from local_stack import local_stack
 
 import effnet
 from cluster.data.loader import ShardLoader
@@ -32,7 +31,6 @@ from cluster.data.sources import DigitsSource
 from cluster.data.transforms import AugmentSpec
 from cluster.data.writer import write_shards
 from cluster.storage import S3Access, split_s3_url
-from infra.stack import Stack, StackPorts
 from jobs.s3 import s3_access
 
 
@@ -80,10 +78,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
 
-    home = Path(tempfile.mkdtemp(prefix="cbench", dir="/tmp"))
-    stack = Stack(home)
-    try:
-        settings, _ = stack.up(StackPorts.free())
+    with local_stack("cbench") as (stack, settings):
+        home = stack.home
         s3 = s3_access(settings)
         source = DigitsSource(image_size=args.resolution, val_fraction=0.2, seed=0)
         manifest = write_shards(source, "s3://shards/bench/", s3=s3, shard_bytes=int(args.shard_mb * 2**20)).manifest
@@ -107,10 +103,7 @@ def main() -> None:
         print(f"{'S3 / local':32}{ratio:>10.2f}      bar >= 0.8  {'met' if ratio >= 0.8 else 'MISSED'}")
         print(f"{'B0 training step consumes':32}{consumed:>10.0f} img/s"
               f"  -> the loader {'keeps up' if statistics.median(s3_rates) >= consumed else 'is the bottleneck'}")
-    finally:
-        stack.down()
-        shutil.rmtree(stack.ray_dir, ignore_errors=True)
-        shutil.rmtree(home, ignore_errors=True)
+
 
 
 if __name__ == "__main__":

@@ -35,28 +35,23 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # Only what train_fn needs is imported at the top: torchrun's workers import this file, and
 # importing Ray or the stack there would count against torchrun's start-up.
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from local_stack import local_stack
 from torch.nn.parallel import DistributedDataParallel
 
 import effnet
-
-if TYPE_CHECKING:
-    from infra.settings import Settings
-    from infra.stack import Stack
 
 log = logging.getLogger("bench_orchestration")
 NUM_CLASSES = 10
@@ -64,7 +59,6 @@ IMAGE_CHANNELS = 3
 BAR = 1.05
 LAUNCHERS = ("ray", "torchrun")
 LOG_TAIL_CHARS = 4000
-STACK_ATTEMPTS = 3
 
 
 def train_fn(config: dict[str, Any]) -> None:
@@ -179,20 +173,6 @@ def print_summary(results: dict[str, list[RunResult]], images_per_step: int) -> 
     print(f"{'img/s, all workers':32}{images_per_step / ray_s:>10.1f}{images_per_step / torchrun_s:>10.1f}")
 
 
-def start_stack(stack: Stack) -> Settings:
-    """Up on free ports, retried: on a shared machine another process can take a port before we bind it."""
-    from infra.stack import StackError, StackPorts
-
-    for attempt in range(1, STACK_ATTEMPTS + 1):
-        try:
-            return stack.up(StackPorts.free())[0]
-        except StackError as error:
-            if attempt == STACK_ATTEMPTS:
-                raise
-            log.warning("the stack did not start (%s); trying other ports", str(error).splitlines()[0])
-    raise AssertionError("unreachable")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="efficientnet_b0", choices=list(effnet.VARIANTS))
@@ -223,50 +203,45 @@ def main() -> None:
         log.warning("%d workers x %d threads oversubscribe %d cores", args.workers, args.threads, cores)
 
     from infra.settings import RAY_CLIENT_ENV
-    from infra.stack import Stack
 
     os.environ.update(RAY_CLIENT_ENV)  # before Ray is imported: it reads these at import and init
     import ray
     import ray.train.torch  # here, so that the first round does not pay for it
 
-    home = Path(tempfile.mkdtemp(prefix="cbench", dir="/tmp"))
-    stack = Stack(home)
-    try:
-        settings = start_stack(stack)
-        # The same OpenMP pool on both sides (Ray's default would follow the worker's CPUs).
-        ray.init(address=settings.ray_address, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
-        print(f"{args.model} DDP (gloo), {args.workers} workers x {args.threads} thread(s), {args.resolution}px, "
-              f"batch {args.batch} per worker, synthetic tensors, {args.warmup} warm-up + {args.steps} timed steps, "
-              f"{args.rounds} interleaved rounds; torch {torch.__version__}, ray {ray.__version__}; "
-              f"load average {os.getloadavg()[0]:.1f} on {cores} cores")
+    with local_stack("cbench") as (stack, settings):
+        home = stack.home
+        try:
+            # The same OpenMP pool on both sides (Ray's default would follow the worker's CPUs).
+            ray.init(address=settings.ray_address, log_to_driver=False,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
+            print(f"{args.model} DDP (gloo), {args.workers} workers x {args.threads} thread(s), {args.resolution}px, "
+                  f"batch {args.batch} per worker, synthetic tensors, {args.warmup} warm-up + {args.steps} timed steps, "
+                  f"{args.rounds} interleaved rounds; torch {torch.__version__}, ray {ray.__version__}; "
+                  f"load average {os.getloadavg()[0]:.1f} on {cores} cores")
 
-        base = {"model": args.model, "resolution": args.resolution, "batch": args.batch, "threads": args.threads,
-                "warmup": args.warmup, "steps": args.steps}
-        results: dict[str, list[RunResult]] = {name: [] for name in LAUNCHERS}
-        for round_index in range(args.rounds):
-            for name in LAUNCHERS if round_index % 2 == 0 else reversed(LAUNCHERS):
-                run_dir = home / "runs" / f"{name}-{round_index}"
-                run_dir.mkdir(parents=True)
-                config = {**base, "result_path": str(run_dir / "result.json")}
-                if name == "ray":
-                    launched_at, returned_at = run_ray(config, workers=args.workers, storage=home / "ray-storage",
-                                                       name=run_dir.name)
-                else:
-                    launched_at, returned_at = run_torchrun(config, workers=args.workers, run_dir=run_dir)
-                result = RunResult.read(Path(config["result_path"]), launched_at=launched_at, returned_at=returned_at)
-                results[name].append(result)
-                log.info("round %d %-9s step %6.1f ms (CPU %6.1f ms)  start-up %5.1f s  end-to-end %5.1f s  "
-                         "(world %d, %d thread(s), OMP_NUM_THREADS=%s, nice %d, load %.1f)",
-                         round_index + 1, name, result.step_s * 1e3, result.step_cpu_s * 1e3, result.startup_s,
-                         result.total_s, *result.setup, result.nice, os.getloadavg()[0])
-                time.sleep(args.settle)  # Ray ends its worker processes after fit() returns
-        print_summary(results, images_per_step=args.batch * args.workers)
-    finally:
-        ray.shutdown()
-        stack.down()
-        shutil.rmtree(stack.ray_dir, ignore_errors=True)
-        shutil.rmtree(home, ignore_errors=True)
+            base = {"model": args.model, "resolution": args.resolution, "batch": args.batch, "threads": args.threads,
+                    "warmup": args.warmup, "steps": args.steps}
+            results: dict[str, list[RunResult]] = {name: [] for name in LAUNCHERS}
+            for round_index in range(args.rounds):
+                for name in LAUNCHERS if round_index % 2 == 0 else reversed(LAUNCHERS):
+                    run_dir = home / "runs" / f"{name}-{round_index}"
+                    run_dir.mkdir(parents=True)
+                    config = {**base, "result_path": str(run_dir / "result.json")}
+                    if name == "ray":
+                        launched_at, returned_at = run_ray(config, workers=args.workers, storage=home / "ray-storage",
+                                                           name=run_dir.name)
+                    else:
+                        launched_at, returned_at = run_torchrun(config, workers=args.workers, run_dir=run_dir)
+                    result = RunResult.read(Path(config["result_path"]), launched_at=launched_at, returned_at=returned_at)
+                    results[name].append(result)
+                    log.info("round %d %-9s step %6.1f ms (CPU %6.1f ms)  start-up %5.1f s  end-to-end %5.1f s  "
+                             "(world %d, %d thread(s), OMP_NUM_THREADS=%s, nice %d, load %.1f)",
+                             round_index + 1, name, result.step_s * 1e3, result.step_cpu_s * 1e3, result.startup_s,
+                             result.total_s, *result.setup, result.nice, os.getloadavg()[0])
+                    time.sleep(args.settle)  # Ray ends its worker processes after fit() returns
+            print_summary(results, images_per_step=args.batch * args.workers)
+        finally:
+            ray.shutdown()
 
 
 if __name__ == "__main__":

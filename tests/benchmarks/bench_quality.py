@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -99,15 +97,12 @@ def main() -> None:
     parser.add_argument("--b7-seeds", type=int, nargs="*", default=[0], help="none: skip B7")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "tests" / "benchmarks"))
-    from bench_training import export_image_folder, start_stack, write_digits
+    from local_stack import export_image_folder, local_stack, write_digits
 
-    from infra.stack import Stack
     from jobs.s3 import s3_access
 
-    home = Path(tempfile.mkdtemp(prefix="cquality", dir="/tmp"))
-    stack = Stack(home)
-    try:
-        settings = start_stack(stack)
+    with local_stack("cquality") as (stack, settings):
+        home = stack.home
         s3 = s3_access(settings)
         manifest = write_digits(s3, resolution=64, shard_mb=0.25)
         images = {split: home / f"images-{split}" for split in ("train", "val")}
@@ -132,10 +127,7 @@ def main() -> None:
               f"{manifest.split('val').samples} images)")
         for summary in summaries:
             summarise(*summary)
-    finally:
-        stack.down()
-        shutil.rmtree(stack.ray_dir, ignore_errors=True)
-        shutil.rmtree(home, ignore_errors=True)
+
 
 
 if __name__ == "__main__":

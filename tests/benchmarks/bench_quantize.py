@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +29,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "tests" / "benchmarks"))
     import torch
     import torch.nn.functional as F
-    from bench_training import start_stack, write_digits
+    from local_stack import local_stack, write_digits
 
     import effnet
     from cluster.data.loader import ShardLoader
@@ -40,17 +38,14 @@ def main() -> None:
     from cluster.quantize import RECIPES, QuantizationError, quantize
     from effnet.export import export_onnx
     from effnet.weights import save_checkpoint
-    from infra.stack import Stack
     from jobs.model_source import ModelRef
     from jobs.quantize import FP32_FILE, INT8_FILE, quantize_model
     from jobs.s3 import s3_access
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(THREADS)
-    home = Path(tempfile.mkdtemp(prefix="cquant", dir="/tmp"))
-    stack = Stack(home)
-    try:
-        settings = start_stack(stack)
+    with local_stack("cquant") as (stack, settings):
+        home = stack.home
         s3 = s3_access(settings)
         digits = write_digits(s3, resolution=64, shard_mb=0.25)
         torch.manual_seed(0)
@@ -103,10 +98,7 @@ def main() -> None:
                 continue
             evaluation, _ = evaluate(path, validation, num_classes=10, threads=THREADS)
             _print_ratios(recipe.name, fp32, evaluation)
-    finally:
-        stack.down()
-        shutil.rmtree(stack.ray_dir, ignore_errors=True)
-        shutil.rmtree(home, ignore_errors=True)
+
 
 
 def _print_interleaved(fp32: Path, int8: Path, *, images, rounds: int = ROUNDS) -> None:

@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -48,15 +46,12 @@ def main() -> None:
     parser.add_argument("--keep-stack", action="store_true", help="leave the stack running")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "tests" / "benchmarks"))
-    from bench_training import start_stack, write_digits
+    from local_stack import local_stack, write_digits
 
-    from infra.stack import Stack
     from jobs.s3 import s3_access
 
-    home = Path(tempfile.mkdtemp(prefix="csweep", dir="/tmp"))
-    stack = Stack(home)
-    try:
-        settings = start_stack(stack)
+    with local_stack("csweep", keep=args.keep_stack) as (stack, settings):
+        home = stack.home
         write_digits(s3_access(settings), resolution=64, shard_mb=0.25)
         sweep = yaml.safe_load(SWEEP_SPEC.read_text())
         sweep["name"] = f"bench-sweep-{uuid.uuid4().hex[:6]}"
@@ -83,13 +78,7 @@ def main() -> None:
             plain_s += seconds
         print(f"\n{'4-trial sweep (ASHA)':40}{sweep_s:>8.1f} s\n{'the same 4 trials one after another':40}"
               f"{plain_s:>8.1f} s\n{'ratio sweep / one after another':40}{sweep_s / plain_s:>8.2f}")
-    finally:
-        if args.keep_stack:
-            print(f"the stack is still running in {home}: `compound down --home {home}`")
-        else:
-            stack.down()
-            shutil.rmtree(stack.ray_dir, ignore_errors=True)
-            shutil.rmtree(home, ignore_errors=True)
+
 
 
 if __name__ == "__main__":

@@ -46,12 +46,10 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -61,12 +59,9 @@ from typing import TYPE_CHECKING, Any, Self
 
 import psutil
 import yaml
+from local_stack import export_image_folder, local_stack, write_digits
 
 if TYPE_CHECKING:
-    from cluster.data.manifest import ShardManifest
-    from cluster.storage import S3Access
-    from infra.settings import Settings
-    from infra.stack import Stack
     from jobs.spec import JobSpec
 
 log = logging.getLogger("bench_training")
@@ -74,9 +69,6 @@ log = logging.getLogger("bench_training")
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_SPEC = REPO / "jobs" / "examples" / "b0-cpu-smoke.yaml"
 PLAIN_SCRIPT = Path(__file__).resolve().with_name("plain_ddp_b0.py")
-SHARDS_PREFIX = "s3://shards/digits/"  # where the smoke spec's manifest lives
-VAL_FRACTION = 0.2  # `compound data shards`' default, as in the demo
-SPLIT_SEED = 0
 RUNS = ("ours", "plain", "plain-cl")
 STRIDE_WARNING = "Grad strides do not match bucket view strides"
 BARS = {"plain": 1.2, "plain-cl": 1.0}  # ours / plain must reach these
@@ -86,7 +78,6 @@ LOG_TAIL_CHARS = 4000
 QUIET_CORES = 0.5  # CPU use by everything else below which a run may start
 QUIET_SAMPLE_S = 5.0
 FOREIGN_SAMPLE_S = 1.0
-STACK_ATTEMPTS = 3
 
 
 class ForeignLoad:
@@ -176,20 +167,6 @@ class RunResult:
         return statistics.median(self.epoch_images_per_s[1:])
 
 
-def start_stack(stack: Stack) -> Settings:
-    """Up on free ports, retried: on a shared machine another process can take a port before we bind it."""
-    from infra.stack import StackError, StackPorts
-
-    for attempt in range(1, STACK_ATTEMPTS + 1):
-        try:
-            return stack.up(StackPorts.free())[0]
-        except StackError as error:
-            if attempt == STACK_ATTEMPTS:
-                raise
-            log.warning("the stack did not start (%s); trying other ports", str(error).splitlines()[0])
-    raise AssertionError("unreachable")
-
-
 def wait_for_quiet(max_wait_s: float) -> float:
     """Wait until the machine's CPU use (cores busy, over QUIET_SAMPLE_S) is below QUIET_CORES, or
     `max_wait_s` has passed; returns the last measured use. On a shared machine another person's
@@ -199,41 +176,6 @@ def wait_for_quiet(max_wait_s: float) -> float:
         busy = psutil.cpu_percent(interval=QUIET_SAMPLE_S) / 100 * (os.cpu_count() or 1)
         if busy <= QUIET_CORES or time.monotonic() >= deadline:
             return busy
-
-
-def write_digits(s3: S3Access, *, resolution: int, shard_mb: float) -> ShardManifest:
-    """The demo's dataset: scikit-learn's digits as shards under SHARDS_PREFIX."""
-    from cluster.data.sources import DigitsSource
-    from cluster.data.writer import write_shards
-
-    source = DigitsSource(image_size=resolution, val_fraction=VAL_FRACTION, seed=SPLIT_SEED)
-    return write_shards(source, SHARDS_PREFIX, s3=s3, shard_bytes=int(shard_mb * 2**20)).manifest
-
-
-def export_image_folder(manifest: ShardManifest, s3: S3Access, directory: Path, *, split: str = "train") -> int:
-    """The split's images as `directory/<class>/<key>.<ext>`, for ImageFolder; returns how many."""
-    from cluster.data.samples import image_of, tar_samples
-    from cluster.storage import split_s3_url
-
-    client = s3.client()
-    tars = directory.parent / f"{directory.name}-tars"
-    tars.mkdir(parents=True)
-    count = 0
-    for shard in manifest.split(split).shards:
-        bucket, key = split_s3_url(shard.url)
-        tar = tars / Path(key).name
-        client.download_file(bucket, key, str(tar))
-        with tar.open("rb") as stream:
-            for raw in tar_samples(stream, shard.url):
-                image = image_of(raw)
-                if image is None or "cls" not in raw:
-                    continue
-                folder = directory / manifest.classes[int(raw["cls"])]
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / f"{raw['__key__']}.{image[0]}").write_bytes(image[1])
-                count += 1
-    shutil.rmtree(tars)
-    return count
 
 
 def bench_spec(epochs: int, name: str) -> dict[str, Any]:
@@ -369,15 +311,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     from cluster.train.trainer import threads_per_worker
-    from infra.stack import Stack
     from jobs.s3 import s3_access
     from jobs.spec import load_job_spec
 
-    home = Path(tempfile.mkdtemp(prefix="cbench", dir="/tmp"))
-    stack = Stack(home)
-    try:
-        log.info("starting a local stack in %s", home)
-        settings = start_stack(stack)
+    with local_stack("cbench", keep=args.keep_stack) as (stack, settings):
+        home = stack.home
         s3 = s3_access(settings)
         base = bench_spec(args.epochs, "bench-training")
         resolution = base["model"]["resolution"]
@@ -430,14 +368,7 @@ def main() -> None:
                          result.seconds, setup, busy, result.foreign_cores)
                 time.sleep(args.settle)
         print_summary(results)
-    finally:
-        if args.keep_stack:
-            print(f"\nthe stack is still running in {home}: stop it with "
-                  f"`compound down --home {home}`, then remove the folder")
-        else:
-            stack.down()
-            shutil.rmtree(stack.ray_dir, ignore_errors=True)
-            shutil.rmtree(home, ignore_errors=True)
+
 
 
 if __name__ == "__main__":
