@@ -24,6 +24,11 @@ def home_option(function):
     )(function)
 
 
+def _named(error: Exception, names: tuple[str, ...]) -> bool:
+    """Whether the error is of a class named "module.Class" (subclasses included)."""
+    return any(f"{kind.__module__}.{kind.__qualname__}" in names for kind in type(error).__mro__)
+
+
 def exits_cleanly_on(*errors: str):
     """The exceptions named ("module.Class", subclasses included) end the command with their message and
     exit 1, not a traceback. Named, not imported: a command's heavy modules load only when it runs."""
@@ -34,7 +39,7 @@ def exits_cleanly_on(*errors: str):
             try:
                 return function(*args, **kwargs)
             except Exception as error:
-                if not any(f"{kind.__module__}.{kind.__qualname__}" in errors for kind in type(error).__mro__):
+                if not _named(error, errors):
                     raise
                 raise click.ClickException(str(error)) from None
         return wrapper
@@ -42,6 +47,24 @@ def exits_cleanly_on(*errors: str):
 
 
 submission_errors = exits_cleanly_on("jobs.submit.SubmissionError")
+# What a driver (`job|sweep|pipeline run`) ends with when the job, the cluster or the services fail.
+driver_errors = exits_cleanly_on(
+    "infra.settings.ConfigError", "jobs.driver.JobFailedError", "jobs.driver.ClusterUnreachableError",
+    "jobs.tracking.TrackingUnavailableError", "jobs.sweep.SweepFailedError", "pipelines.runner.StageFailedError")
+
+
+def spec_errors(function):
+    """A spec's problems (`jobs.spec.SpecError`) end the command with exit 2: nothing was started."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            if not _named(error, ("jobs.spec.SpecError",)):
+                raise
+            fail_on_spec_error(error)
+    return wrapper
 
 
 def spec_argument(function):
@@ -82,10 +105,30 @@ def jobs_client(settings, address: str | None):
     return JobsClient(address or settings.ray_dashboard_url)
 
 
-def spec_text_from_s3(spec_ref: str, settings) -> str:
+def read_spec(spec_ref: str, home: Path | None, *, from_file, from_text):
+    """The spec a driver runs — a file, or an s3:// URI where `submit` put it — and the stack's settings.
+    A file is checked before the settings are read: a bad one fails the same with no stack."""
     from jobs.submit import read_spec_text
 
-    return read_spec_text(spec_ref, settings)
+    spec = None if spec_ref.startswith("s3://") else from_file(Path(spec_ref))
+    settings = settings_of(home)
+    return spec or from_text(read_spec_text(spec_ref, settings), spec_ref), settings
+
+
+def print_dry_run(what: str, plan, client) -> None:
+    console.print(f"[green]ok:[/green] {what} {plan.spec.name} can be submitted to {client.address}; nothing was "
+                  f"submitted (--dry-run)\nentrypoint: {plan.entrypoint}", highlight=False, soft_wrap=True)
+
+
+def submit_and_print(what: str, plan, settings, client, *, follow: bool) -> None:
+    """Submit the plan and print its id and dashboard link; with `follow`, its log until it ends."""
+    from jobs.submit import submit
+
+    submit(plan, settings, client)
+    console.print(f"submitted {what} {plan.spec.name} as [bold]{plan.submission_id}[/bold]\n"
+                  f"Ray dashboard: {client.dashboard_url(plan.submission_id)}", highlight=False, soft_wrap=True)
+    if follow:
+        follow_submission(settings, client, plan.submission_id)
 
 
 def run_of(settings, submission):

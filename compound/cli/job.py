@@ -12,17 +12,20 @@ from rich.table import Table
 from compound.cli.common import (
     address_option,
     console,
-    fail_on_spec_error,
+    driver_errors,
     follow_submission,
     home_option,
     jobs_client,
     json_option,
     local_time,
+    print_dry_run,
+    read_spec,
     run_of,
     settings_of,
     spec_argument,
-    spec_text_from_s3,
+    spec_errors,
     submission_errors,
+    submit_and_print,
     wait_for_run,
 )
 
@@ -47,20 +50,15 @@ def job() -> None:
 @spec_argument
 @click.option("--offline", is_flag=True, help="Check the spec alone, not its datasets and storage on S3.")
 @home_option
+@spec_errors
 def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
     """Print SPEC resolved, with every default; or what is wrong with it (exit 2)."""
-    from infra.settings import ConfigError, load_settings
     from jobs.driver import prepare_job
-    from jobs.spec import SpecError, dump_spec, load_job_spec
+    from jobs.spec import dump_spec, load_job_spec
 
-    try:
-        spec = load_job_spec(spec_path)
-        if not offline:
-            spec = prepare_job(spec, load_settings(home), source=str(spec_path)).spec
-    except SpecError as error:
-        fail_on_spec_error(error)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
+    spec = load_job_spec(spec_path)
+    if not offline:
+        spec = prepare_job(spec, settings_of(home), source=str(spec_path)).spec
     console.print(dump_spec(spec), highlight=False, markup=False, end="")
 
 
@@ -69,29 +67,19 @@ def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (for scripts).")
 @click.option("--submission-id", default=None, hidden=True, help="The Ray submission running this driver.")
 @home_option
+@spec_errors
+@driver_errors
 def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | None) -> None:
     """Run SPEC (a file, or an s3:// URI) on the configured Ray cluster and wait for it: the driver a
     submitted job runs.
 
     Run again after an interruption, the same job resumes from its latest checkpoint, in the same MLflow run.
     """
-    from infra.settings import ConfigError, load_settings
-    from jobs.driver import ClusterUnreachableError, JobFailedError, run_job
-    from jobs.spec import SpecError, load_job_spec
-    from jobs.tracking import TrackingUnavailableError
+    from jobs.driver import run_job
+    from jobs.spec import load_job_spec, load_job_spec_text
 
-    try:
-        # A spec file is checked before anything else is read: a bad one fails the same with no stack.
-        spec = None if spec_ref.startswith("s3://") else load_job_spec(Path(spec_ref))
-        settings = load_settings(home)
-        spec = spec or _spec_from_s3(spec_ref, settings)
-        outcome = run_job(spec, settings, source=spec_ref, submission_id=submission_id)
-    except SpecError as error:
-        fail_on_spec_error(error)
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
-    except (JobFailedError, ClusterUnreachableError, TrackingUnavailableError) as error:
-        raise click.ClickException(str(error)) from None
+    spec, settings = read_spec(spec_ref, home, from_file=load_job_spec, from_text=load_job_spec_text)
+    outcome = run_job(spec, settings, source=spec_ref, submission_id=submission_id)
     if as_json:
         click.echo(json.dumps({"job": outcome.spec.name, "checkpoint": outcome.checkpoint, "resumed": outcome.resumed,
                                "mlflow_run_id": outcome.run.run_id, "epochs": outcome.history}))
@@ -104,13 +92,6 @@ def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | No
                   soft_wrap=True)
 
 
-def _spec_from_s3(spec_ref: str, settings):
-    """A job spec from S3, where `submit` puts it."""
-    from jobs.spec import load_job_spec_text
-
-    return load_job_spec_text(spec_text_from_s3(spec_ref, settings), spec_ref)
-
-
 # --- submissions ------------------------------------------------------------------------------------
 
 @job.command("submit")
@@ -119,6 +100,7 @@ def _spec_from_s3(spec_ref: str, settings):
 @click.option("--dry-run", is_flag=True, help="Check everything, submit nothing.")
 @click.option("--follow", is_flag=True, help="Print the job's log until it ends; exit non-zero unless it succeeds.")
 @home_option
+@spec_errors
 @submission_errors
 def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, home: Path | None) -> None:
     """Submit SPEC to the Ray cluster as a Ray job running `compound job run`.
@@ -126,31 +108,20 @@ def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, ho
     Checks the spec, its datasets and storage, that the cluster can ever hold the job's workers, and that
     the job is not running already. Prints the submission id, the Ray dashboard link and the MLflow run link.
     """
-    from jobs.spec import SpecError
     from jobs.submit import plan_submission
-    from jobs.submit import submit as submit_plan
 
     settings = settings_of(home)
     client = jobs_client(settings, address)
-    try:
-        # The autoscaling limits are read from the configured cluster's GCS, not from another --address.
-        plan = plan_submission(spec_path, settings, client, gcs_address=None if address else settings.ray_address)
-    except SpecError as error:
-        fail_on_spec_error(error)
+    # The autoscaling limits are read from the configured cluster's GCS, not from another --address.
+    plan = plan_submission(spec_path, settings, client, gcs_address=None if address else settings.ray_address)
     if dry_run:
-        console.print(f"[green]ok:[/green] job {plan.spec.name} can be submitted to {client.address}; "
-                      f"nothing was submitted (--dry-run)\nentrypoint: {plan.entrypoint}", highlight=False,
-                      soft_wrap=True)
+        print_dry_run("job", plan, client)
         return
-    submit_plan(plan, settings, client)
-    console.print(f"submitted job {plan.spec.name} as [bold]{plan.submission_id}[/bold]\n"
-                  f"Ray dashboard: {client.dashboard_url(plan.submission_id)}", highlight=False, soft_wrap=True)
-    if follow:
-        follow_submission(settings, client, plan.submission_id)
-        return
-    run = wait_for_run(settings, client, plan.submission_id)
-    console.print(f"MLflow run: {run.url if run else 'not created yet; `compound job status` shows it once it is'}",
-                  highlight=False, soft_wrap=True)
+    submit_and_print("job", plan, settings, client, follow=follow)
+    if not follow:
+        run = wait_for_run(settings, client, plan.submission_id)
+        console.print(f"MLflow run: {run.url if run else 'not created yet; `compound job status` shows it once it is'}",
+                      highlight=False, soft_wrap=True)
 
 
 @job.command("list")

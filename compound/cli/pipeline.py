@@ -13,16 +13,17 @@ from rich.table import Table
 from compound.cli.common import (
     address_option,
     console,
-    fail_on_spec_error,
-    follow_submission,
+    driver_errors,
     home_option,
     jobs_client,
     json_option,
     local_time,
+    read_spec,
     settings_of,
     spec_argument,
-    spec_text_from_s3,
+    spec_errors,
     submission_errors,
+    submit_and_print,
 )
 
 
@@ -44,15 +45,13 @@ def _from_option(function):
 @pipeline.command("validate")
 @spec_argument
 @_data_option
+@spec_errors
 def validate(spec_path: Path, data: str | None) -> None:
     """Print SPEC with its job and sweep files read in, every default spelled out; or every problem (exit 2)."""
-    from jobs.spec import SpecError, dump_spec
+    from jobs.spec import dump_spec
     from pipelines.spec import load_pipeline_spec, with_data
 
-    try:
-        spec = with_data(load_pipeline_spec(spec_path), data, str(spec_path))
-    except SpecError as error:
-        fail_on_spec_error(error)
+    spec = with_data(load_pipeline_spec(spec_path), data, str(spec_path))
     console.print(dump_spec(spec), highlight=False, markup=False, end="")
     console.print(f"# order: {' → '.join(spec.order())}", highlight=False, markup=False)
 
@@ -64,6 +63,8 @@ def validate(spec_path: Path, data: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (for scripts).")
 @click.option("--submission-id", default=None, hidden=True, help="The Ray submission running this driver.")
 @home_option
+@spec_errors
+@driver_errors
 def run(spec_ref: str, data: str | None, from_stage: str | None, as_json: bool, submission_id: str | None,
         home: Path | None) -> None:
     """Run the pipeline SPEC (a file, or an s3:// URI) in this process against the cluster, and wait for it.
@@ -72,23 +73,14 @@ def run(spec_ref: str, data: str | None, from_stage: str | None, as_json: bool, 
     """
     from mlflow.exceptions import MlflowException
 
-    from jobs.driver import ClusterUnreachableError
-    from jobs.spec import SpecError
-    from jobs.tracking import TrackingUnavailableError
-    from pipelines.runner import StageFailedError, run_pipeline
+    from pipelines.runner import run_pipeline
     from pipelines.spec import load_pipeline_spec, load_pipeline_spec_text, with_data
 
     started = time.monotonic()
+    spec, settings = read_spec(spec_ref, home, from_file=load_pipeline_spec, from_text=load_pipeline_spec_text)
+    spec = with_data(spec, data, spec_ref)
     try:
-        spec = None if spec_ref.startswith("s3://") else load_pipeline_spec(Path(spec_ref))
-        settings = settings_of(home)
-        spec = spec or load_pipeline_spec_text(spec_text_from_s3(spec_ref, settings), spec_ref)
-        spec = with_data(spec, data, spec_ref)
         outcome = run_pipeline(spec, settings, from_stage=from_stage, submission_id=submission_id)
-    except SpecError as error:
-        fail_on_spec_error(error)
-    except (StageFailedError, ClusterUnreachableError, TrackingUnavailableError) as error:
-        raise click.ClickException(str(error)) from None
     except MlflowException as error:
         raise click.ClickException(f"the MLflow server at {settings.mlflow_tracking_uri} failed "
                                    f"({str(error).splitlines()[0][:300]}); run the pipeline again once it answers: "
@@ -130,6 +122,7 @@ def _figures_table(title: str, figures: dict[str, dict[str, float]]) -> Table:
 @address_option
 @click.option("--follow", is_flag=True, help="Print the driver's log until it ends; exit non-zero unless it succeeds.")
 @home_option
+@spec_errors
 @submission_errors
 def submit(spec_path: Path, data: str | None, from_stage: str | None, address: str | None, follow: bool,
            home: Path | None) -> None:
@@ -139,26 +132,18 @@ def submit(spec_path: Path, data: str | None, from_stage: str | None, address: s
     `compound job logs NAME` and in MLflow.
     """
     from jobs.spec import SpecError
-    from jobs.submit import submit as submit_plan
     from pipelines.runner import check_data
     from pipelines.spec import load_pipeline_spec, with_data
     from pipelines.submit import plan_pipeline_submission
 
     settings = settings_of(home)
     client = jobs_client(settings, address)
-    try:
-        spec = with_data(load_pipeline_spec(spec_path), data, str(spec_path))
-        if from_stage is not None and from_stage not in spec.stages:
-            raise SpecError("--from", [f"no stage {from_stage!r}; stages: {', '.join(spec.stages)}"])
-        check_data(spec, settings)
-    except SpecError as error:
-        fail_on_spec_error(error)
+    spec = with_data(load_pipeline_spec(spec_path), data, str(spec_path))
+    if from_stage is not None and from_stage not in spec.stages:
+        raise SpecError("--from", [f"no stage {from_stage!r}; stages: {', '.join(spec.stages)}"])
+    check_data(spec, settings)
     plan = plan_pipeline_submission(spec, settings, client, options=("--from", from_stage) if from_stage else ())
-    submit_plan(plan, settings, client)
-    console.print(f"submitted pipeline {spec.name} as [bold]{plan.submission_id}[/bold]\n"
-                  f"Ray dashboard: {client.dashboard_url(plan.submission_id)}", highlight=False, soft_wrap=True)
-    if follow:
-        follow_submission(settings, client, plan.submission_id)
+    submit_and_print("pipeline", plan, settings, client, follow=follow)
 
 
 @pipeline.command("status")

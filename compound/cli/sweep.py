@@ -12,14 +12,16 @@ from rich.table import Table
 from compound.cli.common import (
     address_option,
     console,
-    fail_on_spec_error,
-    follow_submission,
+    driver_errors,
     home_option,
     jobs_client,
+    print_dry_run,
+    read_spec,
     settings_of,
     spec_argument,
-    spec_text_from_s3,
+    spec_errors,
     submission_errors,
+    submit_and_print,
 )
 
 
@@ -32,6 +34,7 @@ def sweep() -> None:
 @spec_argument
 @click.option("--offline", is_flag=True, help="Check the spec alone, not the base job's datasets and storage.")
 @home_option
+@spec_errors
 def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
     """Print SPEC with every default, the base job resolved inline; or what is wrong with it (exit 2).
 
@@ -39,15 +42,12 @@ def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
     dimensions at their lows and at their highs together.
     """
     from jobs.driver import prepare_job
-    from jobs.spec import SpecError, dump_spec, load_sweep_spec
+    from jobs.spec import dump_spec, load_sweep_spec
 
-    try:
-        spec = load_sweep_spec(spec_path)
-        job = spec.base_job
-        if not offline:
-            job = prepare_job(job, settings_of(home), source=f"{spec_path}: job").spec
-    except SpecError as error:
-        fail_on_spec_error(error)
+    spec = load_sweep_spec(spec_path)
+    job = spec.base_job
+    if not offline:
+        job = prepare_job(job, settings_of(home), source=f"{spec_path}: job").spec
     shown = spec.model_copy(update={"job": job.model_dump(mode="json")})
     console.print(dump_spec(shown), highlight=False, markup=False, end="")
 
@@ -57,26 +57,19 @@ def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (for scripts).")
 @click.option("--submission-id", default=None, hidden=True, help="The Ray submission running this driver.")
 @home_option
+@spec_errors
+@driver_errors
 def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | None) -> None:
     """Run the sweep SPEC (a file, or an s3:// URI) on the configured Ray cluster and wait for it.
 
     Run again after an interruption, the sweep resumes: finished trials stay finished, unfinished ones
     continue from their checkpoints, each in its own child run.
     """
-    from jobs.driver import ClusterUnreachableError, JobFailedError
-    from jobs.spec import SpecError, load_sweep_spec
-    from jobs.sweep import SweepFailedError, run_sweep_job
-    from jobs.tracking import TrackingUnavailableError
+    from jobs.spec import load_sweep_spec, load_sweep_spec_text
+    from jobs.sweep import run_sweep_job
 
-    try:
-        spec = None if spec_ref.startswith("s3://") else load_sweep_spec(Path(spec_ref))
-        settings = settings_of(home)
-        spec = spec or _sweep_from_s3(spec_ref, settings)
-        outcome = run_sweep_job(spec, settings, source=spec_ref, submission_id=submission_id)
-    except SpecError as error:
-        fail_on_spec_error(error)
-    except (SweepFailedError, JobFailedError, ClusterUnreachableError, TrackingUnavailableError) as error:
-        raise click.ClickException(str(error)) from None
+    spec, settings = read_spec(spec_ref, home, from_file=load_sweep_spec, from_text=load_sweep_spec_text)
+    outcome = run_sweep_job(spec, settings, source=spec_ref, submission_id=submission_id)
     if as_json:
         click.echo(json.dumps({"sweep": spec.name, "best": outcome.best, "best_uri": outcome.best_uri,
                                "parent_run_id": outcome.parent.run_id, "trials": outcome.trials}))
@@ -94,41 +87,25 @@ def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | No
                   highlight=False, soft_wrap=True)
 
 
-def _sweep_from_s3(spec_ref: str, settings):
-    """A sweep spec from S3, where `submit` puts it (the base job inline)."""
-    from jobs.spec import load_sweep_spec_text
-
-    return load_sweep_spec_text(spec_text_from_s3(spec_ref, settings), spec_ref)
-
-
 @sweep.command("submit")
 @spec_argument
 @address_option
 @click.option("--dry-run", is_flag=True, help="Check everything, submit nothing.")
 @click.option("--follow", is_flag=True, help="Print the sweep's log until it ends; exit non-zero unless it succeeds.")
 @home_option
+@spec_errors
 @submission_errors
 def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, home: Path | None) -> None:
     """Submit the sweep SPEC to the Ray cluster as a Ray job running `compound sweep run`.
 
     Watch it with `compound job status|logs|stop NAME` and in the MLflow parent run.
     """
-    from jobs.spec import SpecError
     from jobs.submit import plan_sweep_submission
-    from jobs.submit import submit as submit_plan
 
     settings = settings_of(home)
     client = jobs_client(settings, address)
-    try:
-        plan = plan_sweep_submission(spec_path, settings, client)
-    except SpecError as error:
-        fail_on_spec_error(error)
+    plan = plan_sweep_submission(spec_path, settings, client)
     if dry_run:
-        console.print(f"[green]ok:[/green] sweep {plan.spec.name} can be submitted to {client.address}; nothing was "
-                      f"submitted (--dry-run)\nentrypoint: {plan.entrypoint}", highlight=False, soft_wrap=True)
+        print_dry_run("sweep", plan, client)
         return
-    submit_plan(plan, settings, client)
-    console.print(f"submitted sweep {plan.spec.name} as [bold]{plan.submission_id}[/bold]\n"
-                  f"Ray dashboard: {client.dashboard_url(plan.submission_id)}", highlight=False, soft_wrap=True)
-    if follow:
-        follow_submission(settings, client, plan.submission_id)
+    submit_and_print("sweep", plan, settings, client, follow=follow)
