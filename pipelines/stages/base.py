@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from cluster.tracking import RunRef
 from infra.settings import Settings
+from jobs.spec import SpecError
 from jobs.tags import PARENT_TAG
 
 PIPELINE_TAG = "compound.pipeline"  # on the pipeline's parent run and every stage's run: the pipeline's name
@@ -20,6 +21,24 @@ PIPELINE_STORAGE_PREFIX = "pipelines"  # s3://<checkpoints bucket>/pipelines/<na
 
 class StageInputs(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SpecInputs(StageInputs):
+    """Inputs that make a job or sweep spec (`spec`, from the input named by `spec_field`): they are
+    valid when that spec is, so a pipeline is refused at validation, not when its stage starts."""
+
+    spec_field: ClassVar[str]
+
+    def spec(self, *, name: str, tracking: dict[str, Any]) -> BaseModel:
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _a_valid_spec(self) -> SpecInputs:
+        try:
+            self.spec(name="a-stage", tracking={})
+        except SpecError as error:  # one line per problem, each with its path in the stage's inputs
+            raise ValueError("\n".join(f"{self.spec_field}.{problem}" for problem in error.problems)) from None
+        return self
 
 
 class StageOutputs(BaseModel):

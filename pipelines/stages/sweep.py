@@ -9,25 +9,21 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from jobs.spec import SpecError, SweepSpec, check_sweep, parse_spec
-from pipelines.stages.base import StageContext, StageInputs, StageOutputs
+from jobs.spec import SweepSpec, check_sweep, parse_spec
+from pipelines.stages.base import SpecInputs, StageContext, StageOutputs
 from pipelines.stages.train import MANIFEST_PATTERN, use_manifest
 
 
-class Inputs(StageInputs):
+class Inputs(SpecInputs):
+    spec_field = "sweep"
     sweep: dict[str, Any] = Field(description="a sweep spec: a path (relative to the pipeline file) or inline")
     data: str | None = Field(default=None, pattern=MANIFEST_PATTERN,
                              description="the dataset manifest of every trial; default: the base job's")
 
-    @model_validator(mode="after")
-    def _a_valid_sweep(self) -> Inputs:
-        try:
-            sweep_spec(self, name="a-stage", tracking={})
-        except SpecError as error:  # one line per problem, each with its path in the stage's inputs
-            raise ValueError("\n".join(f"sweep.{problem}" for problem in error.problems)) from None
-        return self
+    def spec(self, *, name: str, tracking: dict[str, Any]) -> SweepSpec:
+        return sweep_spec(self, name=name, tracking=tracking)
 
 
 class Outputs(StageOutputs):
@@ -50,7 +46,7 @@ def sweep_spec(inputs: Inputs, *, name: str, tracking: dict[str, Any]) -> SweepS
 def run(inputs: Inputs, context: StageContext) -> Outputs:
     from jobs.sweep import run_sweep_job
 
-    spec = sweep_spec(inputs, name=context.job_name, tracking=context.tracking(inputs.sweep.get("tracking")))
+    spec = inputs.spec(name=context.job_name, tracking=context.tracking(inputs.sweep.get("tracking")))
     outcome = run_sweep_job(spec, context.settings, source=f"pipeline {context.pipeline}, stage {context.stage}")
     best = outcome.best
     return Outputs(checkpoint=best["checkpoint"], run_id=best.get("mlflow_run_id") or "", value=best["value"],

@@ -8,26 +8,22 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from jobs.spec import JobSpec, SpecError, parse_spec
-from pipelines.stages.base import StageContext, StageInputs, StageOutputs
+from jobs.spec import JobSpec, parse_spec
+from pipelines.stages.base import SpecInputs, StageContext, StageOutputs
 
 MANIFEST_PATTERN = r"^s3://[^/]+/.+"
 
 
-class Inputs(StageInputs):
+class Inputs(SpecInputs):
+    spec_field = "job"
     job: dict[str, Any] = Field(description="a job spec: a path (relative to the pipeline file) or inline")
     data: str | None = Field(default=None, pattern=MANIFEST_PATTERN,
                              description="the dataset manifest for training and validation; default: the job's")
 
-    @model_validator(mode="after")
-    def _a_valid_job(self) -> Inputs:
-        try:
-            job_spec(self, name="a-stage", tracking={})
-        except SpecError as error:  # one line per problem, each with its path in the stage's inputs
-            raise ValueError("\n".join(f"job.{problem}" for problem in error.problems)) from None
-        return self
+    def spec(self, *, name: str, tracking: dict[str, Any]) -> JobSpec:
+        return job_spec(self, name=name, tracking=tracking)
 
 
 class Outputs(StageOutputs):
@@ -71,5 +67,4 @@ def train(spec: JobSpec, context: StageContext) -> Outputs:
 
 
 def run(inputs: Inputs, context: StageContext) -> Outputs:
-    return train(job_spec(inputs, name=context.job_name, tracking=context.tracking(inputs.job.get("tracking"))),
-                 context)
+    return train(inputs.spec(name=context.job_name, tracking=context.tracking(inputs.job.get("tracking"))), context)
