@@ -1,8 +1,9 @@
 """The wiring of a pipeline: references between stages, their order, and what a re-run invalidates.
 
-An input is a value or a reference: `${data}` (the pipeline's dataset manifest) or
-`${stages.NAME.outputs.FIELD}`. A string that is one reference takes the referenced value whatever its
-type; a reference inside a longer string is put in as text.
+An input is a value or a reference: `${data}` (the pipeline's dataset manifest),
+`${stages.NAME.outputs.FIELD}`, or `${stages.NAME.outputs}` (all of a stage's outputs, for an input that
+takes them typed). A string that is one reference takes the referenced value whatever its type; a
+reference inside a longer string is put in as text.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
-STAGE_REFERENCE = re.compile(r"^stages\.([^.]+)\.outputs\.([^.]+)$")
+STAGE_REFERENCE = re.compile(r"^stages\.([^.]+)\.outputs(?:\.([^.]+))?$")  # no FIELD: all of them
 DATA_REFERENCE = "data"
 
 
@@ -29,6 +30,7 @@ class Reference:
 
     @property
     def output(self) -> str | None:
+        """The output's name; None for all of the stage's outputs (or no stage reference)."""
         match = STAGE_REFERENCE.match(self.text)
         return match.group(2) if match else None
 

@@ -30,6 +30,13 @@ GATE_TAG = "compound.gate"  # a version's: the gate its pipeline asked for (JSON
 DECISION_TAG = "compound.promotion"  # a version's: promoted | rejected | forced | rolled back | restored
 REASONS_TAG = "compound.promotion_reasons"
 DECISION_HEADING = "#### Promotion:"  # the decision's part of a version's description
+# A version's lineage, set by the register stage (`compound model show` prints them).
+PIPELINE_RUN_TAG = "compound.pipeline_run"
+STUDENT_RUN_TAG = "compound.student_run"
+TEACHER_RUN_TAG = "compound.teacher_run"
+DATASET_ID_TAG = "compound.dataset_id"
+RECIPE_TAG = "compound.quantization_recipe"
+INT8_ONNX_TAG, FP32_ONNX_TAG = "compound.int8_onnx", "compound.fp32_onnx"
 HISTORY_TAG = "compound.champion_history"  # the registered model's: JSON list of changes, oldest first
 HISTORY_KEPT = 40  # within MLflow's 5000 characters a tag value
 LOCK_FOLDER = "registry-locks"  # s3://<checkpoints bucket>/registry-locks/<model>.lock

@@ -199,7 +199,7 @@ def _lookup(spec: PipelineSpec, outputs: dict[str, dict], text: str):
     if text == DATA_REFERENCE:
         return spec.data
     stage, output = STAGE_REFERENCE.match(text).groups()
-    return outputs[stage][output]
+    return outputs[stage] if output is None else outputs[stage][output]
 
 
 def _record(parent: RunRef, stage: str, record: StageRecord) -> None:

@@ -152,7 +152,7 @@ def _reference_problem(spec: PipelineSpec, name: str, ref) -> str | None:
     if target is None:
         return f"${{{ref.text}}}: no stage {ref.stage!r}; stages: {', '.join(spec.stages)}"
     outputs = STAGES[target.uses].Outputs.model_fields if target.uses in STAGES else None
-    if outputs is not None and ref.output not in outputs:
+    if outputs is not None and ref.output is not None and ref.output not in outputs:
         return f"${{{ref.text}}}: a {target.uses} stage has no output {ref.output!r}; its outputs: {', '.join(outputs)}"
     return None
 
@@ -165,5 +165,6 @@ def _example(spec: PipelineSpec, text: str) -> Any:
     if text == DATA_REFERENCE:
         return spec.data
     stage, output = STAGE_REFERENCE.match(text).groups()
-    examples = STAGES[spec.stages[stage].uses].Outputs.model_fields[output].examples
-    return examples[0] if examples else None
+    fields = STAGES[spec.stages[stage].uses].Outputs.model_fields
+    examples = {name: info.examples[0] if info.examples else None for name, info in fields.items()}
+    return examples if output is None else examples[output]

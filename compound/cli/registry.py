@@ -77,7 +77,16 @@ def list_(as_json: bool, home: Path | None) -> None:
 def show(name: str, as_json: bool, home: Path | None) -> None:
     """NAME's versions: aliases, figures, lineage, the last promotion decision; and the champion history."""
     from jobs.tags import CODE_VERSION_TAG
-    from pipelines.registry import DECISION_TAG, REASONS_TAG, figures_of, history
+    from pipelines.registry import (
+        DATASET_ID_TAG,
+        DECISION_TAG,
+        PIPELINE_RUN_TAG,
+        REASONS_TAG,
+        RECIPE_TAG,
+        TEACHER_RUN_TAG,
+        figures_of,
+        history,
+    )
 
     client = _mlflow(settings_of(home))
     model = client.get_registered_model(name)
@@ -100,11 +109,10 @@ def show(name: str, as_json: bool, home: Path | None) -> None:
     for v in shown:
         tags = v["tags"]
         lineage = "\n".join(f"{key.removeprefix('compound.')}={tags[key]}" for key in
-                            ("compound.pipeline_run", "compound.teacher_run", "compound.dataset_id",
-                             CODE_VERSION_TAG) if tags.get(key))
+                            (PIPELINE_RUN_TAG, TEACHER_RUN_TAG, DATASET_ID_TAG, CODE_VERSION_TAG) if tags.get(key))
         table.add_row(f"v{v['version']}", ", ".join(v["aliases"]) or "-", figure(tags, "int8_top1", "{:.2%}"),
                       figure(tags, "int8_change_points", "{:+.2f}"), figure(tags, "int8_latency_ms", "{:.2f}"),
-                      tags.get("compound.quantization_recipe", "-"), tags.get(DECISION_TAG, "-"), lineage or "-")
+                      tags.get(RECIPE_TAG, "-"), tags.get(DECISION_TAG, "-"), lineage or "-")
     console.print(table)
     for v in shown:
         if v["tags"].get(REASONS_TAG):

@@ -29,6 +29,7 @@ class Outputs(StageOutputs):
     int8_onnx: str = Field(examples=["s3://bucket/pipelines/p/run/int8/model.int8.onnx"])
     fp32_onnx: str = Field(examples=["s3://bucket/pipelines/p/run/int8/model.fp32.onnx"])
     report: str = Field(description="quantization.json: every recipe tried", examples=["s3://b/p/quantization.json"])
+    data: str = Field(description="the dataset manifest it was judged on", examples=["s3://shards/d/manifest.json"])
     recipe: str = Field(examples=["int8-all"])
     fp32_top1: float = Field(examples=[0.9])
     int8_top1: float = Field(examples=[0.9])
@@ -36,6 +37,7 @@ class Outputs(StageOutputs):
     int8_latency_ms: float = Field(description="batch 1, median", examples=[1.0])
     int8_size_mb: float = Field(examples=[1.0])
     fp32_size_mb: float = Field(examples=[1.0])
+    majority_top1: float = Field(description="top-1 of always answering the most common class", examples=[0.1])
     run_id: str = Field(description="the stage's MLflow run", examples=["0" * 32])
 
 
@@ -65,6 +67,7 @@ def run(inputs: Inputs, context: StageContext) -> Outputs:
     fp32, int8 = outcome.fp32, outcome.int8
     return Outputs(folder=context.storage, int8_onnx=f"{context.storage}/{INT8_FILE}",
                    fp32_onnx=f"{context.storage}/{FP32_FILE}", report=f"{context.storage}/{REPORT_FILE}",
-                   recipe=outcome.recipe.name, fp32_top1=fp32.top1, int8_top1=int8.top1,
+                   data=inputs.data, recipe=outcome.recipe.name, fp32_top1=fp32.top1, int8_top1=int8.top1,
                    change_points=(int8.top1 - fp32.top1) * 100, int8_latency_ms=int8.latency_ms[1]["p50"],
-                   int8_size_mb=int8.size_mb, fp32_size_mb=fp32.size_mb, run_id=run_ref.run_id)
+                   int8_size_mb=int8.size_mb, fp32_size_mb=fp32.size_mb, majority_top1=int8.majority_top1,
+                   run_id=run_ref.run_id)

@@ -8,13 +8,14 @@ figures: the quantize stage's and, when given, the evaluate stage's.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipelines.registry import Gate, signed_points
+from pipelines.stages import quantize
 from pipelines.stages.base import StageContext, StageInputs, StageOutputs
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
@@ -24,11 +25,20 @@ DEPLOY_FOLDER = "deploy"
 class Inputs(StageInputs):
     model_name: str = Field(pattern=MODEL_NAME_PATTERN, description="the registered model")
     run_id: str = Field(min_length=1, description="the student's training run (its logged model)")
-    quantized: str = Field(pattern=r"^s3://[^/]+/.+", description="a quantize stage's folder")
+    quantized: quantize.Outputs = Field(description="a quantize stage's outputs: ${stages.NAME.outputs}")
     teacher_run: str | None = Field(default=None, description="the teacher's run (lineage)")
     figures: dict[str, dict[str, float]] = Field(default_factory=dict,
                                                  description="an evaluate stage's figures, recorded as metrics")
     gate: Gate = Gate()
+
+    @field_validator("quantized", mode="before")
+    @classmethod
+    def _all_outputs(cls, value: Any) -> Any:
+        if isinstance(value, str):  # what pipelines wrote before the figures came typed
+            # A ValueError, not a TypeError: pydantic reports it as the input's problem.
+            raise ValueError("takes all of a quantize stage's outputs, not one of them: write "  # noqa: TRY004
+                             "${stages.NAME.outputs}, NAME the quantize stage")
+        return value
 
 
 class Outputs(StageOutputs):
@@ -46,34 +56,43 @@ def run(inputs: Inputs, context: StageContext) -> Outputs:
     from jobs.s3 import s3_access
     from jobs.tags import CODE_VERSION_TAG, DATASET_TAG_PREFIX
     from jobs.tracking import code_version
-    from pipelines.registry import register_version
+    from pipelines.registry import (
+        DATASET_ID_TAG,
+        FP32_ONNX_TAG,
+        INT8_ONNX_TAG,
+        PIPELINE_RUN_TAG,
+        RECIPE_TAG,
+        STUDENT_RUN_TAG,
+        TEACHER_RUN_TAG,
+        register_version,
+    )
+    from pipelines.stages.base import PIPELINE_TAG
 
     tracking_uri = context.settings.mlflow_tracking_uri
     client = MlflowClient(tracking_uri)
     student = client.get_run(inputs.run_id)
-    s3 = s3_access(context.settings)
-    folder = inputs.quantized.rstrip("/")
-    with tempfile.TemporaryDirectory(prefix="compound-stage-") as directory:
-        for name in (FP32_FILE, INT8_FILE, REPORT_FILE):
-            s3.client().download_file(*split_s3_url(f"{folder}/{name}"), str(Path(directory) / name))
+    quantized = inputs.quantized
+    s3 = s3_access(context.settings).client()
+    with tempfile.TemporaryDirectory(prefix="compound-stage-") as directory:  # the files go beside the student
+        for name, uri in ((FP32_FILE, quantized.fp32_onnx), (INT8_FILE, quantized.int8_onnx),
+                          (REPORT_FILE, quantized.report)):
+            s3.download_file(*split_s3_url(uri), str(Path(directory) / name))
             client.log_artifact(inputs.run_id, str(Path(directory) / name), DEPLOY_FOLDER)
-        report = json.loads((Path(directory) / REPORT_FILE).read_text())
-    fp32, int8 = report["fp32"], report["int8"]
-    metrics = {"fp32_top1": fp32["top1"], "int8_top1": int8["top1"], "majority_top1": int8["majority_top1"],
-               "int8_change_points": (int8["top1"] - fp32["top1"]) * 100,  # signed: + is a gain
-               "int8_latency_ms": int8["latency_ms"]["1"]["p50"], "int8_size_mb": int8["size_mb"],
-               "fp32_size_mb": fp32["size_mb"]}
+    metrics = {"fp32_top1": quantized.fp32_top1, "int8_top1": quantized.int8_top1,
+               "majority_top1": quantized.majority_top1, "int8_change_points": quantized.change_points,
+               "int8_latency_ms": quantized.int8_latency_ms, "int8_size_mb": quantized.int8_size_mb,
+               "fp32_size_mb": quantized.fp32_size_mb}
     metrics |= {f"{label}_{key}": value for label, values in inputs.figures.items() for key, value in values.items()}
     int8_uri = f"runs:/{inputs.run_id}/{DEPLOY_FOLDER}/{INT8_FILE}"
-    tags = {"compound.pipeline": context.pipeline, "compound.pipeline_run": context.parent.run_id,
-            "compound.student_run": inputs.run_id, "compound.teacher_run": inputs.teacher_run or "",
-            "compound.dataset_id": student.data.tags.get(f"{DATASET_TAG_PREFIX}train", ""),
-            CODE_VERSION_TAG: code_version(), "compound.quantization_recipe": report["recipe"]["name"],
-            "compound.int8_onnx": int8_uri, "compound.fp32_onnx": f"runs:/{inputs.run_id}/{DEPLOY_FOLDER}/{FP32_FILE}"}
+    tags = {PIPELINE_TAG: context.pipeline, PIPELINE_RUN_TAG: context.parent.run_id, STUDENT_RUN_TAG: inputs.run_id,
+            TEACHER_RUN_TAG: inputs.teacher_run or "",
+            DATASET_ID_TAG: student.data.tags.get(f"{DATASET_TAG_PREFIX}train", ""),
+            CODE_VERSION_TAG: code_version(), RECIPE_TAG: quantized.recipe, INT8_ONNX_TAG: int8_uri,
+            FP32_ONNX_TAG: f"runs:/{inputs.run_id}/{DEPLOY_FOLDER}/{FP32_FILE}"}
     version = register_version(tracking_uri, name=inputs.model_name, run_id=inputs.run_id, tags=tags,
                                metrics=metrics, gate=inputs.gate,
-                               description=describe_version(inputs.figures, metrics, report["recipe"]["name"],
-                                                            dataset=report["data"], pipeline_run=context.parent.url))
+                               description=describe_version(inputs.figures, metrics, quantized.recipe,
+                                                            dataset=quantized.data, pipeline_run=context.parent.url))
     return Outputs(model_name=inputs.model_name, version=version, model_uri=f"models:/{inputs.model_name}/{version}",
                    int8_onnx=int8_uri)
 
