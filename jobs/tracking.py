@@ -28,17 +28,23 @@ from jobs.resolve import ResolvedJob
 from jobs.spec import JobSpec, dump_spec
 from jobs.tags import (
     BEST_CHECKPOINT_TAG,
+    BEST_JOB_TAG,
+    BEST_RUN_TAG,
+    BEST_TRIAL_TAG,
+    CHECKPOINTS_TAG,
     CODE_VERSION_TAG,
     DATASET_TAG_PREFIX,
     EXPERIMENT_KIND_TAG,
     JOB_TAG,
     MODEL_TAG,
     MODEL_TRAINING_KIND,
+    STRATEGY_TAG,
     SUBMISSION_TAG,
     SWEEP_TAG,
     TEACHER_PINNED_TAG,
     TEACHER_TAG,
     TRIAL_STATUS_TAG,
+    WORLD_SIZE_TAG,
 )
 
 log = logging.getLogger(__name__)
@@ -73,8 +79,8 @@ def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None
         run_id = run.info.run_id
         _log_params(client, run_id, flatten(spec.model_dump(mode="json")), logged=run.data.params)
         tags = {**spec.tracking.tags, JOB_TAG: spec.name, CODE_VERSION_TAG: code_version(),
-                "compound.world_size": str(world_size), "compound.strategy": _strategy(spec),
-                "compound.checkpoints": f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/",
+                WORLD_SIZE_TAG: str(world_size), STRATEGY_TAG: _strategy(spec),
+                CHECKPOINTS_TAG: f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/",
                 **{f"{DATASET_TAG_PREFIX}{field.split('.')[1]}": identity for field, identity in job.dataset_ids.items()}}
         if submission_id is not None:
             tags[SUBMISSION_TAG] = submission_id
@@ -382,9 +388,8 @@ def record_sweep_result(parent: RunRef, *, best: dict, trials: list[dict], plot:
     _log_params(client, parent.run_id, {f"best.{path}": str(value)[:MAX_PARAM_VALUE_LENGTH]
                                         for path, value in best["config"].items()}, logged=logged)
     client.log_metric(parent.run_id, f"best_{best['metric']}", best["value"])
-    log_tags(client, parent.run_id, {"compound.best_trial": best["trial"], "compound.best_job": best["job"],
-                                      BEST_CHECKPOINT_TAG: best["checkpoint"],
-                                      "compound.best_run_id": best.get("mlflow_run_id") or ""})
+    log_tags(client, parent.run_id, {BEST_TRIAL_TAG: best["trial"], BEST_JOB_TAG: best["job"],
+                                      BEST_CHECKPOINT_TAG: best["checkpoint"], BEST_RUN_TAG: best.get("mlflow_run_id") or ""})
     client.log_text(parent.run_id, json.dumps(best, indent=2), "best.json")
     client.log_text(parent.run_id, json.dumps(trials, indent=2), "trials.json")
     with tempfile.TemporaryDirectory(prefix="compound-plot-") as directory:

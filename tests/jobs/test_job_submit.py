@@ -63,8 +63,10 @@ def _expected_step_metrics(history: list[dict], every: int) -> set[int]:
 def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_worker_kill(
     stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
 ) -> None:
-    # The smoke job's three epochs, at the drills' 32 px (CI's time).
-    spec_path, spec = make_spec(tmp_path, model=SMALL["model"], checkpoint=DRILL_CHECKPOINTS)
+    # The smoke job's three epochs, at the drills' 32 px (CI's time), accumulating two micro-batches a step
+    # and keeping an EMA of the weights: both must come through the kill with the rest of the state.
+    spec_path, spec = make_spec(tmp_path, model=SMALL["model"], checkpoint=DRILL_CHECKPOINTS,
+                                optim={"grad_accumulation": 2, "ema_decay": 0.9})
     every = spec["checkpoint"]["every_steps"]
     job = submit(spec_path, stack, settings)
     wait_for(reached(tmp_path, epoch=0, step=5), "training to start", job)
@@ -104,7 +106,9 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
     assert tags["compound.best_checkpoint"].startswith(f"s3://checkpoints/jobs/{spec['name']}/epoch000")
     assert tags["mlflow.note.content"].startswith("efficientnet_b0 (10 classes, 32 px), 3 epochs of s3://shards/digits/")
 
-    history = [client.get_metric_history(run_id, key) for key in ("train_samples_epoch", "val_top1", "val_loss")]
+    assert params["optim.grad_accumulation"] == "2" and params["optim.ema_decay"] == "0.9"
+    history = [client.get_metric_history(run_id, key)
+               for key in ("train_samples_epoch", "val_top1", "val_loss", "ema_val_top1")]
     for metric in history:
         assert [m.step for m in metric] == [1, 2, 3], metric
     assert {m.value for m in history[0]} == {digits.split("train").samples}
