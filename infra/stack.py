@@ -33,6 +33,7 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from infra import seaweed
 from infra.settings import (
     RAY_CLIENT_ENV,
     SETTINGS_FILE,
@@ -58,7 +59,6 @@ SERVICE_NAMES = ("s3", "mlflow", "ray", "scheduler")  # start order: the store f
 # Ray Train's controller moves a job through its states one poll of the workers at a time, every 2 s
 # by default: seconds at every start and finish of a job (a smoke job, measured: 54 s → 46 s at 0.5).
 RAY_HEAD_ENV = {"RAY_worker_niceness": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-SEAWEED_IDENTITY = "compound"  # the one identity of SeaweedFS's s3.json, holding our S3 keys
 
 
 class StackError(RuntimeError):
@@ -174,6 +174,10 @@ class Stack:
     def _identity_file(self) -> Path:
         return self.home / "s3" / "s3.json"
 
+    @property
+    def _tls(self) -> seaweed.Tls:
+        return seaweed.Tls.at(self.home / "s3" / "tls")
+
     def settings_for(self, ports: StackPorts) -> Settings:
         """Endpoints for `ports`, with the S3 keys this state dir already has (or new ones)."""
         access_key, secret_key = self._s3_keys()
@@ -197,7 +201,7 @@ class Stack:
             problem = f"{path} holds no S3 keys" if path.is_file() else None
         except ConfigError as error:
             problem = str(error)
-        keys = _seaweed_keys(self._identity_file)
+        keys = seaweed.keys_in(self._identity_file)
         if problem is not None:
             recovery = (f"the S3 keys come from {self._identity_file}" if keys
                         else f"{self._identity_file} has no S3 keys either, so new ones are generated")
@@ -207,7 +211,7 @@ class Stack:
     def services(self, settings: Settings, ports: StackPorts) -> list[Service]:
         bin_dir = Path(sysconfig.get_path("scripts"))
         s3_dir, mlflow_dir = self.home / "s3", self.home / "mlflow"
-        secret = settings.s3_secret_key.get_secret_value()
+        origin = f"http://{HOST}:{ports.s3}"  # the S3 API's own: no web page elsewhere may call it
         weed_ports = {
             "S3 API": ports.s3, "SeaweedFS master": ports.weed_master, "SeaweedFS volume": ports.weed_volume,
             "SeaweedFS filer": ports.weed_filer, "SeaweedFS admin": ports.weed_admin,
@@ -217,17 +221,19 @@ class Stack:
             name="s3",
             command=[
                 str(bin_dir / "weed"), "mini", f"-dir={s3_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
-                "-master.telemetry=false", f"-s3.config={self._identity_file}",
+                "-master.telemetry=false", f"-s3.config={self._identity_file}", f"-s3.allowedOrigins={origin}",
+                f"-filer.allowedOrigins={origin}", "-admin.ui=false",
                 f"-s3.port={ports.s3}", f"-s3.port.grpc={ports.s3 + GRPC_OFFSET}",
                 f"-master.port={ports.weed_master}", f"-master.port.grpc={ports.weed_master + GRPC_OFFSET}",
                 f"-volume.port={ports.weed_volume}", f"-volume.port.grpc={ports.weed_volume + GRPC_OFFSET}",
                 f"-filer.port={ports.weed_filer}", f"-filer.port.grpc={ports.weed_filer + GRPC_OFFSET}",
                 f"-admin.port={ports.weed_admin}", f"-admin.port.grpc={ports.weed_admin + GRPC_OFFSET}",
-                f"-admin.password={secret}", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             ],
             health_url=f"http://{HOST}:{ports.s3}/",
             healthy_statuses=(403,),  # anonymous requests are refused once the keys are loaded
             ports=weed_ports,
+            env=seaweed.environment(self._tls),
         )
         mlflow = Service(
             name="mlflow",
@@ -291,8 +297,9 @@ class Stack:
         self.ray_dir.mkdir(mode=0o700, exist_ok=True)
         if not (self.home / "ray").is_symlink():
             (self.home / "ray").symlink_to(self.ray_dir)
-        self.home.chmod(0o700)  # keys, the admin password and the data are the owner's alone
-        write_private(self._identity_file, _seaweed_identities(settings))
+        self.home.chmod(0o700)  # keys, certificates and the data are the owner's alone
+        write_private(self._identity_file, seaweed.identities(settings))
+        self._tls.ensure()
         (self.home / "ports.json").write_text(ports.model_dump_json(indent=2))
 
         started: list[Service] = []
@@ -468,25 +475,3 @@ def _key_pair(access_key: object, secret_key: object) -> tuple[str, str] | None:
     if isinstance(access_key, str) and isinstance(secret_key, str) and access_key and secret_key:
         return access_key, secret_key
     return None
-
-
-def _seaweed_keys(identity_file: Path) -> tuple[str, str] | None:
-    """Our keys in SeaweedFS's identity file (as `_seaweed_identities` wrote it), if it is readable."""
-    try:
-        identities = json.loads(identity_file.read_bytes())["identities"]
-        ours = next(i for i in identities if i["name"] == SEAWEED_IDENTITY)
-        credentials = ours["credentials"][0]
-        return _key_pair(credentials["accessKey"], credentials["secretKey"])
-    except (OSError, ValueError, LookupError, TypeError, StopIteration):  # missing or damaged too
-        return None
-
-
-def _seaweed_identities(settings: Settings) -> str:
-    identity = {
-        "name": SEAWEED_IDENTITY,
-        "credentials": [{"accessKey": settings.s3_access_key.get_secret_value(),
-                         "secretKey": settings.s3_secret_key.get_secret_value()}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-    }
-    return json.dumps({"identities": [identity]}, indent=2)
-

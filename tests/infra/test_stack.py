@@ -3,9 +3,13 @@
 import json
 import logging
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +25,7 @@ from click.testing import CliRunner
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from compound.cli import cli
+from infra import seaweed
 from infra.settings import Settings, load_settings, write_private
 from infra.stack import GRPC_OFFSET, Stack, StackError, StackPorts, ephemeral_ports_start
 
@@ -47,6 +52,44 @@ def test_anonymous_and_wrong_key_requests_are_refused(settings: Settings) -> Non
                          aws_secret_access_key="not-the-secret")
     with pytest.raises(ClientError):
         wrong.list_objects_v2(Bucket=settings.shards_bucket)
+
+
+HTTP1_GET = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+HTTP2_START = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # preface, empty SETTINGS
+
+
+def _over_tls(port: int, tls: seaweed.Tls | None, *, grpc: bool) -> bytes | str:
+    """What a TLS client gets from a SeaweedFS port for an HTTP/1.1 GET (or, from a gRPC port, the start of
+    an HTTP/2 connection): the first bytes of the answer, or the error that ended the exchange. With `tls`
+    it presents the stack's certificate; without, none (TLS 1.3 refuses that after the handshake)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # it is the server that judges here
+    context.set_alpn_protocols(["h2" if grpc else "http/1.1"])
+    if tls is not None:
+        context.load_cert_chain(tls.cert, tls.key)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, context.wrap_socket(raw) as conn:
+            conn.sendall(HTTP2_START if grpc else HTTP1_GET)
+            return conn.recv(64)
+    except (ssl.SSLError, ConnectionError) as error:
+        return f"refused: {error}"
+
+
+def test_only_the_s3_api_answers_without_the_stacks_certificate(stack: Stack, settings: Settings) -> None:
+    """SeaweedFS's master, volume, filer and admin ports, HTTP and gRPC, would otherwise list, read, write and
+    delete what is stored (the master's /col/delete drops a bucket's data) without any key."""
+    ports, tls = stack.saved_ports(), seaweed.Tls.at(stack.home / "s3" / "tls")
+    internal = {"master": ports.weed_master, "volume": ports.weed_volume, "filer": ports.weed_filer,
+                "admin": ports.weed_admin}
+    for name, port in internal.items():
+        with pytest.raises(urllib.error.HTTPError) as plain:  # plain HTTP, as curl or a web page would
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/col/delete?collection={settings.shards_bucket}", timeout=5)
+        assert plain.value.code == 400, name  # "client sent an HTTP request to an HTTPS server"
+        assert "certificate required" in str(_over_tls(port, None, grpc=False)), name
+        assert _over_tls(port, tls, grpc=False).startswith(b"HTTP/1.1"), name  # the certificate is what opens it
+    for name, port in {"s3": ports.s3, **internal}.items():
+        assert "certificate required" in str(_over_tls(port + GRPC_OFFSET, None, grpc=True)), f"{name} gRPC"
+        assert _over_tls(port + GRPC_OFFSET, tls, grpc=True)[3] == 4, f"{name} gRPC"  # its SETTINGS frame
 
 
 def test_mlflow_run_with_metric_and_artifact_lands_in_s3(settings: Settings, tmp_path: Path) -> None:
