@@ -39,6 +39,9 @@ class Settings(BaseModel):
     # How long a shard read keeps retrying through a store outage before the job fails.
     s3_retry_window_s: float = Field(default=180.0, gt=0)
     mlflow_tracking_uri: str
+    # The MLflow server's login (its basic-auth app); both or neither, for a server that asks nobody.
+    mlflow_username: str | None = None
+    mlflow_password: SecretStr | None = None
     ray_address: str = Field(description="GCS address of the Ray head, host:port")
     ray_dashboard_url: str = Field(description="Ray dashboard and job server, http://host:port")
     shards_bucket: str = "shards"
@@ -51,6 +54,8 @@ class Settings(BaseModel):
     def _keys_come_in_pairs(self) -> Settings:
         if (self.s3_access_key is None) != (self.s3_secret_key is None):
             raise ValueError("set both s3_access_key and s3_secret_key, or neither (to use AWS's default credentials)")
+        if (self.mlflow_username is None) != (self.mlflow_password is None):
+            raise ValueError("set both mlflow_username and mlflow_password, or neither (for a server without auth)")
         return self
 
     @property
@@ -76,6 +81,14 @@ class Settings(BaseModel):
         if self.s3_endpoint:
             env["AWS_ENDPOINT_URL_S3"] = env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint
         return env
+
+
+    def mlflow_env(self) -> dict[str, str]:
+        """Environment with the MLflow login: MLflow's clients read it there, request by request."""
+        if self.mlflow_username is None:
+            return {}
+        return {"MLFLOW_TRACKING_USERNAME": self.mlflow_username,
+                "MLFLOW_TRACKING_PASSWORD": _reveal(self.mlflow_password)}
 
 
 def _reveal(secret: SecretStr | None) -> str | None:
@@ -107,7 +120,7 @@ def load_settings(home: Path | None = None) -> Settings:
         if (value := os.environ.get(_env_name(field))) is not None:
             values[field] = value
     try:
-        return Settings(**values)
+        settings = Settings(**values)
     except ValidationError as error:
         missing = [str(e["loc"][0]) for e in error.errors() if e["type"] == "missing"]
         if missing and not path.is_file():
@@ -116,6 +129,10 @@ def load_settings(home: Path | None = None) -> Settings:
                 + ", ".join(_env_name(f) for f in missing)
             ) from None
         raise ConfigError(f"invalid settings ({path} and COMPOUND_* variables): {error}") from None
+    # Every MLflow client of this process logs in as the settings say (MLflow takes the login from the
+    # environment only); drivers and workers on the cluster have it in theirs from the Ray head.
+    os.environ.update(settings.mlflow_env())
+    return settings
 
 
 def read_settings_file(path: Path) -> dict[str, object]:
@@ -139,12 +156,13 @@ def read_settings_file(path: Path) -> dict[str, object]:
 
 
 def write_settings(settings: Settings, home: Path) -> Path:
-    """Write the settings file readable by its owner only (it holds the S3 secret)."""
+    """Write the settings file readable by its owner only (it holds the S3 secret and the MLflow password)."""
     home.mkdir(parents=True, exist_ok=True)
     path = home / SETTINGS_FILE
     data = settings.model_dump(mode="json")
     data["s3_access_key"] = _reveal(settings.s3_access_key)
     data["s3_secret_key"] = _reveal(settings.s3_secret_key)
+    data["mlflow_password"] = _reveal(settings.mlflow_password)
     write_private(path, json.dumps(data, indent=2))
     return path
 

@@ -53,6 +53,7 @@ FREE_PORTS_FROM = 20_000  # `StackPorts.free` stays above the well-known ports a
 STARTUP_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 45.0  # Ray drains its node before it exits
 LOG_TAIL_LINES = 25
+MLFLOW_USER = "compound"  # the stack's login to its MLflow server, an admin of its basic-auth app
 SERVICE_NAMES = ("s3", "mlflow", "ray", "scheduler")  # start order: the store first, the scheduler last
 # Ray starts its workers at nice 15 so a busy node's control plane stays responsive; on a laptop the
 # workers are the point, and at nice 15 the head's own processes (and the store) preempt training.
@@ -150,6 +151,7 @@ class Stack:
 
     def __init__(self, home: Path) -> None:
         self.home = home.expanduser()
+        self.new_mlflow_login = False  # set when this object made the MLflow password: `up` shows it once
 
     # -- paths -------------------------------------------------------------------------------------
     def _pid_file(self, name: str) -> Path:
@@ -186,6 +188,8 @@ class Stack:
             s3_access_key=SecretStr(access_key),
             s3_secret_key=SecretStr(secret_key),
             mlflow_tracking_uri=f"http://{HOST}:{ports.mlflow}",
+            mlflow_username=MLFLOW_USER,
+            mlflow_password=SecretStr(self._mlflow_password()),
             ray_address=f"{HOST}:{ports.ray}",
             ray_dashboard_url=f"http://{HOST}:{ports.ray_dashboard}",
         )
@@ -207,6 +211,23 @@ class Stack:
                         else f"{self._identity_file} has no S3 keys either, so new ones are generated")
             log.warning("%s; %s, and `compound up` rewrites the settings file", problem, recovery)
         return keys or ("compound-" + secrets.token_hex(8), secrets.token_urlsafe(32))
+
+    @property
+    def _auth_db(self) -> Path:
+        return self.home / "mlflow" / "basic_auth.db"
+
+    def _mlflow_password(self) -> str:
+        """The settings file's; else a new one. MLflow keeps the password its admin was created with, so
+        without the old one its users' store (which holds the stack's user alone) is made anew."""
+        with contextlib.suppress(ConfigError):
+            password = read_settings_file(self.home / SETTINGS_FILE).get("mlflow_password")
+            if isinstance(password, str) and password:
+                return password
+        if self._auth_db.exists():
+            log.warning("no MLflow password in the settings file: %s is made anew with a new one", self._auth_db)
+            self._auth_db.unlink()
+        self.new_mlflow_login = True
+        return secrets.token_urlsafe(24)
 
     def services(self, settings: Settings, ports: StackPorts) -> list[Service]:
         bin_dir = Path(sysconfig.get_path("scripts"))
@@ -238,14 +259,20 @@ class Stack:
         mlflow = Service(
             name="mlflow",
             command=[
-                sys.executable, "-m", "mlflow", "server",
+                sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                 "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
                 "--artifacts-destination", f"s3://{settings.mlflow_bucket}/",
                 "--host", HOST, "--port", str(ports.mlflow), "--workers", "1",
             ],
             health_url=f"http://{HOST}:{ports.mlflow}/health",
             ports={"MLflow server": ports.mlflow},
-            env={**settings.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            # The stack's login is the auth app's admin, created at its first start (the password in the
+            # environment, never on the command line); users without a grant may do nothing.
+            env={**settings.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                 "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_dir / "basic_auth.ini"),
+                 "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER,
+                 "MLFLOW_AUTH_ADMIN_PASSWORD": settings.mlflow_password.get_secret_value(),
+                 "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32)},  # signs the UI's sessions
         )
         ray = Service(
             name="ray",
@@ -262,16 +289,17 @@ class Stack:
                    "Ray dashboard agent": ports.ray_agent},
             # The cluster's environment: jobs run with this interpreter and find the stack's settings in
             # COMPOUND_HOME; workers take the S3 keys from AWS_*, as they would on Kubernetes.
-            env={**RAY_CLIENT_ENV, **RAY_HEAD_ENV, **settings.s3_env(), "COMPOUND_HOME": str(self.home),
+            env={**RAY_CLIENT_ENV, **RAY_HEAD_ENV, **settings.s3_env(), **settings.mlflow_env(),
+                 "COMPOUND_HOME": str(self.home),
                  "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
         )
         scheduler = Service(
             name="scheduler",
-            command=[sys.executable, "-m", "pipelines.scheduler", "--store",
-                     settings.scheduler_store or default_scheduler_store(self.home), "--port", str(ports.scheduler)],
+            command=[sys.executable, "-m", "pipelines.scheduler", "--port", str(ports.scheduler)],
             health_url=f"http://{HOST}:{ports.scheduler}/health",
             ports={"scheduler": ports.scheduler},
-            env={**RAY_CLIENT_ENV, "COMPOUND_HOME": str(self.home)},
+            env={**RAY_CLIENT_ENV, **settings.mlflow_env(), "COMPOUND_HOME": str(self.home),
+                 "COMPOUND_SCHEDULER_STORE": settings.scheduler_store or default_scheduler_store(self.home)},
         )
         return [s3, mlflow, ray, scheduler]
 
@@ -300,6 +328,9 @@ class Stack:
         self.home.chmod(0o700)  # keys, certificates and the data are the owner's alone
         write_private(self._identity_file, seaweed.identities(settings))
         self._tls.ensure()
+        (self.home / "mlflow" / "basic_auth.ini").write_text(
+            f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{self._auth_db}\n"
+            f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         (self.home / "ports.json").write_text(ports.model_dump_json(indent=2))
 
         started: list[Service] = []

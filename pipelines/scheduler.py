@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,15 +106,26 @@ def make_trigger(*, cron: str | None, data_prefix: str | None, poll_s: float = 6
     from apscheduler.triggers.cron import CronTrigger
     from apscheduler.triggers.interval import IntervalTrigger
 
+    from cluster.storage import split_s3_url
+
     if (cron is None) == (data_prefix is None):
         raise ScheduleError("give either --cron or --on-new-data")
     if cron is not None:
         try:
-            return CronTrigger.from_crontab(cron, timezone=datetime.UTC)
+            trigger = CronTrigger.from_crontab(cron, timezone=datetime.UTC)
         except ValueError as error:
             raise ScheduleError(f"--cron {cron!r}: {error}; five fields, e.g. '0 2 * * *' (02:00 UTC daily)") from None
-    if not data_prefix.startswith("s3://") or not data_prefix.endswith("/"):
-        raise ScheduleError(f"--on-new-data {data_prefix!r}: give an S3 prefix ending in /, e.g. s3://shards/digits/")
+        if trigger.get_next_fire_time(None, datetime.datetime.now(datetime.UTC)) is None:
+            raise ScheduleError(f"--cron {cron!r} never fires: none of its months has its day (like February 30th "
+                                "or April 31st)")
+        return trigger
+    try:
+        bucket, _ = split_s3_url(data_prefix)
+    except ValueError:
+        bucket = ""
+    if not bucket or not data_prefix.endswith("/"):
+        raise ScheduleError(f"--on-new-data {data_prefix!r}: give an S3 prefix ending in /, a bucket and perhaps "
+                            "folders, e.g. s3://shards/digits/")
     return IntervalTrigger(seconds=poll_s, timezone=datetime.UTC)
 
 
@@ -285,10 +297,14 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="compound's scheduler service")
-    parser.add_argument("--store", required=True, help="SQLAlchemy URL of the job store")
+    # A database URL holds its password: it comes from the environment, not from a command line anyone can read.
+    parser.add_argument("--store", default=os.environ.get("COMPOUND_SCHEDULER_STORE"),
+                        help="SQLAlchemy URL of the job store [default: $COMPOUND_SCHEDULER_STORE]")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="for health checks: GET /health")
     args = parser.parse_args()
+    if not args.store:
+        parser.error("set COMPOUND_SCHEDULER_STORE to the job store's SQLAlchemy URL")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(args.store, host=args.host, port=args.port)
 

@@ -34,6 +34,9 @@ def up(home: Path | None, s3_port: int | None, mlflow_port: int | None, ray_port
         raise click.ClickException(str(error)) from None
     console.print(f"started: {', '.join(started)}" if started else "already running: nothing started")
     _print_endpoints(settings, stack.home)
+    if stack.new_mlflow_login:  # shown this once; it stays in the settings file
+        console.print(f"MLflow UI login (shown once): user [bold]{settings.mlflow_username}[/bold], password "
+                      f"[bold]{settings.mlflow_password.get_secret_value()}[/bold]", highlight=False, soft_wrap=True)
 
 
 @click.command()
@@ -82,6 +85,14 @@ def _print_endpoints(settings, home: Path) -> None:
     table.add_row("MLflow UI", settings.mlflow_tracking_uri)
     table.add_row("Ray dashboard", settings.ray_dashboard_url)
     table.add_row("Ray address", settings.ray_address)
-    table.add_row("schedules", settings.scheduler_store or default_scheduler_store(home))
+    table.add_row("schedules", _without_password(settings.scheduler_store or default_scheduler_store(home)))
+    if settings.mlflow_username:
+        table.add_row("MLflow login", f"{settings.mlflow_username}, password in {home / 'settings.json'}")
     table.add_row("settings", str(home / "settings.json"))
     console.print(table)
+
+
+def _without_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,5 +1,7 @@
 """The local stack against its real processes: SeaweedFS, the MLflow server and a Ray head."""
 
+import base64
+import contextlib
 import json
 import logging
 import shutil
@@ -92,6 +94,19 @@ def test_only_the_s3_api_answers_without_the_stacks_certificate(stack: Stack, se
         assert _over_tls(port + GRPC_OFFSET, tls, grpc=True)[3] == 4, f"{name} gRPC"  # its SETTINGS frame
 
 
+def test_mlflow_asks_who_you_are_except_for_its_health(settings: Settings) -> None:
+    search = f"{settings.mlflow_tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(search, timeout=10)
+    assert anonymous.value.code == 401
+    with urllib.request.urlopen(f"{settings.mlflow_tracking_uri}/health", timeout=10) as health:
+        assert health.status == 200
+    login = base64.b64encode(f"{settings.mlflow_username}:{settings.mlflow_password.get_secret_value()}".encode())
+    request = urllib.request.Request(search, headers={"Authorization": f"Basic {login.decode()}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
+
+
 def test_mlflow_run_with_metric_and_artifact_lands_in_s3(settings: Settings, tmp_path: Path) -> None:
     client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
     experiment_id = client.create_experiment(f"stack-{uuid.uuid4().hex[:8]}")
@@ -142,17 +157,23 @@ def test_up_twice_starts_nothing_new(stack: Stack) -> None:
     assert "already running" in result.output
 
 
-def test_credentials_stay_out_of_output_and_files_are_private(stack: Stack, settings: Settings) -> None:
-    secret = settings.s3_secret_key.get_secret_value()
+def test_credentials_stay_out_of_output_command_lines_and_logs_and_files_are_private(
+        stack: Stack, settings: Settings) -> None:
+    secrets = [settings.s3_secret_key.get_secret_value(), settings.mlflow_password.get_secret_value()]
     for args in (["up", "--home", str(stack.home)], ["stack", "status", "--home", str(stack.home)]):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, result.output
-        assert secret not in result.output
-    assert secret not in repr(settings) and secret not in str(settings.model_dump())
-    assert (stack.home / "settings.json").stat().st_mode & 0o077 == 0
-    assert (stack.home / "s3" / "s3.json").stat().st_mode & 0o077 == 0
-    for status in stack.status():
-        assert secret not in status.log_file.read_text(errors="replace")
+        assert not any(secret in result.output for secret in secrets)
+    assert not any(secret in repr(settings) or secret in str(settings.model_dump()) for secret in secrets)
+    for path in ("settings.json", "s3/s3.json", "s3/tls/key.pem"):
+        assert (stack.home / path).stat().st_mode & 0o077 == 0, path
+    for status in stack.status():  # `ps` shows every process's command line to every user
+        leader = psutil.Process(status.pid)
+        for process in [leader, *leader.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                command = " ".join(process.cmdline())
+                assert not any(secret in command for secret in secrets), (status.name, command[:300])
+        assert not any(secret in status.log_file.read_text(errors="replace") for secret in secrets)
 
 
 def test_free_ports_lie_below_the_ephemeral_range_and_lanes_never_share_one() -> None:
