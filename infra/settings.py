@@ -18,8 +18,8 @@ DEFAULT_HOME = Path("~/.compound")
 SETTINGS_FILE = "settings.json"
 
 # Ray binds every interface, or hangs resolving the host's IP, unless this is set in the head's
-# and every client's environment; and a stray ~/.ray/auth_token must not switch auth on.
-RAY_CLIENT_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+# and every client's environment.
+RAY_CLIENT_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 class ConfigError(RuntimeError):
@@ -44,6 +44,8 @@ class Settings(BaseModel):
     mlflow_password: SecretStr | None = None
     ray_address: str = Field(description="GCS address of the Ray head, host:port")
     ray_dashboard_url: str = Field(description="Ray dashboard and job server, http://host:port")
+    # The cluster's token (Ray's token auth); None for a cluster that asks nobody.
+    ray_token: SecretStr | None = None
     shards_bucket: str = "shards"
     checkpoints_bucket: str = "checkpoints"
     mlflow_bucket: str = "mlflow"
@@ -91,6 +93,14 @@ class Settings(BaseModel):
                 "MLFLOW_TRACKING_PASSWORD": _reveal(self.mlflow_password)}
 
 
+    def ray_env(self) -> dict[str, str]:
+        """Environment with the Ray token: Ray's clients, drivers and workers read it there. Without a
+        token, auth is off explicitly, so a stray ~/.ray/auth_token cannot switch it on."""
+        if self.ray_token is None:
+            return {"RAY_AUTH_MODE": "disabled"}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _reveal(self.ray_token)}
+
+
 def _reveal(secret: SecretStr | None) -> str | None:
     return secret.get_secret_value() if secret is not None else None
 
@@ -129,9 +139,9 @@ def load_settings(home: Path | None = None) -> Settings:
                 + ", ".join(_env_name(f) for f in missing)
             ) from None
         raise ConfigError(f"invalid settings ({path} and COMPOUND_* variables): {error}") from None
-    # Every MLflow client of this process logs in as the settings say (MLflow takes the login from the
-    # environment only); drivers and workers on the cluster have it in theirs from the Ray head.
-    os.environ.update(settings.mlflow_env())
+    # Every MLflow and Ray client of this process logs in as the settings say (both take the login from
+    # the environment); drivers and workers on the cluster have it in theirs from the Ray head.
+    os.environ.update(settings.mlflow_env() | settings.ray_env())
     return settings
 
 
@@ -156,13 +166,14 @@ def read_settings_file(path: Path) -> dict[str, object]:
 
 
 def write_settings(settings: Settings, home: Path) -> Path:
-    """Write the settings file readable by its owner only (it holds the S3 secret and the MLflow password)."""
+    """Write the settings file readable by its owner only (it holds the S3 secret, the MLflow password and the Ray token)."""
     home.mkdir(parents=True, exist_ok=True)
     path = home / SETTINGS_FILE
     data = settings.model_dump(mode="json")
     data["s3_access_key"] = _reveal(settings.s3_access_key)
     data["s3_secret_key"] = _reveal(settings.s3_secret_key)
     data["mlflow_password"] = _reveal(settings.mlflow_password)
+    data["ray_token"] = _reveal(settings.ray_token)
     write_private(path, json.dumps(data, indent=2))
     return path
 

@@ -192,6 +192,8 @@ class Stack:
             mlflow_password=SecretStr(self._mlflow_password()),
             ray_address=f"{HOST}:{ports.ray}",
             ray_dashboard_url=f"http://{HOST}:{ports.ray_dashboard}",
+            ray_token=SecretStr(self._kept_secret("ray_token") or os.environ.get("COMPOUND_RAY_TOKEN")
+                                or secrets.token_hex(32)),
         )
 
     def _s3_keys(self) -> tuple[str, str]:
@@ -216,13 +218,19 @@ class Stack:
     def _auth_db(self) -> Path:
         return self.home / "mlflow" / "basic_auth.db"
 
+    def _kept_secret(self, field: str) -> str | None:
+        """A secret of the settings file, if it holds one."""
+        with contextlib.suppress(ConfigError):
+            value = read_settings_file(self.home / SETTINGS_FILE).get(field)
+            if isinstance(value, str) and value:
+                return value
+        return None
+
     def _mlflow_password(self) -> str:
         """The settings file's; else a new one. MLflow keeps the password its admin was created with, so
         without the old one its users' store (which holds the stack's user alone) is made anew."""
-        with contextlib.suppress(ConfigError):
-            password = read_settings_file(self.home / SETTINGS_FILE).get("mlflow_password")
-            if isinstance(password, str) and password:
-                return password
+        if password := self._kept_secret("mlflow_password"):
+            return password
         if self._auth_db.exists():
             log.warning("no MLflow password in the settings file: %s is made anew with a new one", self._auth_db)
             self._auth_db.unlink()
@@ -284,12 +292,12 @@ class Stack:
                 f"--min-worker-port={ports.ray_min_worker}", f"--max-worker-port={ports.ray_max_worker}",
                 f"--temp-dir={self.ray_dir}",
             ],
-            health_url=f"http://{HOST}:{ports.ray_dashboard}/api/version",
+            health_url=f"http://{HOST}:{ports.ray_dashboard}/api/gcs_healthz",  # open; the rest asks for the token
             ports={"Ray GCS": ports.ray, "Ray dashboard": ports.ray_dashboard, "Ray client": ports.ray_client,
                    "Ray dashboard agent": ports.ray_agent},
             # The cluster's environment: jobs run with this interpreter and find the stack's settings in
             # COMPOUND_HOME; workers take the S3 keys from AWS_*, as they would on Kubernetes.
-            env={**RAY_CLIENT_ENV, **RAY_HEAD_ENV, **settings.s3_env(), **settings.mlflow_env(),
+            env={**RAY_CLIENT_ENV, **RAY_HEAD_ENV, **settings.s3_env(), **settings.mlflow_env(), **settings.ray_env(),
                  "COMPOUND_HOME": str(self.home),
                  "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
         )
@@ -298,7 +306,7 @@ class Stack:
             command=[sys.executable, "-m", "pipelines.scheduler", "--port", str(ports.scheduler)],
             health_url=f"http://{HOST}:{ports.scheduler}/health",
             ports={"scheduler": ports.scheduler},
-            env={**RAY_CLIENT_ENV, **settings.mlflow_env(), "COMPOUND_HOME": str(self.home),
+            env={**RAY_CLIENT_ENV, **settings.mlflow_env(), **settings.ray_env(), "COMPOUND_HOME": str(self.home),
                  "COMPOUND_SCHEDULER_STORE": settings.scheduler_store or default_scheduler_store(self.home)},
         )
         return [s3, mlflow, ray, scheduler]

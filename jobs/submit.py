@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from cluster.storage import split_s3_url
 from infra.settings import Settings
@@ -89,12 +89,15 @@ class Plan:
 class JobsClient:
     """The Ray Jobs API of one cluster, seen as compound jobs (Ray jobs with compound metadata)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, token: SecretStr | None = None) -> None:
+        """`token`: the cluster's, sent with every request (Ray reads its own auth settings only when it is
+        first imported, which in a client may be before the settings are)."""
         from ray.job_submission import JobSubmissionClient
 
         self.address = address.rstrip("/")
+        headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else None
         try:
-            self.ray = JobSubmissionClient(self.address)
+            self.ray = JobSubmissionClient(self.address, headers=headers)
         except (ConnectionError, RuntimeError) as error:
             raise SubmissionError(f"cannot reach the Ray job server at {self.address} ({first_line(error)}): start "
                                   "the local stack with `compound up`, or pass --address / set "

@@ -102,7 +102,7 @@ def settings_of(home: Path | None):
 def jobs_client(settings, address: str | None):
     from jobs.submit import JobsClient
 
-    return JobsClient(address or settings.ray_dashboard_url)
+    return JobsClient(address or settings.ray_dashboard_url, settings.ray_token)
 
 
 def read_spec(spec_ref: str, home: Path | None, *, from_file, from_text):

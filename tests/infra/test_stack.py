@@ -4,6 +4,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import shutil
 import socket
 import ssl
@@ -28,7 +29,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from compound.cli import cli
 from infra import seaweed
-from infra.settings import Settings, load_settings, write_private
+from infra.settings import RAY_CLIENT_ENV, Settings, load_settings, write_private
 from infra.stack import GRPC_OFFSET, Stack, StackError, StackPorts, ephemeral_ports_start
 
 
@@ -105,6 +106,27 @@ def test_mlflow_asks_who_you_are_except_for_its_health(settings: Settings) -> No
     request = urllib.request.Request(search, headers={"Authorization": f"Basic {login.decode()}"})
     with urllib.request.urlopen(request, timeout=10) as answer:
         assert answer.status == 200
+
+
+def test_ray_asks_for_its_token_at_the_job_server_and_the_gcs(settings: Settings, tmp_path: Path) -> None:
+    jobs = f"{settings.ray_dashboard_url}/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError) as anonymous:  # a job is code run as the stack's owner
+        urllib.request.urlopen(jobs, timeout=10)
+    assert anonymous.value.code == 401
+    request = urllib.request.Request(jobs, headers={"Authorization": f"Bearer {settings.ray_token.get_secret_value()}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
+    # A driver is let into the cluster by the token: with a wrong one Ray keeps being refused (it retries).
+    def driver_connects(token: str) -> bool:
+        env = {**os.environ, **RAY_CLIENT_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        try:
+            return subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={settings.ray_address!r})"],
+                                  check=False, env=env, capture_output=True, timeout=60, cwd=tmp_path).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    assert not driver_connects("not-the-token")
+    assert driver_connects(settings.ray_token.get_secret_value())
 
 
 def test_mlflow_run_with_metric_and_artifact_lands_in_s3(settings: Settings, tmp_path: Path) -> None:

@@ -141,13 +141,16 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
     logs = job.logs()
     assert "epoch 2 done" in logs and "does not answer" in logs and "MLflow answers again" in logs, logs[-4000:]
     assert f"MLflow run: {settings.mlflow_tracking_uri}/#/experiments/" in logs
-    with urllib.request.urlopen(f"{settings.ray_dashboard_url}/api/jobs/") as response:
+    token = settings.ray_token.get_secret_value()
+    request = urllib.request.Request(f"{settings.ray_dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request) as response:
         records = response.read().decode()
     assert job.id in records
-    secrets = [settings.s3_secret_key.get_secret_value(), settings.s3_access_key.get_secret_value()]
+    secrets = [settings.s3_secret_key.get_secret_value(), settings.s3_access_key.get_secret_value(),
+               settings.mlflow_password.get_secret_value(), token]
     for where, text in (("Ray's job records", records), ("the job log", logs),
                         ("MLflow params and tags", json.dumps([params, tags]))):
-        assert not any(secret in text for secret in secrets), f"an S3 key in {where}"
+        assert not any(secret in text for secret in secrets), f"a secret in {where}"
 
     status = CliRunner().invoke(cli, ["job", "status", spec["name"], "--json", "--home", str(stack.home)])
     assert status.exit_code == 0, status.output

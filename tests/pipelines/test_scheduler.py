@@ -157,7 +157,7 @@ def _polled(store: str, name: str, *, times: int) -> None:
 
 
 def _wait_ended(settings: Settings, submission_id: str) -> str:
-    client = JobsClient(settings.ray_dashboard_url)
+    client = JobsClient(settings.ray_dashboard_url, settings.ray_token)
     deadline = time.monotonic() + WAIT_S
     while (submission := client.find(submission_id)).active and time.monotonic() < deadline:
         time.sleep(1.0)
@@ -205,7 +205,7 @@ def test_a_firing_while_the_pipeline_still_runs_submits_nothing(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(scheduler, "store_url", lambda settings, home: store)
     name = _add(stack, pipeline_file, "--cron", "*/2 * * * *")
-    client = JobsClient(settings.ray_dashboard_url)
+    client = JobsClient(settings.ray_dashboard_url, settings.ray_token)
     # A run of the pipeline that is still going (a submission under its name that takes a while).
     standing = client.ray.submit_job(entrypoint="sleep 120", metadata={JOB_KEY: name})
     try:
