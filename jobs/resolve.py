@@ -61,6 +61,9 @@ def resolve_job(spec: JobSpec, *, s3: S3Access, default_storage: str, source: st
         val = manifests.get("data.val")
         if val is not None and val.classes != classes:
             problems.append("data.val: its classes differ from data.train's; use splits of one dataset")
+        warmup = spec.warmup_problem(manifests["data.train"].split(spec.data.train.split).samples)
+        if warmup is not None:
+            problems.append(warmup)
     storage = spec.checkpoint.storage or default_storage
     _check_bucket("checkpoint.storage", storage, s3, problems)
     model = spec.model.model_copy(update={"num_classes": num_classes})

@@ -5,13 +5,18 @@ A job spec assembles the sections owned by the packages that use them (`cluster.
 together and turns validation errors into messages that name the field's path, the value and
 what is allowed.
 
-Reading is strict: one mapping per file, at most `MAX_SPEC_BYTES`; no anchors or aliases (no
-alias bombs), no explicit tags, no duplicate keys; unknown keys are refused at every level.
+Reading is strict: one mapping per file, at most `MAX_SPEC_BYTES` and `MAX_SPEC_DEPTH` levels deep; no
+anchors or aliases (no alias bombs), no explicit tags, no duplicate keys; unknown keys are refused at every
+level. Values pydantic would quietly convert are refused too: true/false where a number belongs (it reads
+them as 1 and 0), and infinities or NaN (`.inf`, `.nan`) anywhere a number belongs.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +29,9 @@ from cluster.train.config import TrainingSpec
 from cluster.tune import AshaSpec, Dimension, SearcherSpec
 
 MAX_SPEC_BYTES = 1 << 20
+# The deepest a spec needs is about ten levels (a pipeline's inline sweep's job's DeepSpeed override);
+# the bound stops a file of a thousand `[` before it exhausts Python's stack.
+MAX_SPEC_DEPTH = 32
 MAX_SHOWN_VALUE = 80
 # A trial's job is named <sweep>-<Tune trial id> (12 characters), within a job name's 63.
 SWEEP_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,49}$"
@@ -91,7 +99,9 @@ class SweepSpec(BaseModel):
             *sections, leaf = path.split(".")
             place = data
             for section in sections:
-                place = place.setdefault(section, {})
+                if not isinstance(place.get(section), dict):  # absent, or null (an optional section left out)
+                    place[section] = {}
+                place = place[section]
             place[leaf] = value
         return data
 
@@ -99,7 +109,10 @@ class SweepSpec(BaseModel):
 # --- YAML --------------------------------------------------------------------------------------------
 
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, minus anchors, aliases, explicit tags and duplicate keys."""
+    """PyYAML's safe loader, minus anchors, aliases, explicit tags, duplicate or unhashable keys, and nesting
+    deeper than `MAX_SPEC_DEPTH`."""
+
+    depth = 0  # collections open around the node being composed
 
     def compose_node(self, parent, index):
         event = self.peek_event()
@@ -110,12 +123,22 @@ class _StrictLoader(yaml.SafeLoader):
         explicit = collection and not event.implicit or isinstance(event, yaml.ScalarEvent) and event.tag
         if explicit:
             raise yaml.YAMLError(f"{where}: tags ({event.tag}) are not allowed; write plain values")
-        return super().compose_node(parent, index)
+        if not collection:
+            return super().compose_node(parent, index)
+        if self.depth >= MAX_SPEC_DEPTH:
+            raise yaml.YAMLError(f"{where}: nested more than {MAX_SPEC_DEPTH} levels deep; a spec needs about ten")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen: set[object] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: a key is a name, not a list or mapping")
             if key in seen:
                 raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
             seen.add(key)
@@ -129,12 +152,16 @@ def read_yaml(path: Path) -> dict[str, Any]:
         size = path.stat().st_size
     except OSError as error:
         raise SpecError(source, [f"cannot read the file: {error.strerror}"]) from None
+    if path.is_dir():
+        raise SpecError(source, ["a folder, not a spec file"])
     if size > MAX_SPEC_BYTES:
         raise SpecError(source, [f"the file is {size:,} bytes; specs are at most {MAX_SPEC_BYTES:,}"])
     try:
         text = path.read_text()
     except UnicodeDecodeError:
         raise SpecError(source, ["the file is not UTF-8 text"]) from None
+    except OSError as error:
+        raise SpecError(source, [f"cannot read the file: {error.strerror}"]) from None
     return parse_yaml(text, source)
 
 
@@ -153,11 +180,24 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
 
 
 def parse_spec(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
-    """Validate `data` as `model`, or raise `SpecError` with one line per problem."""
+    """Validate `data` as `model`, or raise `SpecError` with one line per problem: pydantic's, and the values
+    it would have converted although no one means them (see `_misread`)."""
+    misread = _misread(model, data, ())
     try:
-        return model.model_validate(data)
+        spec = model.model_validate(data)
     except ValidationError as error:
-        raise SpecError(source, [_describe(problem, model) for problem in error.errors()]) from None
+        shown = {_path(loc) for loc, _ in misread}
+        problems = [_describe(problem, model) for problem in error.errors()
+                    if not any(_path(problem["loc"]) == path or _path(problem["loc"]).startswith((f"{path}.", f"{path}["))
+                               for path in shown)]
+    except RecursionError:  # a value nested deeper than any spec, not read through `parse_yaml`
+        raise SpecError(source, [f"nested more than {MAX_SPEC_DEPTH} levels deep; a spec needs about ten"]) from None
+    else:
+        problems = []
+    problems = [f"{_path(loc)}: {message}" for loc, message in misread] + problems
+    if problems:
+        raise SpecError(source, problems)
+    return spec
 
 
 def load_job_spec(path: Path) -> JobSpec:
@@ -193,7 +233,11 @@ def read_sweep_data(path: Path) -> dict[str, Any]:
     job = data.get("job")
     if isinstance(job, str):
         job_path = (path.parent / job).expanduser()
-        data = {**data, "job": _job_data(read_yaml(job_path), job_path.parent, f"{path}: job {job_path}")}
+        try:
+            job_data = read_yaml(job_path)
+        except SpecError as error:
+            raise SpecError(str(path), [f"job: {job_path}: {problem}" for problem in error.problems]) from None
+        data = {**data, "job": _job_data(job_data, job_path.parent, f"{path}: job {job_path}")}
     elif isinstance(job, dict):
         data = {**data, "job": _job_data(job, path.parent, str(path))}
     return data
@@ -272,16 +316,61 @@ def dump_spec(spec: BaseModel) -> str:
 
 def _describe(problem: dict, root: type[BaseModel]) -> str:
     loc = problem["loc"]
-    path = _path(loc) or "(top level)"
-    kind, message = problem["type"], problem["msg"].removeprefix("Value error, ")
+    path = _path(loc)
+    kind, message, value = problem["type"], problem["msg"].removeprefix("Value error, "), problem.get("input")
+    if not loc:  # a check across sections: its message names the fields
+        return message
+    if kind == "invalid_key" or loc[-1] == "[key]":  # a key YAML read as a number, boolean or null
+        where = _path(loc[:-2] if loc[-1] == "[key]" else loc[:-1]) or "the top level"
+        if isinstance(value, bool):
+            return (f"{where}: the key {str(value).lower()} is not a name; YAML reads unquoted yes/no/on/off/true/false "
+                    "as booleans: quote it")
+        return f"{where}: the key {_show(value)} is not a name: quote it, or remove it"
     if kind == "extra_forbidden":
         allowed = _fields_at(root, loc[:-1])
         return f"{path}: unknown field; allowed here: {', '.join(allowed)}" if allowed else f"{path}: unknown field"
     if kind == "missing":
         return f"{path}: required, but missing"
-    if not loc or kind == "value_error" and isinstance(problem.get("input"), dict):
+    if kind == "string_pattern_mismatch":
+        return f"{path}: should be {_pattern_in_words(problem['ctx']['pattern'])} (got {_show(value)})"
+    if kind == "string_type" and isinstance(value, bool):
+        words = "yes, on and true" if value else "no, off and false"
+        example = "yes" if value else "no"
+        return f"{path}: should be text, but YAML reads unquoted {words} as {str(value).lower()}: quote it, e.g. '{example}'"
+    if kind == "string_type" and isinstance(value, int | float):
+        return f"{path}: should be text, not a number: quote it, e.g. '{value}' (got {_show(value)})"
+    if kind == "value_error" and isinstance(value, dict):
         return f"{path}: {message}"
-    return f"{path}: {message} (got {_show(problem.get('input'))})"
+    return f"{path}: {message} (got {_show(value)})"
+
+
+def _pattern_in_words(pattern: str) -> str:
+    """What the specs' name and URL patterns allow, as a person says it."""
+    name = re.fullmatch(r"\^\[([^\]]+)\]\[([^\]]+)\]\{0,(\d+)\}\$", pattern)
+    if name:
+        first, rest, more = name.groups()
+        return (f"{_characters(rest)}, starting with {_characters(first, one=True)}, at most {int(more) + 1} "
+                "characters")
+    if pattern.startswith("^s3://"):
+        words = "an S3 URL, s3://bucket/path" if "+/." in pattern else "an S3 URL, s3://bucket or s3://bucket/prefix"
+        return words + (", ending in .json" if pattern.endswith(r"\.json$") else "")
+    return f"text matching the pattern {pattern}"
+
+
+def _characters(klass: str, *, one: bool = False) -> str:
+    """A regex character class (`a-z0-9._-`) in words: what it allows, or `one` character of it."""
+    ranges = {"a-z": ("lowercase letters", "a lowercase letter"), "A-Z": ("capital letters", "a capital letter"),
+              "0-9": ("digits", "a digit")}
+    words = []
+    while klass:
+        if klass[:3] in ranges:
+            words.append(ranges[klass[:3]][one])
+            klass = klass[3:]
+        else:
+            words.append(f"'{klass[0]}'")
+            klass = klass[1:]
+    last = "or" if one else "and"
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
 
 
 def _path(loc: tuple) -> str:
@@ -318,6 +407,60 @@ def _tag(model: type[BaseModel]) -> object:
     if field is None or typing.get_origin(field.annotation) is not typing.Literal:
         return None
     return typing.get_args(field.annotation)[0]
+
+
+def _misread(annotation: Any, value: Any, loc: tuple) -> list[tuple[tuple, str]]:
+    """(path, problem) for each value below `value` that pydantic would convert although no one means it:
+    true/false where a number belongs (YAML's yes/no/on/off too: pydantic reads them as 1 and 0), and an
+    infinity or NaN where a number belongs. `annotation` is the type the value is validated as."""
+    kinds = _leaves(annotation)
+    if Any in kinds:
+        return []
+    if isinstance(value, dict):
+        models = [kind for kind in kinds if isinstance(kind, type) and issubclass(kind, BaseModel)]
+        tagged = [model for model in models if _tag(model) is not None and _tag(model) == value.get("name")]
+        if tagged or models:
+            fields = {field.alias or name: field for name, field in (tagged or models)[0].model_fields.items()}
+            return [problem for key, item in value.items() if key in fields
+                    for problem in _misread(fields[key].annotation, item, (*loc, key))]
+        mappings = [typing.get_args(kind)[1] for kind in kinds if typing.get_origin(kind) is dict]
+        return [problem for key, item in value.items() for problem in _misread(mappings[0], item, (*loc, key))] \
+            if mappings else []
+    if isinstance(value, list):
+        for kind in kinds:
+            origin, args = typing.get_origin(kind), typing.get_args(kind)
+            if origin is list or origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+                return [problem for index, item in enumerate(value) for problem in _misread(args[0], item, (*loc, index))]
+            if origin is tuple:
+                return [problem for index, (item, arg) in enumerate(zip(value, args, strict=False))
+                        for problem in _misread(arg, item, (*loc, index))]
+        return []
+    numbers = {kind for kind in kinds if kind in (int, float)}
+    numbers |= {type(option) for kind in kinds if typing.get_origin(kind) is Literal
+                for option in typing.get_args(kind) if type(option) in (int, float)}
+    if isinstance(value, bool):
+        if numbers and bool not in kinds and str not in kinds:
+            number = "a number" if float in numbers else "a whole number"
+            return [(loc, f"should be {number}, not true or false (got {value})")]
+        return []
+    if numbers and str not in kinds and (isinstance(value, float) or float in numbers and isinstance(value, str)):
+        try:
+            finite = math.isfinite(float(value))
+        except ValueError:
+            return []
+        if not finite:
+            return [(loc, f"not a finite number (got {_show(value)})")]
+    return []
+
+
+def _leaves(annotation: Any) -> list[Any]:
+    """The types an annotation allows, through Annotated, Optional and unions."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _leaves(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return [leaf for arg in typing.get_args(annotation) for leaf in _leaves(arg)]
+    return [annotation]
 
 
 def _models_in(annotation: object) -> list[type[BaseModel]]:

@@ -3,7 +3,8 @@
 An input is a value or a reference: `${data}` (the pipeline's dataset manifest),
 `${stages.NAME.outputs.FIELD}`, or `${stages.NAME.outputs}` (all of a stage's outputs, for an input that
 takes them typed). A string that is one reference takes the referenced value whatever its type; a
-reference inside a longer string is put in as text.
+reference inside a longer string is put in as text. A `${` left unclosed, or a `$stages.…` or `$data` without
+braces, is a mistake, not text: `broken_references` finds them for validation to refuse.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
 STAGE_REFERENCE = re.compile(r"^stages\.([^.]+)\.outputs(?:\.([^.]+))?$")  # no FIELD: all of them
 DATA_REFERENCE = "data"
+# What is left of a string once its references are taken out, that was meant as one.
+BROKEN_REFERENCE = re.compile(r"\$\{|\$\s*(?:stages\b|data\b)")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,17 @@ def references(value: Any, path: str = "with") -> list[Reference]:
         return [ref for key, item in value.items() for ref in references(item, f"{path}.{key}")]
     if isinstance(value, list):
         return [ref for index, item in enumerate(value) for ref in references(item, f"{path}[{index}]")]
+    return []
+
+
+def broken_references(value: Any, path: str = "with") -> list[tuple[str, str]]:
+    """(where, the string) for every string in an input value that holds a reference written wrongly."""
+    if isinstance(value, str):
+        return [(path, value)] if BROKEN_REFERENCE.search(REFERENCE.sub("", value)) else []
+    if isinstance(value, Mapping):
+        return [broken for key, item in value.items() for broken in broken_references(item, f"{path}.{key}")]
+    if isinstance(value, list):
+        return [broken for index, item in enumerate(value) for broken in broken_references(item, f"{path}[{index}]")]
     return []
 
 

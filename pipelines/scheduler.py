@@ -222,7 +222,7 @@ def fire(*, schedule: str, spec_uri: str, data_prefix: str | None, home: str | N
                 return
             data = new[-1]  # the newest: the ones before it are superseded
             spec = with_data(spec, data, spec_uri)
-        client = JobsClient(settings.ray_dashboard_url)
+        client = JobsClient(settings.ray_dashboard_url, settings.ray_token)
         active = [s for s in client.submissions() if s.job == spec.name and s.active]
         if active:
             record(store, schedule, "skipped", data=data,

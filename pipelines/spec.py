@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.spec import SpecError, parse_spec, parse_yaml, read_job_data, read_sweep_data, read_yaml
-from pipelines.graph import DATA_REFERENCE, downstream, references, substitute, topological_order
+from pipelines.graph import DATA_REFERENCE, broken_references, downstream, references, substitute, topological_order
 
 # A stage's job is <pipeline>-<stage>-<6 hex>: within a sweep name's 50 characters.
 PIPELINE_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,23}$"
@@ -74,8 +74,11 @@ def load_pipeline_spec(path: Path) -> PipelineSpec:
     data = read_yaml(path)
     stages = data.get("stages")
     if isinstance(stages, dict):
-        data = {**data, "stages": {name: _read_files(stage, path.parent, f"{path}: stages.{name}")
+        problems: list[str] = []
+        data = {**data, "stages": {name: _read_files(stage, path.parent, f"stages.{name}", problems)
                                    for name, stage in stages.items()}}
+        if problems:
+            raise SpecError(str(path), problems)
     return check_pipeline(parse_spec(PipelineSpec, data, str(path)), str(path))
 
 
@@ -92,13 +95,26 @@ def with_data(spec: PipelineSpec, data: str | None, source: str) -> PipelineSpec
     return check_pipeline(parse_spec(PipelineSpec, changed, f"{source} with --data"), source)
 
 
-def _read_files(stage: Any, folder: Path, source: str) -> Any:
+def _read_files(stage: Any, folder: Path, where: str, problems: list[str]) -> Any:
+    """The stage with its `job:` or `sweep:` file read in (relative to `folder`); what cannot be read goes
+    to `problems`, under the input that names the file."""
     inputs = stage.get("with") if isinstance(stage, dict) else None
     if not isinstance(inputs, dict):
         return stage
-    read = {key: reader((folder / inputs[key]).expanduser()) for key, reader in FILE_INPUTS.items()
-            if isinstance(inputs.get(key), str) and "${" not in inputs[key]}
+    read = {}
+    for key, reader in FILE_INPUTS.items():
+        if isinstance(inputs.get(key), str) and "${" not in inputs[key]:
+            try:
+                read[key] = reader((folder / inputs[key]).expanduser())
+            except SpecError as error:
+                problems += [f"{where}.with.{key}: {error.source}: {problem}" for problem in error.problems]
     return {**stage, "with": {**inputs, **read}} if read else stage
+
+
+def check_from(spec: PipelineSpec, stage: str | None) -> None:
+    """Refuse a `--from` that names no stage of the pipeline."""
+    if stage is not None and stage not in spec.stages:
+        raise SpecError("--from", [f"no stage {stage!r}; stages: {', '.join(spec.stages)}"])
 
 
 def check_pipeline(spec: PipelineSpec, source: str) -> PipelineSpec:
@@ -114,6 +130,9 @@ def check_pipeline(spec: PipelineSpec, source: str) -> PipelineSpec:
             problem = _reference_problem(spec, name, ref)
             if problem:
                 problems.append(f"stages.{name}.{ref.path}: {problem}")
+        for path, text in broken_references(stage.with_):
+            problems.append(f"stages.{name}.{path}: {text!r} holds a reference written wrongly; write ${{data}} or "
+                            "${stages.NAME.outputs.FIELD}, braces closed")
     if problems:
         raise SpecError(source, problems)
     try:
@@ -124,7 +143,7 @@ def check_pipeline(spec: PipelineSpec, source: str) -> PipelineSpec:
         try:
             stage_inputs(spec, name, lambda text: _example(spec, text))
         except SpecError as error:  # a job's or sweep's problems come as lines of one problem
-            lines = [line for problem in error.problems for line in problem.removeprefix("(top level): ").splitlines()]
+            lines = [line for problem in error.problems for line in problem.splitlines()]
             problems += [f"stages.{name}.with.{line}" for line in lines]
     if problems:
         raise SpecError(source, problems)

@@ -66,10 +66,10 @@ def import_graph() -> dict[str, set[str]]:
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected groups of more than one module (Tarjan's algorithm, iteratively)."""
     index, low, on_stack, stack, found = {}, {}, set(), [], []
-    for root in graph:
+    for root, imported in graph.items():
         if root in index:
             continue
-        work = [(root, iter(sorted(graph[root])))]
+        work = [(root, iter(sorted(imported)))]
         index[root] = low[root] = len(index)
         stack.append(root)
         on_stack.add(root)

@@ -8,6 +8,7 @@ section is read, so a validated spec prints every value a run will use.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Annotated, Any, Literal
 
@@ -26,7 +27,8 @@ JOB_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"  # a Ray submission id, a stor
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No infinities or NaN: .inf passes a lower bound and would break every worker; .nan fails bounds misleadingly.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(_Section):
@@ -54,6 +56,8 @@ class ModelSpec(_Section):
         if not isinstance(values, dict):
             return values
         arch = values.get("arch", cls.model_fields["arch"].default)
+        if not isinstance(arch, str):  # a mapping or list is no name: validation says so
+            return values
         if arch in VARIANTS:
             variant = VARIANTS[arch]
             defaults = {"resolution": variant.resolution, "dropout": variant.dropout,
@@ -103,9 +107,12 @@ class OptimSpec(_Section):
     seed: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
-    def _one_warmup(self) -> OptimSpec:
+    def _one_warmup_shorter_than_training(self) -> OptimSpec:
         if self.warmup_steps is not None and self.warmup_epochs:
             raise ValueError("give warmup_epochs or warmup_steps, not both")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) is not shorter than epochs ({self.epochs}): the "
+                             "learning rate would never reach its peak; warm up for a fraction of the training")
         return self
 
 
@@ -119,7 +126,8 @@ class DDPStrategy(_Section):
 
 
 # Parts of the DeepSpeed config that the spec decides, and the fields that decide them: an override of one
-# would contradict the loop (which builds the optimiser and schedule and runs the accumulation) or the spec.
+# would contradict the loop (which builds the optimiser and schedule, runs the accumulation and checkpoints
+# activations itself) or the spec. The section of a two-part key may be tuned, as a mapping.
 DEEPSPEED_KEYS_FROM_THE_SPEC = {
     ("train_micro_batch_size_per_gpu",): "data.batch_size",
     ("gradient_accumulation_steps",): "optim.grad_accumulation",
@@ -132,6 +140,17 @@ DEEPSPEED_KEYS_FROM_THE_SPEC = {
     ("bf16", "enabled"): "precision.dtype",
     ("fp16", "enabled"): "precision.dtype",
     ("data_types", "buffer_dtype"): "precision.dtype",
+    ("bfloat16",): "precision.dtype",  # DeepSpeed's old name of the bf16 section
+    ("amp",): "precision.dtype",
+    ("torch_autocast",): "precision.dtype",
+    ("activation_checkpointing",): "model.activation_checkpointing",
+}
+# Sections of the override DeepSpeed's own pydantic models check, so a misspelt key stops the spec, not
+# every worker: section → (what DeepSpeed calls it, module, model).
+DEEPSPEED_SECTION_MODELS = {
+    "zero_optimization": ("ZeRO", "deepspeed.runtime.zero.config", "DeepSpeedZeroConfig"),
+    "bf16": ("bf16", "deepspeed.runtime.precision_config", "DeepSpeedBF16Config"),
+    "fp16": ("fp16", "deepspeed.runtime.precision_config", "DeepSpeedFP16Config"),
 }
 
 
@@ -144,30 +163,41 @@ class DeepSpeedStrategy(_Section):
     @model_validator(mode="after")
     def _override_leaves_the_spec_alone(self) -> DeepSpeedStrategy:
         for path, owner in DEEPSPEED_KEYS_FROM_THE_SPEC.items():
-            section = self.config if len(path) == 1 else self.config.get(path[0])
-            if isinstance(section, dict) and path[-1] in section:
+            if path[0] not in self.config:
+                continue
+            section = self.config[path[0]]
+            if len(path) == 1:
+                raise ValueError(f"config.{path[0]} is set by {owner}; remove it from the override")
+            if not isinstance(section, dict):
+                raise ValueError(f"config.{path[0]} must be a mapping of DeepSpeed {path[0]} options, whose "  # noqa: TRY004
+                                 f"{path[-1]} is set by {owner} (got {section!r})")
+            if path[-1] in section:
                 raise ValueError(f"config.{'.'.join(path)} is set by {owner}; remove it from the override")
-        zero = self.config.get("zero_optimization")
-        if zero is not None:
-            _check_zero_section(zero, self.zero_stage)
+        for section, model in DEEPSPEED_SECTION_MODELS.items():
+            if section in self.config:
+                _check_section(section, self.config[section], model,
+                               {"stage": self.zero_stage} if section == "zero_optimization" else {})
         return self
 
 
-def _check_zero_section(zero: Any, stage: int) -> None:
-    """DeepSpeed's own model of the section, so a misspelt key stops the spec instead of every worker."""
-    if not isinstance(zero, dict):
-        raise ValueError(f"config.zero_optimization must be a mapping of DeepSpeed ZeRO options (got {zero!r})")
+def _check_section(section: str, options: dict[str, Any], model: tuple[str, str, str],
+                   spec_part: dict[str, Any]) -> None:
+    """An override section through DeepSpeed's own model of it (`DEEPSPEED_SECTION_MODELS`), with the part the
+    spec sets put in."""
+    label, module, name = model
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # importing DeepSpeed on a machine without GPUs warns that it found none
     try:
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        checked = getattr(importlib.import_module(module), name)
     finally:
         logging.disable(previous)
+    if not all(isinstance(key, str) for key in options):
+        raise ValueError(f"config.{section}: its keys are DeepSpeed option names (got {list(options)!r})")
     try:
-        DeepSpeedZeroConfig(**zero, stage=stage)
+        checked(**options, **spec_part)
     except ValidationError as error:
         wrong = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise ValueError(f"config.zero_optimization is not a valid DeepSpeed ZeRO section: {wrong}") from None
+        raise ValueError(f"config.{section} is not a valid DeepSpeed {label} section: {wrong}") from None
 
 
 Strategy = Annotated[DDPStrategy | DeepSpeedStrategy, Field(discriminator="name")]
@@ -272,6 +302,26 @@ class TrainingSpec(_Section):
     @property
     def global_batch(self) -> int:
         return self.data.batch_size * self.scaling.num_workers * self.optim.grad_accumulation
+
+    def steps_per_epoch(self, train_samples: int) -> int:
+        """Optimiser steps in an epoch over a split of `train_samples`, as the loop counts them: each of the
+        num_workers × loader_workers readers takes an equal share in batches, a step every grad_accumulation
+        batches of its rank."""
+        readers = max(1, self.data.loader_workers)
+        share = -(-train_samples // (self.scaling.num_workers * readers))
+        batches = -(-share // self.data.batch_size) * readers
+        return -(-batches // self.optim.grad_accumulation)
+
+    def warmup_problem(self, train_samples: int) -> str | None:
+        """Why optim.warmup_steps outlast the run on a split of `train_samples`; None if they do not. (The
+        steps are known once the dataset is; warmup_epochs is checked with the spec.)"""
+        per_epoch = self.steps_per_epoch(train_samples)
+        total = per_epoch * self.optim.epochs
+        if self.optim.warmup_steps is None or self.optim.warmup_steps < total:
+            return None
+        return (f"optim.warmup_steps: {self.optim.warmup_steps}, but the run takes {total} optimiser steps "
+                f"({self.optim.epochs} optim.epochs of {per_epoch}): the learning rate would never reach its peak; "
+                "warm up for fewer steps")
 
     @property
     def peak_lr(self) -> float:

@@ -39,11 +39,25 @@ def data_shards(source: str, dest: str, image_size: int, val_fraction: float, se
     from cluster.data.manifest import ManifestError, load_manifest
     from cluster.data.sources import open_source
     from cluster.data.writer import write_shards
+    from cluster.storage import split_s3_url
     from infra.settings import ConfigError, load_settings
     from jobs.s3 import s3_access
 
     if overwrite and if_missing:
         raise click.UsageError("--overwrite and --if-missing contradict each other; pass one")
+    # What needs no stack is checked first: a mistake here is not hidden behind missing stack settings.
+    try:
+        split_s3_url(dest)
+    except ValueError:
+        raise click.BadParameter(f"{dest!r} is not an S3 location; give s3://bucket/prefix/", param_hint="DEST") from None
+    opened = None
+    try:
+        if if_missing:  # the source is read only if the dataset is not there: a cheap look now
+            _check_source_exists(source)
+        else:
+            opened = open_source(source, image_size=image_size, val_fraction=val_fraction, seed=seed)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="SOURCE") from None
     try:
         settings = load_settings(home)
         if if_missing:
@@ -54,7 +68,7 @@ def data_shards(source: str, dest: str, image_size: int, val_fraction: float, se
             else:
                 console.print(f"kept the dataset at {dest} ({manifest.source}, id {identity[:12]}…)")
                 return
-        dataset = open_source(source, image_size=image_size, val_fraction=val_fraction, seed=seed)
+        dataset = opened if opened is not None else open_source(source, image_size=image_size, val_fraction=val_fraction, seed=seed)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed} samples"),
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task(f"sharding {dataset.name}")
@@ -69,3 +83,16 @@ def data_shards(source: str, dest: str, image_size: int, val_fraction: float, se
     if written.skipped:
         console.print(f"skipped {len(written.skipped)} undecodable or unlabelled images (see the log)")
     console.print(f"manifest: {written.url}")
+
+
+def _check_source_exists(source: str) -> None:
+    """`ValueError` if SOURCE names local files or folders and one is not there."""
+    import glob
+
+    from cluster.data.sources import DIGITS_SOURCE
+
+    if source == DIGITS_SOURCE:
+        return
+    missing = [part for part in source.split(",") if not glob.glob(str(Path(part).expanduser()))]
+    if missing:
+        raise ValueError(f"nothing at {', '.join(missing)}")

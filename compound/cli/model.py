@@ -118,10 +118,20 @@ def quantize(source: str, data: str, out_dir: Path, max_drop: float, calibration
     """
     from cluster.data.manifest import ManifestError
     from cluster.quantize import QuantizationError
+    from cluster.train.config import MODEL_NAMES
     from jobs.model_source import ModelRef, ModelSourceError
     from jobs.quantize import quantize_model
     from jobs.s3 import s3_access
 
+    # What needs no stack is checked first: a mistake here is not hidden behind missing stack settings.
+    remote = source.startswith(("s3://", "models:/", "runs:/"))
+    if not remote and ("://" in source or not Path(source).expanduser().is_file()):
+        raise click.BadParameter(f"{source}: no such file here; give an s3:// checkpoint or file, a models:/ or "
+                                 "runs:/ MLflow URI, or a local weights file", param_hint="SOURCE")
+    if arch is not None and arch not in MODEL_NAMES:
+        raise click.BadParameter(f"{arch!r} is not a model compound builds; one of {', '.join(MODEL_NAMES)}",
+                                 param_hint="--arch")
+    _check_data(data)
     settings = settings_of(home)
     try:
         with console.status(f"quantizing {source}"):
@@ -154,6 +164,7 @@ def evaluate(models: tuple[Path, ...], data: str, split: str, threads: int, run_
     from jobs.evaluate import evaluate_models
     from jobs.s3 import s3_access
 
+    _check_data(data)
     settings = settings_of(home)
     try:
         with console.status(f"evaluating on {data} ({split})"):
@@ -163,6 +174,17 @@ def evaluate(models: tuple[Path, ...], data: str, split: str, threads: int, run_
     except (ManifestError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     _print_evaluations(evaluations)
+
+
+def _check_data(data: str) -> None:
+    """--data names a dataset on S3 (checked before the stack's settings are read)."""
+    from cluster.storage import split_s3_url
+
+    try:
+        split_s3_url(data)
+    except ValueError:
+        raise click.BadParameter(f"{data!r} is not an S3 location; give the dataset's s3://…/manifest.json",
+                                 param_hint="--data") from None
 
 
 def _print_evaluations(evaluations: list[Evaluation]) -> None:

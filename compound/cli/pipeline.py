@@ -74,11 +74,16 @@ def run(spec_ref: str, data: str | None, from_stage: str | None, as_json: bool, 
     from mlflow.exceptions import MlflowException
 
     from pipelines.runner import run_pipeline
-    from pipelines.spec import load_pipeline_spec, load_pipeline_spec_text, with_data
+    from pipelines.spec import check_from, load_pipeline_spec, load_pipeline_spec_text, with_data
+
+    def checked(spec):  # --data and --from too, before the settings are read for a file
+        spec = with_data(spec, data, spec_ref)
+        check_from(spec, from_stage)
+        return spec
 
     started = time.monotonic()
-    spec, settings = read_spec(spec_ref, home, from_file=load_pipeline_spec, from_text=load_pipeline_spec_text)
-    spec = with_data(spec, data, spec_ref)
+    spec, settings = read_spec(spec_ref, home, from_file=lambda path: checked(load_pipeline_spec(path)),
+                               from_text=lambda text, source: checked(load_pipeline_spec_text(text, source)))
     try:
         outcome = run_pipeline(spec, settings, from_stage=from_stage, submission_id=submission_id)
     except MlflowException as error:
@@ -131,16 +136,14 @@ def submit(spec_path: Path, data: str | None, from_stage: str | None, address: s
     Refused while a run of the same pipeline is active. Watch it with `compound pipeline status NAME`,
     `compound job logs NAME` and in MLflow.
     """
-    from jobs.spec import SpecError
     from pipelines.runner import check_data
-    from pipelines.spec import load_pipeline_spec, with_data
+    from pipelines.spec import check_from, load_pipeline_spec, with_data
     from pipelines.submit import plan_pipeline_submission
 
+    spec = with_data(load_pipeline_spec(spec_path), data, str(spec_path))
+    check_from(spec, from_stage)
     settings = settings_of(home)
     client = jobs_client(settings, address)
-    spec = with_data(load_pipeline_spec(spec_path), data, str(spec_path))
-    if from_stage is not None and from_stage not in spec.stages:
-        raise SpecError("--from", [f"no stage {from_stage!r}; stages: {', '.join(spec.stages)}"])
     check_data(spec, settings)
     plan = plan_pipeline_submission(spec, settings, client, options=("--from", from_stage) if from_stage else ())
     submit_and_print("pipeline", plan, settings, client, follow=follow)

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from jobs.spec import SweepSpec, check_sweep, parse_spec
 from pipelines.stages.base import SpecInputs, StageContext, StageOutputs
-from pipelines.stages.train import MANIFEST_PATTERN, use_manifest
+from pipelines.stages.train import MANIFEST_PATTERN, use_manifest, with_entries
 
 
 class Inputs(SpecInputs):
@@ -39,7 +39,7 @@ def sweep_spec(inputs: Inputs, *, name: str, tracking: dict[str, Any]) -> SweepS
     job = data.get("job")
     if inputs.data is not None and isinstance(job, dict):
         use_manifest(job, inputs.data)
-    data["tracking"] = {**(data.get("tracking") or {}), **tracking}  # the trials' runs go where the sweep's goes
+    data["tracking"] = with_entries(data.get("tracking"), tracking)  # the trials' runs go where the sweep's goes
     return check_sweep(parse_spec(SweepSpec, data, "sweep"), "sweep")
 
 

@@ -40,9 +40,16 @@ def job_spec(inputs: Inputs, *, name: str, tracking: dict[str, Any], teacher: st
     if inputs.data is not None:
         use_manifest(data, inputs.data)
     if teacher is not None:
-        data["distill"] = {**(data.get("distill") or {}), "teacher": teacher}
-    data["tracking"] = {**(data.get("tracking") or {}), **tracking}
+        data["distill"] = with_entries(data.get("distill"), {"teacher": teacher})
+    data["tracking"] = with_entries(data.get("tracking"), tracking)
     return parse_spec(JobSpec, data, "job")
+
+
+def with_entries(section: Any, entries: dict[str, Any]) -> Any:
+    """A spec section (a mapping, or absent) with `entries` put in; anything else is left for validation to name."""
+    if section is None:
+        return dict(entries)
+    return {**section, **entries} if isinstance(section, dict) else section
 
 
 def use_manifest(job: dict[str, Any], manifest: str) -> None:

@@ -142,7 +142,7 @@ def test_cli_writes_a_dataset_and_rejects_bad_sources(stack, s3: S3Access, tmp_p
     kept = CliRunner().invoke(cli, [*args, "--if-missing"])
     assert kept.exit_code == 0 and f"kept the dataset at {dest}" in kept.output
     bad = CliRunner().invoke(cli, ["data", "shards", str(tmp_path / "nowhere"), dest, "--home", str(stack.home)])
-    assert bad.exit_code == 1 and "unknown source" in bad.output
+    assert bad.exit_code == 2 and "unknown source" in bad.output  # a usage error, told before the stack is asked
 
 
 # --- loader -----------------------------------------------------------------------------------------

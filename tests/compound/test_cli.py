@@ -117,3 +117,55 @@ def test_named_errors_end_a_command_with_their_message_and_others_stay_traceback
     assert named.exit_code == 1 and "Error: the cluster can never hold 9 workers" in named.output
     other = CliRunner().invoke(command, ["other"])
     assert other.exit_code == 1 and isinstance(other.exception, KeyError)  # a bug still shows as one
+
+
+TINY_PIPELINE = Path(__file__).parents[2] / "pipelines" / "examples" / "digits-tiny.yaml"
+
+
+def _refused_without_a_stack(tmp_path: Path, args: list[str], expected: str, *, exit_code: int = 2) -> None:
+    """A mistake that needs no stack is named, with no stack set up: not hidden behind "run `compound up`"."""
+    no_stack = tmp_path / "no-stack"
+    result = CliRunner().invoke(cli, [*args, "--home", str(no_stack)])
+    assert result.exit_code == exit_code and expected in result.output, result.output
+    assert "compound up" not in result.output and "Traceback" not in result.output, result.output
+    assert not no_stack.exists()
+
+
+def test_a_wrong_shards_source_or_destination_is_named_before_the_stack_is_needed(tmp_path: Path) -> None:
+    dest = "s3://shards/x/"
+    _refused_without_a_stack(tmp_path, ["data", "shards", "/nonexistent", dest], "unknown source '/nonexistent'")
+    _refused_without_a_stack(tmp_path, ["data", "shards", "/nonexistent/*.tar", dest], "no tar files match")
+    _refused_without_a_stack(tmp_path, ["data", "shards", "/nonexistent", dest, "--if-missing"], "nothing at /nonexistent")
+    _refused_without_a_stack(tmp_path, ["data", "shards", "sklearn:digits", "shards/x"], "'shards/x' is not an S3 location")
+    _refused_without_a_stack(tmp_path, ["data", "shards", "sklearn:digits", "s3:///x/"], "is not an S3 location")
+
+
+def test_a_missing_model_or_a_wrong_dataset_is_named_before_the_stack_is_needed(tmp_path: Path) -> None:
+    quantize = ["model", "quantize", "--out", str(tmp_path / "out")]
+    data = ["--data", "s3://shards/digits/manifest.json"]
+    _refused_without_a_stack(tmp_path, [*quantize, "/missing.pth", *data], "/missing.pth: no such file here")
+    _refused_without_a_stack(tmp_path, [*quantize, "http://host/m.pth", *data], "no such file here")
+    (tmp_path / "weights.pth").write_bytes(b"not read")
+    weights = str(tmp_path / "weights.pth")
+    _refused_without_a_stack(tmp_path, [*quantize, weights, "--data", "digits/manifest.json"], "is not an S3 location")
+    _refused_without_a_stack(tmp_path, [*quantize, weights, *data, "--arch", "efficientnet_b9"], "'efficientnet_b9' is not")
+    (tmp_path / "m.onnx").write_bytes(b"not read")
+    _refused_without_a_stack(tmp_path, ["model", "evaluate", str(tmp_path / "m.onnx"), "--data", "local"],
+                             "'local' is not an S3 location")
+
+
+def test_a_pipeline_from_no_stage_is_named_before_the_stack_is_needed(tmp_path: Path) -> None:
+    expected = "no stage 'evaluation'; stages: teacher, student, int8, evaluate, register, promote"
+    _refused_without_a_stack(tmp_path, ["pipeline", "run", str(TINY_PIPELINE), "--from", "evaluation"], expected)
+    _refused_without_a_stack(tmp_path, ["pipeline", "submit", str(TINY_PIPELINE), "--from", "evaluation"], expected)
+    _refused_without_a_stack(tmp_path, ["pipeline", "run", str(TINY_PIPELINE), "--data", "/local/manifest.json"],
+                             "data: should be an S3 URL")
+
+
+def test_a_schedule_that_can_never_fire_is_refused_before_the_stack_is_needed(tmp_path: Path) -> None:
+    add = ["schedule", "add", str(TINY_PIPELINE)]
+    _refused_without_a_stack(tmp_path, [*add, "--cron", "0 0 31 2 *"], "--cron '0 0 31 2 *' never fires", exit_code=1)
+    _refused_without_a_stack(tmp_path, [*add, "--cron", "0 0 30 2 *"], "never fires", exit_code=1)
+    _refused_without_a_stack(tmp_path, [*add, "--on-new-data", "s3:///"], "--on-new-data 's3:///': give an S3 prefix",
+                             exit_code=1)
+    _refused_without_a_stack(tmp_path, [*add, "--on-new-data", "s3://shards"], "give an S3 prefix", exit_code=1)

@@ -1,11 +1,14 @@
 """Job specs: YAML read strictly, every section validated, errors that name the field, exit code 2."""
 
+import math
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
+from cluster.data.loader import plan_epoch
+from cluster.data.manifest import ShardInfo
 from compound.cli import cli
 from jobs.spec import MAX_SPEC_BYTES, JobSpec, SpecError, load_job_spec, load_sweep_spec
 
@@ -60,6 +63,31 @@ def test_peak_lr_scales_with_the_global_batch() -> None:
     assert spec.global_batch == 512 and spec.peak_lr == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize(("samples", "workers", "loader_workers", "batch_size", "accumulation"), [
+    (1797, 2, 2, 32, 1), (1437, 3, 1, 16, 4), (100, 1, 0, 7, 3), (64, 2, 2, 64, 2),
+])
+def test_steps_per_epoch_are_counted_as_the_loader_and_the_loop_count_them(
+    samples: int, workers: int, loader_workers: int, batch_size: int, accumulation: int,
+) -> None:
+    spec = JobSpec.model_validate({**MINIMAL, "data": {**MINIMAL["data"], "batch_size": batch_size,
+                                                       "loader_workers": loader_workers},
+                                   "scaling": {"num_workers": workers}, "optim": {"grad_accumulation": accumulation}})
+    sizes = [samples // 3, samples // 3, samples - 2 * (samples // 3)]
+    shards = tuple(ShardInfo(url=f"s3://b/{i}.tar", samples=n, bytes=1, sha256="0" * 64) for i, n in enumerate(sizes))
+    readers = max(1, loader_workers)
+    plan = plan_epoch(shards, epoch=0, seed=0, num_slots=workers * readers, batch_size=batch_size, shuffle=True)
+    assert spec.steps_per_epoch(samples) == math.ceil(plan.batches_per_slot * readers / accumulation)
+
+
+def test_warmup_steps_longer_than_the_run_are_refused_once_the_data_is_known() -> None:
+    long = JobSpec.model_validate(_with("optim", warmup_steps=1_000_000, epochs=3))
+    assert long.warmup_problem(1797) == (
+        "optim.warmup_steps: 1000000, but the run takes 90 optimiser steps (3 optim.epochs of 30): the learning rate "
+        "would never reach its peak; warm up for fewer steps")
+    assert JobSpec.model_validate(_with("optim", warmup_steps=89, epochs=3)).warmup_problem(1797) is None
+    assert JobSpec.model_validate(_with("optim", warmup_epochs=0.5)).warmup_problem(1797) is None
+
+
 @pytest.mark.parametrize(("change", "expected"), [
     ({"tracker": {}}, "tracker: unknown field; allowed here: checkpoint, data, distill, failure, model, name, optim"),
     (_with("model", archh="efficientnet_b0"), "model.archh: unknown field; allowed here: activation_checkpointing, arch"),
@@ -80,11 +108,14 @@ def test_peak_lr_scales_with_the_global_batch() -> None:
     ({**_with("optim", ema_decay=0.999), "strategy": {"name": "deepspeed", "zero_stage": 3}},
      "optim.ema_decay is not supported with ZeRO stage 3"),
     (_with("optim", warmup_steps=100, warmup_epochs=1), "optim: give warmup_epochs or warmup_steps, not both"),
-    ({**MINIMAL, "name": "My Job!"}, "name: String should match pattern"),
+    ({**MINIMAL, "name": "My Job!"}, ("name: should be lowercase letters, digits, '.', '_' and '-', starting with a "
+                                     "lowercase letter or a digit, at most 63 characters (got 'My Job!')")),
     ({"name": "tiny"}, "data: required, but missing"),
-    ({**MINIMAL, "data": {"train": {"manifest": "/local/manifest.json"}}}, "data.train.manifest: String should match pattern '^s3://"),
+    ({**MINIMAL, "data": {"train": {"manifest": "/local/manifest.json"}}},
+     "data.train.manifest: should be an S3 URL, s3://bucket/path (got '/local/manifest.json')"),
     (_with("data", batch_size=[32]), "data.batch_size: Input should be a valid integer (got [32])"),
-    (_with("checkpoint", storage="checkpoints/jobs"), "checkpoint.storage: String should match pattern '^s3://"),
+    (_with("checkpoint", storage="checkpoints/jobs"),
+     "checkpoint.storage: should be an S3 URL, s3://bucket or s3://bucket/prefix (got 'checkpoints/jobs')"),
     ({**MINIMAL, "data": {**MINIMAL["data"], "augment": {"crop_scale": [1.0, 0.35]}}},
      "data.augment.crop_scale: give [min, max] fractions of the image's area, with 0 < min <= max <= 1 (got [1.0, 0.35])"),
     ({**MINIMAL, "data": {**MINIMAL["data"], "augment": {"crop_scale": [0, 1]}}}, "with 0 < min <= max <= 1"),

@@ -73,15 +73,17 @@ def test_data_can_be_replaced_and_is_checked() -> None:
     (lambda d: d["stages"]["teacher"]["with"]["sweep"].update(trials=0),
      "stages.teacher.with.sweep.trials: Input should be greater than or equal to 1"),
     (lambda d: d["stages"]["register"]["with"].update(quantized="${stages.int8.outputs.folder}"),
-     "stages.register.with.quantized: takes all of a quantize stage's outputs, not one of them: write "
-     "${stages.NAME.outputs}, NAME the quantize stage (got 's3://bucket/pipelines/p/run/int8')"),
+     ("stages.register.with.quantized: takes all of a quantize stage's outputs, not one of them: write "
+     "${stages.NAME.outputs}, NAME the quantize stage (got 's3://bucket/pipelines/p/run/int8')")),
     (lambda d: d["stages"]["register"]["with"].update(quantized="${stages.student.outputs}"),
      "stages.register.with.quantized.fp32_onnx: required, but missing"),
     (lambda d: d["stages"]["register"]["with"]["gate"].update(tolerance="some"),
      "stages.register.with.gate.tolerance: Input should be a valid number"),
     (lambda d: d["stages"].update({"Bad_Stage": d["stages"].pop("promote")}), "stage names are lowercase"),
-    (lambda d: d.update(name="Digits Tiny"), "name: String should match pattern"),
-    (lambda d: d.update(data="s3://shards/digits/"), "data: String should match pattern"),
+    (lambda d: d.update(name="Digits Tiny"), ("name: should be lowercase letters, digits and '-', starting with a "
+                                             "lowercase letter or a digit, at most 24 characters (got 'Digits Tiny')")),
+    (lambda d: d.update(data="s3://shards/digits/"),
+     "data: should be an S3 URL, s3://bucket/path, ending in .json (got 's3://shards/digits/')"),
     (lambda d: d.update(stages={}), "stages: Dictionary should have at least 1 item"),
     (lambda d: d.update(schedule="nightly"), "schedule: unknown field; allowed here: data, experiment, name, stages"),
 ])
