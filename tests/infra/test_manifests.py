@@ -67,11 +67,12 @@ def test_gpu_workers_request_gpus_and_read_credentials_from_the_secret(docs: dic
     (worker,) = cluster["workerGroupSpecs"]
     (container,) = worker["template"]["spec"]["containers"]
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
-    for doc in (docs[("RayCluster", "compound")], docs[("Deployment", "mlflow")]):
+    for doc, secrets in ((docs[("RayCluster", "compound")], {"compound-s3", "compound-mlflow", "compound-ray"}),
+                         (docs[("Deployment", "mlflow")], {"compound-s3"})):
         for c in _containers(doc):
             refs = {next(iter(ref.values()))["name"] for ref in c["envFrom"]}
-            assert refs == {"compound-settings", "compound-s3"}
-    assert "SECRET_KEY" not in yaml.safe_dump(docs[("ConfigMap", "compound-settings")])
+            assert refs == {"compound-settings", *secrets}
+    assert not re.search(r"SECRET|PASSWORD|TOKEN", yaml.safe_dump(docs[("ConfigMap", "compound-settings")]))
 
 
 def test_settings_point_at_the_services_the_manifests_define(docs: dict) -> None:
@@ -91,9 +92,9 @@ def test_rayjob_targets_the_cluster_and_reads_its_spec_from_the_mounted_configma
     job = docs[("RayJob", "compound-train")]["spec"]
     assert job["clusterSelector"] == {"ray.io/cluster": "compound"}
     head = docs[("RayCluster", "compound")]["spec"]["headGroupSpec"]["template"]["spec"]
-    (mount,) = head["containers"][0]["volumeMounts"]
-    (volume,) = head["volumes"]
-    assert volume["configMap"]["name"] == "compound-jobs" and mount["name"] == volume["name"]
+    (volume,) = [v for v in head["volumes"] if "configMap" in v]
+    (mount,) = [m for m in head["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert volume["configMap"]["name"] == "compound-jobs"
     *command, spec_path = job["entrypoint"].split()
     assert command == ["compound", "job", "run"]
     assert spec_path.startswith(mount["mountPath"] + "/")
@@ -123,3 +124,51 @@ def test_the_scheduler_is_one_replica_with_its_schedules_in_postgresql(docs: dic
     assert f"--port {DEFAULTS.scheduler}" in container["args"][0]
     store = next(e["value"] for e in container["env"] if e["name"] == "COMPOUND_SCHEDULER_STORE")
     assert store.startswith("postgresql://") and "@mlflow-db:5432/" in store and ("Service", "mlflow-db") in docs
+
+
+def test_every_container_runs_unprivileged_within_limits(docs: dict) -> None:
+    for (kind, name), doc in docs.items():
+        for container in _containers(doc):
+            where = f"{kind} {name}: {container['name']}"
+            limits = container.get("resources", {}).get("limits", {})
+            assert {"cpu", "memory"} <= set(limits), where
+            context = container.get("securityContext", {})
+            assert context.get("allowPrivilegeEscalation") is False and context["capabilities"]["drop"] == ["ALL"], where
+    pods = [doc for doc in docs.values() if _containers(doc)]
+    for doc in pods:
+        contexts = _pod_security_contexts(doc)
+        assert contexts and all(c.get("runAsNonRoot") is True for c in contexts), doc["metadata"]["name"]
+
+
+def _pod_security_contexts(node: object) -> list[dict]:
+    """The pod-level securityContext of every pod template below `node`."""
+    if isinstance(node, dict):
+        if "containers" in node:
+            return [node.get("securityContext", {})]
+        return [c for value in node.values() for c in _pod_security_contexts(value)]
+    if isinstance(node, list):
+        return [c for item in node for c in _pod_security_contexts(item)]
+    return []
+
+
+def test_no_password_reaches_a_command_line_and_every_service_asks_who_you_are(docs: dict) -> None:
+    for (kind, name), doc in docs.items():
+        for container in _containers(doc):
+            command = " ".join(container.get("command", []) + container.get("args", []))
+            assert not re.search(r"PASSWORD|--backend-store-uri|_TOKEN", command), f"{kind} {name}: {command}"
+    mlflow = _containers(docs[("Deployment", "mlflow")])[0]
+    assert "--app-name basic-auth" in mlflow["args"][0]
+    ray_clients = [*_containers(docs[("RayCluster", "compound")]), *_containers(docs[("RayJob", "compound-train")])]
+    for container in ray_clients:
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "compound-ray", container["name"]
+
+
+def test_network_policies_deny_by_default_and_open_each_service_to_its_clients(docs: dict) -> None:
+    policies = {name: doc["spec"] for (kind, name), doc in docs.items() if kind == "NetworkPolicy"}
+    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    opened = [p["podSelector"]["matchLabels"] for name, p in policies.items() if name != "default-deny-ingress"]
+    assert {"ray.io/cluster": "compound"} in opened and {"app": "mlflow"} in opened and {"app": "mlflow-db"} in opened
+    db = policies["mlflow-db-from-its-clients"]["ingress"][0]["from"]
+    assert {"app": "mlflow"} in [peer["podSelector"]["matchLabels"] for peer in db]
