@@ -114,6 +114,11 @@ def test_launcher_uses_the_stack_ports_and_valid_settings() -> None:
     assert _port(settings.ray_address) == DEFAULTS.ray
     gpu = launcher["available_node_types"]["gpu_worker"]
     assert gpu["max_workers"] <= launcher["max_workers"]
+    assert "--env RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
+    assert not any(re.search(r"PASSWORD|TOKEN=|SECRET", o) for o in launcher["docker"]["run_options"])
+    (ssh,) = launcher["provider"]["security_group"]["IpPermissions"]  # nothing but SSH from outside the group
+    assert (ssh["FromPort"], ssh["ToPort"]) == (22, 22)
+    assert all(not r["CidrIp"].startswith("0.0.0.0") for r in ssh["IpRanges"])
 
 
 def test_the_scheduler_is_one_replica_with_its_schedules_in_postgresql(docs: dict) -> None:
