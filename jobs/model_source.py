@@ -125,6 +125,21 @@ def fetch_model(ref: ModelRef, num_classes: int, *, s3: S3Access, tracking_uri: 
     return _from_file(path, ref, num_classes, resolution=None, out=out)
 
 
+def check_source(source: str, *, s3: S3Access, tracking_uri: str) -> None:
+    """`ModelSourceError` unless the model `source` names is there: what `fetch_model` would find first,
+    without downloading it (a pipeline checks its literal models before its first stage trains)."""
+    if source.startswith(("models:/", "runs:/")):
+        checkpoint = _logged_model_checkpoint(source, tracking_uri)
+        if not _exists(f"{checkpoint}/{PROGRESS_FILE}", s3):
+            raise ModelSourceError(f"{source}: its checkpoint {checkpoint} is gone from the store")
+    elif source.startswith("s3://"):
+        if not (_exists(f"{source.rstrip('/')}/{PROGRESS_FILE}", s3) or _exists(source, s3)):
+            raise ModelSourceError(f"{source}: no checkpoint folder or file there")
+    elif "://" in source or not Path(source).expanduser().is_file():
+        raise ModelSourceError(f"{source}: give an s3:// checkpoint or file, a models:/ or runs:/ MLflow URI, "
+                               "or a local weights file that exists")
+
+
 def _from_checkpoint(checkpoint: str, ref: ModelRef, num_classes: int, *, s3: S3Access,
                      out: Path) -> tuple[Path, PinnedModel]:
     """A compound job's checkpoint folder: its weights, at the resolution and model its spec trained."""

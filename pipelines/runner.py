@@ -68,6 +68,7 @@ def run_pipeline(spec: PipelineSpec, settings: Settings, *, from_stage: str | No
     if from_stage is not None and from_stage not in spec.stages:
         raise SpecError("--from", [f"no stage {from_stage!r}; stages: {', '.join(spec.stages)}"])
     dataset = check_data(spec, settings)
+    check_models(spec, settings)
     parent, records, resumed = open_pipeline_run(spec, settings.mlflow_tracking_uri, from_stage=from_stage,
                                                  submission_id=submission_id, dataset=dataset)
     log.info("pipeline %s: MLflow run %s%s", spec.name, parent.url, " (resumed)" if resumed else "")
@@ -133,6 +134,31 @@ def check_data(spec: PipelineSpec, settings: Settings) -> tuple[ShardManifest, s
         return load_manifest(spec.data, s3=s3_access(settings))
     except (ManifestError, ValueError) as error:
         raise SpecError(f"pipeline {spec.name}", [f"data: {error}"]) from None
+
+
+def check_models(spec: PipelineSpec, settings: Settings) -> None:
+    """The models the pipeline names itself (not outputs of its stages) are there: a teacher in the
+    registry that is not, refused before the stages ahead of it train."""
+    from jobs.model_source import ModelSourceError, check_source
+    from jobs.s3 import s3_access
+    from pipelines.graph import references
+    from pipelines.stages import STAGES
+
+    s3, problems = s3_access(settings), []
+    for name, stage in spec.stages.items():
+        for field in getattr(STAGES.get(stage.uses), "MODEL_INPUTS", ()):
+            value = stage.with_.get(field)
+            named = value if isinstance(value, dict) else {None: value}
+            for label, source in named.items():
+                if not isinstance(source, str) or references(source):
+                    continue  # an output of a stage before it, there when that stage is
+                try:
+                    check_source(source, s3=s3, tracking_uri=settings.mlflow_tracking_uri)
+                except ModelSourceError as error:
+                    path = f"stages.{name}.with.{field}" + (f".{label}" if label else "")
+                    problems.append(f"{path}: {error}")
+    if problems:
+        raise SpecError(f"pipeline {spec.name}", problems)
 
 
 def open_pipeline_run(spec: PipelineSpec, tracking_uri: str, *, from_stage: str | None, submission_id: str | None,

@@ -136,7 +136,7 @@ def submit(spec_path: Path, data: str | None, from_stage: str | None, address: s
     Refused while a run of the same pipeline is active. Watch it with `compound pipeline status NAME`,
     `compound job logs NAME` and in MLflow.
     """
-    from pipelines.runner import check_data
+    from pipelines.runner import check_data, check_models
     from pipelines.spec import check_from, load_pipeline_spec, with_data
     from pipelines.submit import plan_pipeline_submission
 
@@ -145,6 +145,7 @@ def submit(spec_path: Path, data: str | None, from_stage: str | None, address: s
     settings = settings_of(home)
     client = jobs_client(settings, address)
     check_data(spec, settings)
+    check_models(spec, settings)
     plan = plan_pipeline_submission(spec, settings, client, options=("--from", from_stage) if from_stage else ())
     submit_and_print("pipeline", plan, settings, client, follow=follow)
 

@@ -13,7 +13,10 @@ from pipelines.stages import train
 from pipelines.stages.base import StageContext
 from pipelines.stages.train import Outputs, job_spec
 
-__all__ = ["Inputs", "Outputs", "run"]
+__all__ = ["MODEL_INPUTS", "Inputs", "Outputs", "run"]
+
+
+MODEL_INPUTS = ("teacher",)  # model sources, checked before the pipeline runs
 
 
 class Inputs(train.Inputs):

@@ -18,6 +18,9 @@ from pipelines.stages.train import MANIFEST_PATTERN
 LABEL_PATTERN = r"^[a-z0-9_]{1,32}$"
 
 
+MODEL_INPUTS = ("models",)  # model sources (or ONNX files), checked before the pipeline runs
+
+
 class Inputs(StageInputs):
     models: dict[str, str] = Field(min_length=1, description="label → model; the first is the reference")
     data: str = Field(pattern=MANIFEST_PATTERN)

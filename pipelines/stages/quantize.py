@@ -14,6 +14,8 @@ from pydantic import Field
 from pipelines.stages.base import StageContext, StageInputs, StageOutputs
 from pipelines.stages.train import MANIFEST_PATTERN
 
+MODEL_INPUTS = ("model",)  # model sources, checked before the pipeline runs
+
 
 class Inputs(StageInputs):
     model: str = Field(min_length=1, description="what to quantize: a checkpoint folder, an MLflow model or a file")

@@ -171,3 +171,20 @@ def test_a_pipeline_on_data_that_is_not_there_is_refused_and_records_nothing(
     assert code == 2 and "no stage 'evaluation'" in output
     runs = _json(_invoke("pipeline", "status", "digits-tiny", "--json", *home)[1])
     assert all(run["data"] != nowhere for run in runs)
+
+
+def test_a_teacher_that_is_not_there_is_refused_before_any_stage_trains(
+        stack: Stack, settings: Settings, digits, pipeline_file: Path) -> None:
+    home = ("--home", str(stack.home))
+    data = yaml.safe_load(pipeline_file.read_text())
+    data["name"] = "digits-tiny-no-teacher"
+    data["stages"]["student"]["with"]["teacher"] = "models:/no-such-model@champion"
+    data["stages"]["evaluate"]["with"]["models"]["late"] = "s3://checkpoints/no/such/model.onnx"
+    path = pipeline_file.with_name("no-teacher.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    for command in ("run", "submit"):
+        code, output = _invoke("pipeline", command, str(path), *home)
+        assert code == 2, output
+        assert "stages.student.with.teacher: models:/no-such-model@champion" in output, output
+        assert "stages.evaluate.with.models.late: s3://checkpoints/no/such/model.onnx" in output, output
+    assert _json(_invoke("pipeline", "status", "digits-tiny-no-teacher", "--json", *home)[1]) == []
