@@ -114,3 +114,8 @@ def s3_error_code(error: ClientError) -> str:
 
 def is_not_found(error: ClientError) -> bool:
     return s3_error_code(error) in NOT_FOUND_CODES
+
+
+def lost_a_race(error: ClientError) -> bool:
+    """A conditional write (If-None-Match, If-Match) refused: another writer got there first."""
+    return s3_error_code(error) in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")

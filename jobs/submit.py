@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import re
 import shlex
 import time
 from collections.abc import Callable
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, SecretStr
 
-from cluster.storage import split_s3_url
+from cluster.storage import lost_a_race, split_s3_url
 from infra.settings import Settings
 from jobs.capacity import autoscaling_groups, first_line, fits
 from jobs.driver import prepare_job
@@ -191,7 +191,11 @@ def plan_driver(spec: BaseModel, *, kind: str, name: str, experiment: str, clien
         raise SubmissionError(f"{kind} {name} is already {running[-1].status.lower()} as submission "
                               f"{running[-1].submission_id}; follow it with `compound job logs {name} --follow`, "
                               f"or stop it with `compound job stop {name}`")
-    submission_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    # The next number of the name: two submitters racing on "not active? then submit" pick the same id, and
+    # only one can store its spec under it (an S3 conditional write) and submit it (Ray's ids are unique).
+    numbers = [int(match.group(1)) for s in client.submissions()
+               if (match := re.fullmatch(rf"{re.escape(name)}-(\d+)", s.submission_id))]
+    submission_id = f"{name}-{max(numbers, default=0) + 1}"
     spec_uri = f"{folder}/{SUBMISSIONS_FOLDER}/{submission_id}.yaml"
     entrypoint = shlex.join(["compound", kind, "run", spec_uri, "--submission-id", submission_id, *options])
     metadata = {JOB_KEY: name, EXPERIMENT_KEY: experiment, SPEC_KEY: spec_uri}
@@ -203,12 +207,21 @@ def plan_driver(spec: BaseModel, *, kind: str, name: str, experiment: str, clien
 
 def submit(plan: Plan, settings: Settings, client: JobsClient) -> None:
     """Put the spec on S3 and submit the job; the spec is removed again if Ray refuses it."""
+    from botocore.exceptions import ClientError
+
     bucket, key = split_s3_url(plan.spec_uri)
     if plan.resolved is not None and plan.resolved.distill is not None:
         # From here: the cluster's driver cannot read a teacher that is a file on this machine.
         pin_teacher(plan.resolved, s3=s3_access(settings), tracking_uri=settings.mlflow_tracking_uri)
     store = s3_access(settings).client()
-    store.put_object(Bucket=bucket, Key=key, Body=dump_spec(plan.spec).encode(), ContentType="application/yaml")
+    try:
+        store.put_object(Bucket=bucket, Key=key, Body=dump_spec(plan.spec).encode(), ContentType="application/yaml",
+                         IfNoneMatch="*")
+    except ClientError as error:
+        if not lost_a_race(error):
+            raise
+        raise SubmissionError(f"{plan.submission_id} was submitted a moment ago by another submitter; follow it with "
+                              f"`compound job logs {plan.submission_id} --follow`") from None
     try:
         client.ray.submit_job(entrypoint=plan.entrypoint, submission_id=plan.submission_id, metadata=plan.metadata)
     except BaseException:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.storage import S3Access, s3_error_code
+from cluster.storage import S3Access, lost_a_race
 
 log = logging.getLogger(__name__)
 
@@ -299,24 +299,26 @@ def _ms(value: float | None) -> str:
 @contextlib.contextmanager
 def registry_lock(s3: S3Access, bucket: str, name: str) -> Iterator[None]:
     """Hold the model's promotion lock: an object only one writer can create (S3 `If-None-Match: *`).
-    A lock older than LOCK_STALE_S is taken over: its holder died."""
+    A lock older than LOCK_STALE_S was left by a holder that died: it is replaced conditionally on the
+    ETag the taker read (`If-Match`), so of two takers one wins; and it is removed only by its holder."""
     from botocore.exceptions import ClientError
 
     client, key = s3.client(), f"{LOCK_FOLDER}/{name}.lock"
-    token = secrets.token_hex(8)
     deadline = time.monotonic() + LOCK_WAIT_S
     while True:
+        body = json.dumps({"token": secrets.token_hex(8), "at": time.time()}).encode()
+        stale = _stale_etag(client, bucket, key)
         try:
-            client.put_object(Bucket=bucket, Key=key, Body=json.dumps({"token": token, "at": time.time()}).encode(),
-                              IfNoneMatch="*")
+            if stale is None:
+                held = client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+            else:
+                log.warning("taking over the promotion lock of %s: its holder left it over %.0f s ago", name,
+                            LOCK_STALE_S)
+                held = client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=stale)
             break
         except ClientError as error:
-            if s3_error_code(error) not in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            if not lost_a_race(error):
                 raise
-        if _stale(client, bucket, key):
-            log.warning("taking over the promotion lock of %s: its holder left it %.0f s ago", name, LOCK_STALE_S)
-            client.delete_object(Bucket=bucket, Key=key)
-            continue
         if time.monotonic() > deadline:
             raise RegistryError(f"model {name}: another promotion has held the lock s3://{bucket}/{key} for over "
                                 f"{LOCK_WAIT_S:.0f} s; try again")
@@ -324,14 +326,22 @@ def registry_lock(s3: S3Access, bucket: str, name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        client.delete_object(Bucket=bucket, Key=key)
+        with contextlib.suppress(ClientError):  # refused: it was taken over, and is the taker's now
+            client.delete_object(Bucket=bucket, Key=key, IfMatch=held["ETag"])
 
 
-def _stale(client, bucket: str, key: str) -> bool:
+def _stale_etag(client, bucket: str, key: str) -> str | None:
+    """The ETag of the lock if a dead holder left it (None: free, or held by a live one)."""
     from botocore.exceptions import ClientError
 
     try:
-        held = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        found = client.get_object(Bucket=bucket, Key=key)
     except ClientError:
-        return False  # released meanwhile: the next try takes it
-    return time.time() - float(held.get("at", 0)) > LOCK_STALE_S
+        return None  # free: the next try creates it
+    try:
+        at = float(json.loads(found["Body"].read())["at"])
+    except (ValueError, TypeError, KeyError):  # damaged: no holder can be told from it
+        return found["ETag"]
+    return found["ETag"] if time.time() - at > LOCK_STALE_S else None
+
+

@@ -257,6 +257,32 @@ def test_submit_refuses_what_can_never_run_and_stop_ends_a_submission(
     assert missing.exit_code == 1 and "no submission or job named 'no-such-job'" in missing.output
 
 
+def test_two_submitters_racing_on_one_job_start_one_driver(
+    stack: Stack, settings: Settings, digits: ShardManifest, tmp_path: Path,
+) -> None:
+    """A cron firing, a new-data firing and a person each check "not active?" and then submit: both checks
+    pass before either submits. They pick the same submission id, and only one gets it."""
+    from jobs.submit import JobsClient, SubmissionError, plan_submission
+    from jobs.submit import submit as submit_plan
+
+    spec_path, spec = make_spec(tmp_path, **SMALL)
+    client = JobsClient(settings.ray_dashboard_url, settings.ray_token)
+    first, second = (plan_submission(spec_path, settings, client, gcs_address=None) for _ in range(2))
+    assert first.submission_id == second.submission_id == f"{spec['name']}-1"
+    submit_plan(first, settings, client)
+    with pytest.raises(SubmissionError, match="submitted a moment ago by another submitter"):
+        submit_plan(second, settings, client)
+    try:
+        assert [s.submission_id for s in client.submissions() if s.job == spec["name"]] == [first.submission_id]
+        stored = settings.s3_client().get_object(**dict(zip(("Bucket", "Key"), first.spec_uri[5:].split("/", 1),
+                                                             strict=True)))
+        assert stored["Body"].read()  # the first submitter's spec, not removed by the second
+    finally:
+        client.stop(client.find(first.submission_id))
+    third = plan_submission(spec_path, settings, client, gcs_address=None)  # the next run, once it ended
+    assert third.submission_id == f"{spec['name']}-2"
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_submissions(settings: Settings) -> None:
     """A test that failed half-way must not leave a job running into the next one."""
