@@ -3,6 +3,7 @@ once and calls the packages. Group names follow Ray's `ray job …` convention."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -35,7 +36,24 @@ for command in (up, down, stack, data, model, job, sweep, pipeline, registry, sc
 
 
 def main() -> None:
+    _log_in(sys.argv[1:])
     try:
         cli(standalone_mode=True)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _log_in(args: list[str]) -> None:
+    """Put the stack's logins (MLflow, Ray) into this process's environment before any command runs: Ray
+    reads whether its cluster wants a token once, when it is first imported, and a command may import it
+    before it reads the settings. The state dir is the command's --home, else the default one; a command
+    that finds no settings says so itself."""
+    from pathlib import Path
+
+    from infra.settings import ConfigError, load_settings
+
+    home = next((a.split("=", 1)[1] for a in args if a.startswith("--home=")), None)
+    if home is None and "--home" in args[:-1]:
+        home = args[args.index("--home") + 1]
+    with contextlib.suppress(ConfigError):
+        load_settings(Path(home) if home else None)

@@ -108,11 +108,13 @@ def jobs_client(settings, address: str | None):
 def read_spec(spec_ref: str, home: Path | None, *, from_file, from_text):
     """The spec a driver runs — a file, or an s3:// URI where `submit` put it — and the stack's settings.
     A file is checked before the settings are read: a bad one fails the same with no stack."""
-    from jobs.submit import read_spec_text
-
     spec = None if spec_ref.startswith("s3://") else from_file(Path(spec_ref))
     settings = settings_of(home)
-    return spec or from_text(read_spec_text(spec_ref, settings), spec_ref), settings
+    if spec is None:
+        from jobs.submit import read_spec_text  # it loads Ray: after the settings have logged the process in
+
+        spec = from_text(read_spec_text(spec_ref, settings), spec_ref)
+    return spec, settings
 
 
 def print_dry_run(what: str, plan, client) -> None:

@@ -4,6 +4,9 @@ relaunch checks. The smoke job and the failure drills (DDP and ZeRO-3) are in te
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -53,6 +56,20 @@ def test_a_missing_dataset_or_a_changed_relaunch_is_refused_before_anything_star
     assert result.exit_code == 2, result.output
     assert f"job '{spec['name']}' was launched before with another spec" in result.output
     assert "changed: data.batch_size." in result.output
+
+
+def test_the_console_script_runs_a_job_logging_itself_in(stack: Stack, digits: ShardManifest, tmp_path: Path) -> None:
+    """As from a person's shell: no Ray token or MLflow login in the environment, only the state dir. The
+    command imports Ray before it reads the settings, and Ray takes its auth mode at import: the CLI puts the
+    logins in its environment first (in-process tests have them from tests/__init__.py)."""
+    spec_path, spec = make_spec(tmp_path, **SMALL)
+    logins = ("RAY_AUTH_", "COMPOUND_RAY_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    env = {name: value for name, value in os.environ.items() if not name.startswith(logins)}
+    done = subprocess.run([str(Path(sys.executable).with_name("compound")), "job", "run", str(spec_path), "--json",
+                           "--home", str(stack.home)], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["job"] == spec["name"] and outcome["checkpoint"] and len(outcome["epochs"]) == 1
 
 
 def _launch_records(spec_path: Path, settings: Settings, s3: S3Access) -> None:
