@@ -1,13 +1,14 @@
 """Images/s streamed from the local S3 store against the same tars read from local disk.
 
 Both go through the same ShardLoader (same decode, augmentation, batch size and workers); only
-the shard URLs differ. Epochs alternate between the two and the ratio is the median over pairs.
-Also prints how many img/s an EfficientNet-B0 training step consumes at the same resolution,
-to show whether the loader would be the bottleneck.
+the shard URLs differ. A round reads one epoch from each, the order reversed every other round (S3
+first in the first round, local disk first in the second, ...); the ratio is the median of the
+per-round ratios, with their range. Also prints how many img/s an EfficientNet-B0 training step
+consumes at the same resolution, to show whether the loader would be the bottleneck.
 
 Starts its own local stack in a temporary state dir on free ports, and stops it at the end.
 
-    python tests/benchmarks/bench_loader.py [--resolution 64 --batch 32 --workers 2 --epochs 5]
+    python tests/benchmarks/bench_loader.py [--resolution 64 --batch 32 --workers 2 --rounds 5]
 
 Bar (issue 4): S3 / local >= 0.8.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from local_stack import local_stack
+from rounds import Bar, bar_line, interleaved, ratios, spread
 
 import effnet
 from cluster.data.loader import ShardLoader
@@ -32,6 +34,8 @@ from cluster.data.transforms import AugmentSpec
 from cluster.data.writer import write_shards
 from cluster.storage import S3Access, split_s3_url
 from jobs.s3 import s3_access
+
+BAR = Bar(">=", 0.8)  # S3 / local
 
 
 def local_copy(manifest: ShardManifest, s3: S3Access, directory: Path) -> ShardManifest:
@@ -72,9 +76,12 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="epochs read from each, interleaved (an epoch is a few seconds)")
     parser.add_argument("--shard-mb", type=float, default=1.0)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
 
@@ -87,22 +94,21 @@ def main() -> None:
         train = manifest.split("train")
         print(f"digits at {args.resolution}px: {train.samples} train images in {len(train.shards)} shards "
               f"({sum(s.bytes for s in train.shards) / 2**20:.1f} MB), batch {args.batch}, "
-              f"{args.workers} loader workers, train augmentation, {args.epochs} alternating epochs each")
+              f"{args.workers} loader workers, train augmentation, {args.rounds} interleaved rounds of one epoch "
+              "each (the order reversed every other round)")
 
         options = {"batch_size": args.batch, "resolution": args.resolution, "loader_workers": args.workers,
                    "s3": s3, "seed": 0, "augment": AugmentSpec()}
-        s3_rates, local_rates = [], []
-        for _ in range(args.epochs):
-            s3_rates.append(images_per_second(ShardLoader(manifest, "train", **options)))
-            local_rates.append(images_per_second(ShardLoader(local, "train", **options)))
-        ratio = statistics.median(s / d for s, d in zip(s3_rates, local_rates, strict=True))
+        rates = interleaved({"s3": lambda: images_per_second(ShardLoader(manifest, "train", **options)),
+                             "local": lambda: images_per_second(ShardLoader(local, "train", **options))},
+                            args.rounds)
         consumed = training_images_per_second(args.resolution, args.batch)
 
-        print(f"{'streamed from S3':32}{statistics.median(s3_rates):>10.0f} img/s")
-        print(f"{'read from local disk':32}{statistics.median(local_rates):>10.0f} img/s")
-        print(f"{'S3 / local':32}{ratio:>10.2f}      bar >= 0.8  {'met' if ratio >= 0.8 else 'MISSED'}")
+        print(f"{'streamed from S3, img/s':32}{spread(rates['s3'], fmt='.0f'):>24}  (median [range])")
+        print(f"{'read from local disk, img/s':32}{spread(rates['local'], fmt='.0f'):>24}")
+        print(bar_line("S3 / local", ratios(rates["s3"], rates["local"]), BAR, width=32))
         print(f"{'B0 training step consumes':32}{consumed:>10.0f} img/s"
-              f"  -> the loader {'keeps up' if statistics.median(s3_rates) >= consumed else 'is the bottleneck'}")
+              f"  -> the loader {'keeps up' if statistics.median(rates['s3']) >= consumed else 'is the bottleneck'}")
 
 
 

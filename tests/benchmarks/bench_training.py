@@ -7,21 +7,25 @@
   name per run, `optim.epochs` from `--epochs` and `checkpoint: {at_epoch_end: false}` (one checkpoint,
   after the last epoch: the plain script writes none). Its figure is the job's own per-epoch
   `train_images_per_s`: real samples of all ranks over the ranks' mean training time, evaluation left out.
-  Ours starts the next epoch's loader workers during that evaluation, so from the second epoch on
-  their start (fork, first shuffle block read) is not timed; the plain script's DataLoader start is.
 - **plain**: `plain_ddp_b0.py` (next to this file) under `torchrun --standalone`: torchvision's
   `efficientnet_b0`, `ImageFolder` over the same train images unpacked to PNG files on local disk,
   `DistributedSampler` + `DataLoader`, the same transforms, optimiser settings, label smoothing,
   batch, loader workers, threads and epochs, all read from the same spec; gloo DDP. It measures
-  img/s per epoch the same way (the data loader's start included, as in ours). It runs twice: in
-  the default memory format and in channels_last (model and inputs). What it leaves out costs no
-  training time: evaluation (untimed on both sides), a learning-rate schedule, and sparing norms and
-  biases from weight decay.
+  img/s per epoch the same way. It runs twice: in the default memory format and in channels_last
+  (model and inputs). What it leaves out costs no training time: evaluation (untimed on both sides),
+  a learning-rate schedule, and sparing norms and biases from weight decay.
+
+Loader start-up is timed alike: on both sides the loader workers start (fork, first data read) in
+the first epoch, which is not counted, and in no counted epoch. Ours starts the next epoch's loader
+workers during evaluation, untimed; the plain script keeps its DataLoader workers from epoch to epoch
+(`persistent_workers=True`). What still differs: ours has an epoch's first batches ready when the
+epoch starts (made during evaluation), the plain script makes its first ones inside its timed epoch (it
+has no evaluation to hide them behind): a batch of PNG files per worker, tens of milliseconds here.
 
 Each side's figure is the median over the epochs after the first (the first pays for start-up and
 warm-up). Runs are interleaved round by round (the order reversed every other round); a ratio is
-the median of the per-round ratios, with their range. Both sides have 1 torch thread and
-OMP_NUM_THREADS=1 per process. Ours also brings its own allocator settings
+the median of the per-round ratios, printed with their range and "met" or "MISSED". Both sides have
+1 torch thread and OMP_NUM_THREADS=1 per process. Ours also brings its own allocator settings
 (`cluster.train.trainer.ALLOCATOR_ENV`); the plain script runs with glibc's defaults, as a user's would.
 
 On a shared machine the figures are only as good as the machine was quiet. Each run waits (up to
@@ -35,7 +39,7 @@ torchrun gives each rank a session of its own.
 Starts its own local stack in a temporary state dir on free ports, and stops it at the end
 (`--keep-stack` leaves it running and says how to stop it).
 
-    python tests/benchmarks/bench_training.py [--epochs 3 --rounds 1 --shard-mb 0.25 --wait-quiet 120 --keep-stack]
+    python tests/benchmarks/bench_training.py [--epochs 3 --rounds 3 --shard-mb 0.25 --wait-quiet 120 --keep-stack]
 
 Bars: ours / plain >= 1.2 (default memory format), ours / plain >= 1.0 (channels_last).
 """
@@ -59,7 +63,8 @@ from typing import TYPE_CHECKING, Any, Self
 
 import psutil
 import yaml
-from local_stack import export_image_folder, local_stack, write_digits
+from local_stack import export_image_folder, local_stack, stack_env, write_digits
+from rounds import DEFAULT_ROUNDS, Bar, bar_line, ratios, round_order, spread
 
 if TYPE_CHECKING:
     from jobs.spec import JobSpec
@@ -71,7 +76,7 @@ SMOKE_SPEC = REPO / "jobs" / "examples" / "b0-cpu-smoke.yaml"
 PLAIN_SCRIPT = Path(__file__).resolve().with_name("plain_ddp_b0.py")
 RUNS = ("ours", "plain", "plain-cl")
 STRIDE_WARNING = "Grad strides do not match bucket view strides"
-BARS = {"plain": 1.2, "plain-cl": 1.0}  # ours / plain must reach these
+BARS = {"plain": Bar(">=", 1.2), "plain-cl": Bar(">=", 1.0)}  # ours / plain
 LABELS = {"ours": "ours (compound job run)", "plain": "plain torchrun, default format",
           "plain-cl": "plain torchrun, channels_last"}
 LOG_TAIL_CHARS = 4000
@@ -211,10 +216,8 @@ def run_ours(spec_path: Path, *, home: Path, run_dir: Path, foreign: ForeignLoad
     command = [str(Path(sys.executable).with_name("compound")), "job", "run", str(spec_path), "--json",
                "--home", str(home)]
     log_path = run_dir / "job.log"
-    # The stack's settings file alone says where things are: COMPOUND_* variables would win over it.
-    env = {key: value for key, value in os.environ.items() if not key.startswith("COMPOUND_")}
     started = time.perf_counter()
-    code = launch(command, out=log_path, foreign=foreign, env=env)
+    code = launch(command, out=log_path, foreign=foreign, env=stack_env())
     seconds = time.perf_counter() - started
     text = log_path.read_text()
     if code != 0:
@@ -267,35 +270,32 @@ def run_plain(spec: JobSpec, *, images: Path, channels_last: bool, run_dir: Path
     result = RunResult(epoch_images_per_s=tuple(e["train_images_per_s"] for e in epochs),
                        steps_per_epoch=max(e["steps"] for e in epochs),
                        samples_per_epoch=epochs[-1]["train_samples_epoch"], seconds=seconds)
-    return result, {"world_size": raw["world_size"], "threads": raw["threads"],
-                    "omp_num_threads": raw["omp_num_threads"], "nice": raw["nice"]}
+    return result, {key: raw[key] for key in ("world_size", "threads", "omp_num_threads", "nice", "persistent_workers")}
 
 
 def print_summary(results: dict[str, list[RunResult]]) -> None:
     """The table, the ratios and the bars."""
     ours = results["ours"]
-    print(f"\n{'median over rounds':34}{'img/s':>8}{'last round, per epoch':>30}{'steps/ep':>10}{'samples/ep':>12}"
-          f"{'run s':>8}{'others':>8}")
+    print(f"\n{'over rounds':34}{'img/s: median [range]':>24}{'last round, per epoch':>30}{'steps/ep':>10}"
+          f"{'samples/ep':>12}{'run s':>8}{'others':>8}")
     for name in RUNS:
         runs = results[name]
         per_epoch = " ".join(f"{v:.0f}" for v in runs[-1].epoch_images_per_s)
-        print(f"{LABELS[name]:34}{statistics.median(r.images_per_s for r in runs):>8.1f}{per_epoch:>30}"
+        print(f"{LABELS[name]:34}{spread([r.images_per_s for r in runs], fmt='.1f'):>24}{per_epoch:>30}"
               f"{runs[-1].steps_per_epoch:>10}{runs[-1].samples_per_epoch:>12}"
               f"{statistics.median(r.seconds for r in runs):>8.0f}"
               f"{statistics.median(r.foreign_cores for r in runs):>8.2f}")
     print(f"\nours' workers that warned 'Grad strides do not match bucket view strides' (a weight whose gradient "
           f"comes back laid out otherwise, copied into DDP's bucket): {sum(r.stride_warnings for r in ours)}")
     for name, bar in BARS.items():
-        ratios = sorted(o.images_per_s / p.images_per_s for o, p in zip(ours, results[name], strict=True))
-        ratio = statistics.median(ratios)
-        print(f"{'ours / ' + LABELS[name]:52}{ratio:>7.2f}  [{ratios[0]:.2f}, {ratios[-1]:.2f}]   "
-              f">= {bar}  {'met' if ratio >= bar else 'MISSED'}")
+        per_round = ratios([r.images_per_s for r in ours], [r.images_per_s for r in results[name]])
+        print(bar_line(f"ours / {LABELS[name]}", per_round, bar, width=52))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3, help="per run; the first is not counted (at least 2)")
-    parser.add_argument("--rounds", type=int, default=1, help="runs of each of the three, interleaved")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="runs of each of the three, interleaved")
     parser.add_argument("--shard-mb", type=float, default=0.25, help="target shard size of the digits, MB")
     parser.add_argument("--settle", type=float, default=3.0,
                         help="seconds between runs, so that Ray's teardown does not overlap the next start")
@@ -337,14 +337,16 @@ def main() -> None:
               f"{spec.scaling.cpus_per_worker:g} CPU, {spec.data.loader_workers} loader worker(s) each, "
               f"{threads_per_worker(spec)} torch thread(s) and OMP_NUM_THREADS={threads_per_worker(spec)} per "
               f"worker, {args.epochs} epochs per run (the first not counted), {args.rounds} interleaved round(s); "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. Loader start-up is in no counted "
+              f"epoch on either side: ours starts the next epoch's loader during evaluation, the plain script "
+              f"keeps its DataLoader workers (persistent_workers=True)")
 
         # The stack's services are part of our runs (Ray's workers run in the Ray head's session); during the
         # plain runs they idle, and what they use then counts as foreign.
         stack_sessions = {os.getsid(status.pid) for status in stack.status() if status.pid is not None}
         results: dict[str, list[RunResult]] = {name: [] for name in RUNS}
         for round_index in range(args.rounds):
-            for name in RUNS if round_index % 2 == 0 else reversed(RUNS):
+            for name in round_order(RUNS, round_index):
                 run_dir = home / "runs" / f"{name}-{round_index}"
                 run_dir.mkdir(parents=True)
                 busy = wait_for_quiet(args.wait_quiet)
@@ -358,7 +360,8 @@ def main() -> None:
                         result, raw = run_plain(spec, images=images, channels_last=name == "plain-cl",
                                                 run_dir=run_dir, foreign=foreign)
                         setup = (f"world {raw['world_size']}, {raw['threads']} thread(s), "
-                                 f"OMP_NUM_THREADS={raw['omp_num_threads']}, nice {raw['nice']}")
+                                 f"OMP_NUM_THREADS={raw['omp_num_threads']}, nice {raw['nice']}, "
+                                 f"persistent_workers={raw['persistent_workers']}")
                 result = replace(result, foreign_cores=foreign.cores)
                 results[name].append(result)
                 log.info("round %d %-8s %6.1f img/s (epochs: %s)  %d steps/epoch  run %.0f s  (%s; others used "

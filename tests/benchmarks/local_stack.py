@@ -1,15 +1,21 @@
 """The local stack a benchmark runs against: started in a temporary state dir on free ports, stopped and
-removed after (unless kept), and the demo's digits written to it."""
+removed after (unless kept), the demo's digits written to it, and `compound job run` against it."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import yaml
 
 if TYPE_CHECKING:
     from cluster.data.manifest import ShardManifest
@@ -19,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("local_stack")
 
+COMPOUND = str(Path(sys.executable).with_name("compound"))
+LOG_TAIL_CHARS = 3000
 STACK_ATTEMPTS = 3
 SHARDS_PREFIX = "s3://shards/digits/"  # where the example specs' manifest lives
 VAL_FRACTION = 0.2  # `compound data shards`' default, as in the demo
@@ -92,3 +100,22 @@ def export_image_folder(manifest: ShardManifest, s3: S3Access, directory: Path, 
                 count += 1
     shutil.rmtree(tars)
     return count
+
+
+def stack_env() -> dict[str, str]:
+    """This process's environment for a command against the benchmark's stack: without COMPOUND_* variables,
+    which would win over the stack's settings file."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("COMPOUND_")}
+
+
+def run_job(spec: dict, home: Path) -> dict:
+    """`compound job run` of `spec` (written to `home/<name>.yaml`) against the stack in `home`; the outcome
+    it prints with --json: job, checkpoint, epochs (each epoch's figures), ..."""
+    path = home / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    done = subprocess.run([COMPOUND, "job", "run", str(path), "--json", "--home", str(home)], capture_output=True,
+                          text=True, env=stack_env(), check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"compound job run {spec['name']} exited with {done.returncode}:\n"
+                           f"{done.stderr[-LOG_TAIL_CHARS:]}")
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith('{"job"')][-1])
