@@ -94,10 +94,10 @@ class Settings(BaseModel):
 
 
     def ray_env(self) -> dict[str, str]:
-        """Environment with the Ray token: Ray's clients, drivers and workers read it there. Without a
-        token, auth is off explicitly, so a stray ~/.ray/auth_token cannot switch it on."""
+        """Environment with the Ray token: Ray's clients, drivers and workers read it there (none: a
+        cluster without token auth, Ray's default)."""
         if self.ray_token is None:
-            return {"RAY_AUTH_MODE": "disabled"}
+            return {}
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _reveal(self.ray_token)}
 
 

@@ -39,6 +39,22 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
+LOGINS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+@pytest.fixture(autouse=True)
+def _logins_kept() -> Iterator[None]:
+    """`load_settings` logs the process in through its environment: a test loading other settings must not
+    leave their logins to the next test's subprocesses."""
+    kept = {name: os.environ.get(name) for name in LOGINS}
+    yield
+    for name, value in kept.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def stack_home() -> Iterator[Path]:
     # Short on purpose: Ray puts unix sockets under it, and their paths are limited to 107 bytes.
