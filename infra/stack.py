@@ -55,6 +55,7 @@ STOP_TIMEOUT_S = 45.0  # Ray drains its node before it exits
 LOG_TAIL_LINES = 25
 MLFLOW_USER = "compound"  # the stack's login to its MLflow server, an admin of its basic-auth app
 MLFLOW_LOGIN_CACHE_S = 300
+SQLITE_BUSY_S = 60
 SERVICE_NAMES = ("s3", "mlflow", "ray", "scheduler")  # start order: the store first, the scheduler last
 # Ray starts its workers at nice 15 so a busy node's control plane stays responsive; on a laptop the
 # workers are the point, and at nice 15 the head's own processes (and the store) preempt training.
@@ -269,7 +270,8 @@ class Stack:
             name="mlflow",
             command=[
                 sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-                "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                # SQLite's busy timeout: a request waits for another's write instead of failing at 5 s (a 503)
+                "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}?timeout={SQLITE_BUSY_S}",
                 "--artifacts-destination", f"s3://{settings.mlflow_bucket}/",
                 "--host", HOST, "--port", str(ports.mlflow), "--workers", "1",
             ],
@@ -338,7 +340,7 @@ class Stack:
         write_private(self._identity_file, seaweed.identities(settings))
         self._tls.ensure()
         (self.home / "mlflow" / "basic_auth.ini").write_text(
-            f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{self._auth_db}\n"
+            f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{self._auth_db}?timeout={SQLITE_BUSY_S}\n"
             f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
             # A password check is a PBKDF2 hash, 220 ms a request here: checked once per 5 minutes instead.
             f"auth_cache_ttl_seconds = {MLFLOW_LOGIN_CACHE_S}\n")

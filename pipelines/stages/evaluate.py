@@ -91,6 +91,7 @@ def _onnx(source: str, folder: Path, num_classes: int, context: StageContext) ->
                 raise
         else:
             path = Path(source).expanduser()
+        _check_onnx(path, f"models.{folder.name}: {source}")
         return path
     import torch
 
@@ -104,3 +105,13 @@ def _s3(context: StageContext):
     from jobs.s3 import s3_access
 
     return s3_access(context.settings)
+
+
+def _check_onnx(path: Path, what: str) -> None:
+    """A file that is not an ONNX model is named, not reported as protobuf's parse error."""
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and friends: a corrupt or partial file
+        raise ValueError(f"{what} is not an ONNX model ({str(error).splitlines()[0][:200]})") from None

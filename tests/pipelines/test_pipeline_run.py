@@ -40,9 +40,12 @@ def _json(output: str):
 
 
 @pytest.fixture(scope="module")
-def late_model() -> str:
-    """A model the evaluate stage is told to compare, which is not there on the first run."""
-    return f"s3://checkpoints/late-{uuid.uuid4().hex[:8]}/model.onnx"
+def late_model(s3: S3Access) -> str:
+    """A model the evaluate stage is told to compare, which on the first run is not yet a model: the file is
+    there (a pipeline's literal models are checked before it starts), its contents are not."""
+    url = f"s3://checkpoints/late-{uuid.uuid4().hex[:8]}/model.onnx"
+    s3.client().put_object(Bucket="checkpoints", Key=split_s3_url(url)[1], Body=b"not an ONNX model yet")
+    return url
 
 
 @pytest.fixture(scope="module")
