@@ -29,9 +29,13 @@ def _named(error: Exception, names: tuple[str, ...]) -> bool:
     return any(f"{kind.__module__}.{kind.__qualname__}" in names for kind in type(error).__mro__)
 
 
-def exits_cleanly_on(*errors: str):
-    """The exceptions named ("module.Class", subclasses included) end the command with their message and
-    exit 1, not a traceback. Named, not imported: a command's heavy modules load only when it runs."""
+def _fail(error: Exception) -> None:
+    raise click.ClickException(str(error)) from None
+
+
+def exits_cleanly_on(*errors: str, end=_fail):
+    """The exceptions named ("module.Class", subclasses included) end the command by `end` (default: their
+    message and exit 1), not a traceback. Named, not imported: a command's heavy modules load only when it runs."""
 
     def decorate(function):
         @functools.wraps(function)
@@ -41,7 +45,7 @@ def exits_cleanly_on(*errors: str):
             except Exception as error:
                 if not _named(error, errors):
                     raise
-                raise click.ClickException(str(error)) from None
+                end(error)
         return wrapper
     return decorate
 
@@ -53,18 +57,16 @@ driver_errors = exits_cleanly_on(
     "jobs.tracking.TrackingUnavailableError", "jobs.sweep.SweepFailedError", "pipelines.runner.StageFailedError")
 
 
-def spec_errors(function):
-    """A spec's problems (`jobs.spec.SpecError`) end the command with exit 2: nothing was started."""
+def fail_on_spec_error(error: Exception) -> None:
+    """Print a spec's problems and exit 2: nothing was started."""
+    from rich.markup import escape
 
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except Exception as error:
-            if not _named(error, ("jobs.spec.SpecError",)):
-                raise
-            fail_on_spec_error(error)
-    return wrapper
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+    sys.exit(SPEC_ERROR_EXIT)
+
+
+# A spec's problems (`jobs.spec.SpecError`) end the command with exit 2: nothing was started.
+spec_errors = exits_cleanly_on("jobs.spec.SpecError", end=fail_on_spec_error)
 
 
 def spec_argument(function):
@@ -79,14 +81,6 @@ def address_option(function):
 
 def json_option(function):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")(function)
-
-
-def fail_on_spec_error(error: Exception) -> None:
-    """Print a spec's problems and exit 2: nothing was started."""
-    from rich.markup import escape
-
-    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
-    sys.exit(SPEC_ERROR_EXIT)
 
 
 def settings_of(home: Path | None):
