@@ -42,6 +42,10 @@ class Settings(BaseModel):
     # The MLflow server's login (its basic-auth app); both or neither, for a server that asks nobody.
     mlflow_username: str | None = None
     mlflow_password: SecretStr | None = None
+    # The login that moves `champion` (a user with the promoter role, infra/mlflow_auth.py); both or
+    # neither: without it promotion uses the login above, which a compound-auth server refuses.
+    mlflow_promoter_username: str | None = None
+    mlflow_promoter_password: SecretStr | None = None
     ray_address: str = Field(description="GCS address of the Ray head, host:port")
     ray_dashboard_url: str = Field(description="Ray dashboard and job server, http://host:port")
     # The cluster's token (Ray's token auth); None for a cluster that asks nobody.
@@ -58,6 +62,8 @@ class Settings(BaseModel):
             raise ValueError("set both s3_access_key and s3_secret_key, or neither (to use AWS's default credentials)")
         if (self.mlflow_username is None) != (self.mlflow_password is None):
             raise ValueError("set both mlflow_username and mlflow_password, or neither (for a server without auth)")
+        if (self.mlflow_promoter_username is None) != (self.mlflow_promoter_password is None):
+            raise ValueError("set both mlflow_promoter_username and mlflow_promoter_password, or neither")
         return self
 
     @property
@@ -92,6 +98,14 @@ class Settings(BaseModel):
         return {"MLFLOW_TRACKING_USERNAME": self.mlflow_username,
                 "MLFLOW_TRACKING_PASSWORD": _reveal(self.mlflow_password)}
 
+    def promoter_login(self) -> tuple[str, str] | None:
+        """The promoter's username and password, for the promotion path alone (the stack's own login where
+        none is set; None for a server without auth); never exported to workers or jobs."""
+        if self.mlflow_promoter_username is not None:
+            return self.mlflow_promoter_username, _reveal(self.mlflow_promoter_password)
+        if self.mlflow_username is not None:
+            return self.mlflow_username, _reveal(self.mlflow_password)
+        return None
 
     def ray_env(self) -> dict[str, str]:
         """Environment with the Ray token: Ray's clients, drivers and workers read it there (none: a
@@ -166,13 +180,14 @@ def read_settings_file(path: Path) -> dict[str, object]:
 
 
 def write_settings(settings: Settings, home: Path) -> Path:
-    """Write the settings file readable by its owner only (it holds the S3 secret, the MLflow password and the Ray token)."""
+    """Write the settings file readable by its owner only (it holds the S3 secret, the MLflow passwords and the Ray token)."""
     home.mkdir(parents=True, exist_ok=True)
     path = home / SETTINGS_FILE
     data = settings.model_dump(mode="json")
     data["s3_access_key"] = _reveal(settings.s3_access_key)
     data["s3_secret_key"] = _reveal(settings.s3_secret_key)
     data["mlflow_password"] = _reveal(settings.mlflow_password)
+    data["mlflow_promoter_password"] = _reveal(settings.mlflow_promoter_password)
     data["ray_token"] = _reveal(settings.ray_token)
     write_private(path, json.dumps(data, indent=2))
     return path

@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from infra import seaweed
+from infra import mlflow_auth, seaweed
 from infra.settings import (
     RAY_CLIENT_ENV,
     SETTINGS_FILE,
@@ -53,7 +53,8 @@ FREE_PORTS_FROM = 20_000  # `StackPorts.free` stays above the well-known ports a
 STARTUP_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 45.0  # Ray drains its node before it exits
 LOG_TAIL_LINES = 25
-MLFLOW_USER = "compound"  # the stack's login to its MLflow server, an admin of its basic-auth app
+MLFLOW_USER = "compound"  # the stack's login to its MLflow server, an admin of its auth app
+MLFLOW_PROMOTER = "compound-promoter"  # the promotion path's login: the one that may move `champion`
 MLFLOW_LOGIN_CACHE_S = 300
 SQLITE_BUSY_S = 60
 SERVICE_NAMES = ("s3", "mlflow", "ray", "scheduler")  # start order: the store first, the scheduler last
@@ -192,6 +193,9 @@ class Stack:
             mlflow_tracking_uri=f"http://{HOST}:{ports.mlflow}",
             mlflow_username=MLFLOW_USER,
             mlflow_password=SecretStr(self._mlflow_password()),
+            mlflow_promoter_username=MLFLOW_PROMOTER,
+            mlflow_promoter_password=SecretStr(self._kept_secret("mlflow_promoter_password")
+                                               or secrets.token_urlsafe(24)),
             ray_address=f"{HOST}:{ports.ray}",
             ray_dashboard_url=f"http://{HOST}:{ports.ray_dashboard}",
             ray_token=SecretStr(self._kept_secret("ray_token") or os.environ.get("COMPOUND_RAY_TOKEN")
@@ -269,7 +273,7 @@ class Stack:
         mlflow = Service(
             name="mlflow",
             command=[
-                sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+                sys.executable, "-m", "mlflow", "server", "--app-name", "compound-auth",
                 # SQLite's busy timeout: a request waits for another's write instead of failing at 5 s (a 503)
                 "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}?timeout={SQLITE_BUSY_S}",
                 "--artifacts-destination", f"s3://{settings.mlflow_bucket}/",
@@ -277,12 +281,14 @@ class Stack:
             ],
             health_url=f"http://{HOST}:{ports.mlflow}/health",
             ports={"MLflow server": ports.mlflow},
-            # The stack's login is the auth app's admin, created at its first start (the password in the
-            # environment, never on the command line); users without a grant may do nothing.
+            # The stack's login is the auth app's admin and the promoter its promoter, both made at its start
+            # (passwords in the environment, never on the command line); users without a grant may do nothing.
             env={**settings.s3_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
                  "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_dir / "basic_auth.ini"),
                  "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER,
                  "MLFLOW_AUTH_ADMIN_PASSWORD": settings.mlflow_password.get_secret_value(),
+                 mlflow_auth.PROMOTER_USERNAME_ENV: MLFLOW_PROMOTER,
+                 mlflow_auth.PROMOTER_PASSWORD_ENV: settings.mlflow_promoter_password.get_secret_value(),
                  "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32)},  # signs the UI's sessions
         )
         ray = Service(

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.storage import S3Access, lost_a_race
+from infra.settings import Settings
+from jobs.s3 import s3_access
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +110,13 @@ def register_version(tracking_uri: str, *, name: str, run_id: str, tags: dict[st
 
 # --- promote and roll back ---------------------------------------------------------------------------
 
-def promote(tracking_uri: str, s3: S3Access, *, lock_bucket: str, name: str, version: int, gate: Gate | None = None,
-            force: bool = False, reason: str | None = None) -> Decision:
+def promote(settings: Settings, *, name: str, version: int, gate: Gate | None = None, force: bool = False,
+            reason: str | None = None) -> Decision:
     """Make `version` the champion if the gate holds (the version's own gate unless one is given), or
-    regardless with `force`; record the decision and its reasons either way."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    with registry_lock(s3, lock_bucket, name):
+    regardless with `force`; record the decision and its reasons either way. Logged in as the promoter."""
+    client = promoter_client(settings)
+    _must_be_registered(settings, name)
+    with registry_lock(s3_access(settings), settings.checkpoints_bucket, name):
         challenger = _version(client, name, version)
         champion = alias_version(client, name, CHAMPION)
         if champion == version:
@@ -129,18 +130,18 @@ def promote(tracking_uri: str, s3: S3Access, *, lock_bucket: str, name: str, ver
         action = "promoted" if holds else "forced"
         if reason:
             reasons = [*reasons, f"reason: {reason}"]
-        client.set_registered_model_alias(name, CHAMPION, version)
+        _crown(client, name, version)
         _record(client, name, version, action, reasons)
         _append_history(client, name, {"version": version, "previous": champion, "action": action, "reason": reason})
         return Decision(name, version, action, version, champion, reasons)
 
 
-def rollback(tracking_uri: str, s3: S3Access, *, lock_bucket: str, name: str, reason: str | None = None) -> Decision:
-    """Make the champion before the current one champion again, recorded as a rollback."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    with registry_lock(s3, lock_bucket, name):
+def rollback(settings: Settings, *, name: str, reason: str | None = None) -> Decision:
+    """Make the champion before the current one champion again, recorded as a rollback. Logged in as the
+    promoter."""
+    client = promoter_client(settings)
+    _must_be_registered(settings, name)
+    with registry_lock(s3_access(settings), settings.checkpoints_bucket, name):
         current = alias_version(client, name, CHAMPION)
         if current is None:
             raise RegistryError(f"model {name} has no champion to roll back")
@@ -151,7 +152,7 @@ def rollback(tracking_uri: str, s3: S3Access, *, lock_bucket: str, name: str, re
         previous = line[-2]
         _version(client, name, previous)
         reasons = [f"v{current} rolled back to v{previous}"] + ([f"reason: {reason}"] if reason else [])
-        client.set_registered_model_alias(name, CHAMPION, previous)
+        _crown(client, name, previous)
         _record(client, name, current, "rolled back", reasons)
         _record(client, name, previous, "restored", reasons)
         _append_history(client, name, {"version": previous, "previous": current, "action": "rolled back",
@@ -193,6 +194,61 @@ def check_gate(gate: Gate, challenger: dict[str, float], champion: dict[str, flo
         condition(latency is not None and latency <= gate.max_latency_ms,
                   f"int8 latency {_ms(latency)} ≤ {gate.max_latency_ms:g} ms (batch 1, median)")
     return lines, holds
+
+
+def _crown(client, name: str, version: int) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    except MlflowException as error:
+        if error.error_code != "PERMISSION_DENIED":
+            raise
+        raise RegistryError(
+            f"MLflow refused to move {CHAMPION} of {name}: only a login with the promoter role may. Give this "
+            "client the promoter's login (mlflow_promoter_username and mlflow_promoter_password in the settings, "
+            "or COMPOUND_MLFLOW_PROMOTER_USERNAME/PASSWORD); nothing was changed") from None
+
+
+def _must_be_registered(settings: Settings, name: str) -> None:
+    """Asked with the ordinary login: the promoter may edit every registered model, but MLflow answers it
+    "permission denied" for a name that is none."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(settings.mlflow_tracking_uri).get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"no registered model is named {name}; `compound registry list` shows them") from None
+        raise
+
+
+def promoter_client(settings: Settings):
+    """An MLflow client whose registry requests log in as the promoter, whatever login the environment
+    gives this process's other clients (MLflow's client reads that at each request, so it cannot be
+    swapped for one call without reaching every thread)."""
+    from mlflow import MlflowClient
+    from mlflow.store.model_registry.rest_store import RestStore
+    from mlflow.tracking._model_registry.client import ModelRegistryClient
+    from mlflow.utils.credentials import get_default_host_creds
+
+    uri, login = settings.mlflow_tracking_uri, settings.promoter_login()
+
+    def credentials():
+        host = get_default_host_creds(uri)  # TLS and other options as the environment sets them
+        if login is not None:
+            host.username, host.password = login
+        return host
+
+    class PromoterRegistry(ModelRegistryClient):
+        @property
+        def store(self):
+            return RestStore(credentials)
+
+    client = MlflowClient(uri)
+    client._registry_client_lazy = PromoterRegistry(uri, uri)  # the registry client MLflow would make lazily
+    return client
 
 
 # --- reading -----------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Scheduled retraining: a pipeline submitted on a cron schedule, or when a new dataset manifest appears
 under an S3 prefix (the new manifest becomes the pipeline's data).
 
-Built on APScheduler 3. A schedule is an APScheduler job in its SQLAlchemy job store (SQLite in the
-stack's home here, PostgreSQL at scale), so schedules outlive the scheduler process. Every job has
+Built on APScheduler 3. A schedule is an APScheduler job in a SQL database of its own (SQLite in the
+stack's home here, PostgreSQL at scale), stored as a JSON row (`schedule_store`), so schedules outlive
+the scheduler process. Every job has
 `coalesce=True` and no misfire limit: the runs missed while the scheduler was down collapse into one
 catch-up run when it is back. `max_instances=1` keeps one firing of a schedule at a time, and a
 firing submits nothing while a run of the pipeline is still active on the cluster: never two runs of
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 FIRE = "pipelines.scheduler:fire"  # what a schedule's APScheduler job calls (a textual reference: it is stored)
 POLL_S = 5.0
-JOBS_TABLE = "compound_schedules"
 SCHEDULE_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 MANIFEST_NAME = "manifest.json"
 
@@ -74,13 +74,14 @@ def store_url(settings: Settings, home: Path | None) -> str:
 def make_scheduler(url: str):
     """An APScheduler background scheduler on the store, with the job defaults every schedule keeps."""
     from apscheduler.executors.pool import ThreadPoolExecutor
-    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
+
+    from pipelines.schedule_store import JsonJobStore
 
     engine = _engine(url)
     _metadata.create_all(engine)
     return BackgroundScheduler(
-        jobstores={"default": SQLAlchemyJobStore(engine=engine, tablename=JOBS_TABLE)},
+        jobstores={"default": JsonJobStore(engine)},
         executors={"default": ThreadPoolExecutor(max_workers=4)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         timezone=datetime.UTC,
@@ -112,7 +113,7 @@ def make_trigger(*, cron: str | None, data_prefix: str | None, poll_s: float = 6
         raise ScheduleError("give either --cron or --on-new-data")
     if cron is not None:
         try:
-            trigger = CronTrigger.from_crontab(cron, timezone=datetime.UTC)
+            trigger = CronTrigger.from_crontab(_weekdays_named(cron), timezone=datetime.UTC)
         except ValueError as error:
             raise ScheduleError(f"--cron {cron!r}: {error}; five fields, e.g. '0 2 * * *' (02:00 UTC daily)") from None
         if trigger.get_next_fire_time(None, datetime.datetime.now(datetime.UTC)) is None:
@@ -127,6 +128,39 @@ def make_trigger(*, cron: str | None, data_prefix: str | None, poll_s: float = 6
         raise ScheduleError(f"--on-new-data {data_prefix!r}: give an S3 prefix ending in /, a bucket and perhaps "
                             "folders, e.g. s3://shards/digits/")
     return IntervalTrigger(seconds=poll_s, timezone=datetime.UTC)
+
+
+WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # crontab's numbers: 0 (and 7) is Sunday
+
+
+def _weekdays_named(cron: str) -> str:
+    """The crontab with its day-of-week field as names: APScheduler 3 reads the numbers from Monday = 0, so
+    crontab's `1-5` (Monday to Friday) would fire Tuesday to Saturday."""
+    fields = cron.split()
+    if len(fields) != 5 or fields[4] == "*":
+        return cron
+    days: set[int] = set()
+    for item in fields[4].lower().split(","):
+        span, _, step = item.partition("/")
+        first, _, last = ("0-6" if span == "*" else span).partition("-")
+        try:
+            start, end = _weekday(first), _weekday(last or first)
+            step_n = int(step) if step else 1
+        except ValueError:
+            return cron  # left as written: APScheduler's parser names what is wrong
+        if end < start or step_n < 1:  # `5-1`, or `fri-mon`: not a span crontab accepts either
+            raise ValueError(f"day of week {item!r} runs backwards; write it as a list, e.g. 5,6,0,1")
+        days |= {day % 7 for day in range(start, end + 1, step_n)}
+    return " ".join([*fields[:4], ",".join(WEEKDAYS[day] for day in sorted(days))])
+
+
+def _weekday(text: str) -> int:
+    if text in WEEKDAYS:
+        return WEEKDAYS.index(text)
+    day = int(text)
+    if not 0 <= day <= 7:
+        raise ValueError(text)
+    return day
 
 
 def add_schedule(url: str, trigger, *, name: str, pipeline: str, spec_uri: str, home: str | None,

@@ -136,15 +136,11 @@ def promote(name: str, version: int, force: bool, reason: str | None, as_json: b
 
     Exits 3 when the gate refuses; the decision and its reasons are recorded on the version either way.
     """
-    from jobs.s3 import s3_access
     from pipelines.registry import promote as promote_version
 
     if force and not reason:
         raise click.UsageError("--force needs a --reason: it is recorded with the decision")
-    settings = settings_of(home)
-    decision = promote_version(settings.mlflow_tracking_uri, s3_access(settings),
-                               lock_bucket=settings.checkpoints_bucket, name=name, version=version, force=force,
-                               reason=reason)
+    decision = promote_version(settings_of(home), name=name, version=version, force=force, reason=reason)
     _print_decision(decision, as_json)
     if decision.action == "rejected":
         sys.exit(REJECTED_EXIT)
@@ -158,12 +154,9 @@ def promote(name: str, version: int, force: bool, reason: str | None, as_json: b
 @_registry_errors
 def rollback(name: str, reason: str | None, as_json: bool, home: Path | None) -> None:
     """Make the previous champion of NAME champion again, recorded as a rollback."""
-    from jobs.s3 import s3_access
     from pipelines.registry import rollback as rollback_model
 
-    settings = settings_of(home)
-    _print_decision(rollback_model(settings.mlflow_tracking_uri, s3_access(settings),
-                                   lock_bucket=settings.checkpoints_bucket, name=name, reason=reason), as_json)
+    _print_decision(rollback_model(settings_of(home), name=name, reason=reason), as_json)
 
 
 def _print_decision(decision, as_json: bool) -> None:

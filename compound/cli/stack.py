@@ -36,7 +36,9 @@ def up(home: Path | None, s3_port: int | None, mlflow_port: int | None, ray_port
     _print_endpoints(settings, stack.home)
     if stack.new_mlflow_login:  # shown this once; it stays in the settings file
         console.print(f"MLflow UI login (shown once): user [bold]{settings.mlflow_username}[/bold], password "
-                      f"[bold]{settings.mlflow_password.get_secret_value()}[/bold]", highlight=False, soft_wrap=True)
+                      f"[bold]{settings.mlflow_password.get_secret_value()}[/bold] (`champion` moves only for "
+                      f"{settings.mlflow_promoter_username}, the promoter: `compound registry promote`)",
+                      highlight=False, soft_wrap=True)
 
 
 @click.command()

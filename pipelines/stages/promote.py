@@ -26,10 +26,7 @@ class Outputs(StageOutputs):
 
 
 def run(inputs: Inputs, context: StageContext) -> Outputs:
-    from jobs.s3 import s3_access
     from pipelines.registry import promote
 
-    decision = promote(context.settings.mlflow_tracking_uri, s3_access(context.settings),
-                       lock_bucket=context.settings.checkpoints_bucket, name=inputs.model_name,
-                       version=inputs.version, gate=inputs.gate)
+    decision = promote(context.settings, name=inputs.model_name, version=inputs.version, gate=inputs.gate)
     return Outputs(action=decision.action, champion=decision.champion, reasons=decision.reasons)

@@ -67,11 +67,13 @@ def test_gpu_workers_request_gpus_and_read_credentials_from_the_secret(docs: dic
     (worker,) = cluster["workerGroupSpecs"]
     (container,) = worker["template"]["spec"]["containers"]
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
-    for doc, secrets in ((docs[("RayCluster", "compound")], {"compound-s3", "compound-mlflow", "compound-ray"}),
-                         (docs[("Deployment", "mlflow")], {"compound-s3"})):
-        for c in _containers(doc):
-            refs = {next(iter(ref.values()))["name"] for ref in c["envFrom"]}
-            assert refs == {"compound-settings", *secrets}
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    everyone = {"compound-settings", "compound-s3", "compound-mlflow", "compound-ray"}
+    # The promoter's login reaches where promotions run (the head's drivers) and MLflow, which makes it.
+    for c, secrets in ((head, everyone | {"compound-mlflow-promoter"}), (container, everyone),
+                       (_containers(docs[("Deployment", "mlflow")])[0],
+                        {"compound-settings", "compound-s3", "compound-mlflow-promoter"})):
+        assert {next(iter(ref.values()))["name"] for ref in c["envFrom"]} == secrets, c["name"]
     assert not re.search(r"SECRET|PASSWORD|TOKEN", yaml.safe_dump(docs[("ConfigMap", "compound-settings")]))
 
 
@@ -121,14 +123,17 @@ def test_launcher_uses_the_stack_ports_and_valid_settings() -> None:
     assert all(not r["CidrIp"].startswith("0.0.0.0") for r in ssh["IpRanges"])
 
 
-def test_the_scheduler_is_one_replica_with_its_schedules_in_postgresql(docs: dict) -> None:
+def test_the_scheduler_is_one_replica_with_its_schedules_in_a_postgresql_of_their_own(docs: dict) -> None:
     deployment = docs[("Deployment", "scheduler")]
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     (container,) = _containers(deployment)
     assert container["readinessProbe"]["httpGet"]["port"] == DEFAULTS.scheduler
     assert f"--port {DEFAULTS.scheduler}" in container["args"][0]
     store = next(e["value"] for e in container["env"] if e["name"] == "COMPOUND_SCHEDULER_STORE")
-    assert store.startswith("postgresql://") and "@mlflow-db:5432/" in store and ("Service", "mlflow-db") in docs
+    assert store.startswith("postgresql://scheduler:") and "@scheduler-db:5432/schedules" in store
+    assert ("Service", "scheduler-db") in docs and ("CronJob", "scheduler-db-backup") in docs
+    db = docs[("StatefulSet", "scheduler-db")]["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e.get("value") for e in db["env"]}["POSTGRES_USER"] == "scheduler"  # not MLflow's user
 
 
 def test_every_container_runs_unprivileged_within_limits(docs: dict) -> None:
@@ -162,7 +167,7 @@ def test_no_password_reaches_a_command_line_and_every_service_asks_who_you_are(d
             command = " ".join(container.get("command", []) + container.get("args", []))
             assert not re.search(r"PASSWORD|--backend-store-uri|_TOKEN", command), f"{kind} {name}: {command}"
     mlflow = _containers(docs[("Deployment", "mlflow")])[0]
-    assert "--app-name basic-auth" in mlflow["args"][0]
+    assert "--app-name compound-auth" in mlflow["args"][0]  # basic-auth with the promoter rule
     ray_clients = [*_containers(docs[("RayCluster", "compound")]), *_containers(docs[("RayJob", "compound-train")])]
     for container in ray_clients:
         env = {e["name"]: e for e in container["env"]}
@@ -176,4 +181,6 @@ def test_network_policies_deny_by_default_and_open_each_service_to_its_clients(d
     opened = [p["podSelector"]["matchLabels"] for name, p in policies.items() if name != "default-deny-ingress"]
     assert {"ray.io/cluster": "compound"} in opened and {"app": "mlflow"} in opened and {"app": "mlflow-db"} in opened
     db = policies["mlflow-db-from-its-clients"]["ingress"][0]["from"]
-    assert {"app": "mlflow"} in [peer["podSelector"]["matchLabels"] for peer in db]
+    assert [peer["podSelector"]["matchLabels"] for peer in db] == [{"app": "mlflow"}, {"app": "mlflow-db-backup"}]
+    db = policies["scheduler-db-from-its-clients"]["ingress"][0]["from"]
+    assert [peer["podSelector"]["matchLabels"] for peer in db] == [{"app": "scheduler"}, {"app": "scheduler-db-backup"}]

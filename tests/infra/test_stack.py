@@ -181,7 +181,8 @@ def test_up_twice_starts_nothing_new(stack: Stack) -> None:
 
 def test_credentials_stay_out_of_output_command_lines_and_logs_and_files_are_private(
         stack: Stack, settings: Settings) -> None:
-    secrets = [settings.s3_secret_key.get_secret_value(), settings.mlflow_password.get_secret_value()]
+    secrets = [settings.s3_secret_key.get_secret_value(), settings.mlflow_password.get_secret_value(),
+               settings.mlflow_promoter_password.get_secret_value(), settings.ray_token.get_secret_value()]
     for args in (["up", "--home", str(stack.home)], ["stack", "status", "--home", str(stack.home)]):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, result.output

@@ -26,6 +26,7 @@ from infra.stack import Stack
 from jobs.model_source import ModelSourceError, resolve_teacher
 from jobs.spec import JobSpec
 from jobs.tags import MODEL_TAG, TEACHER_TAG
+from pipelines.registry import promoter_client
 from tests.jobs.helpers import (
     DRILL_CHECKPOINTS,
     SMALL,
@@ -72,7 +73,7 @@ def _registered(settings: Settings, checkpoint: str, *, tagged: bool = True) -> 
     name = f"teacher-{uuid.uuid4().hex[:6]}"
     client.create_registered_model(name)
     version = client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
-    client.set_registered_model_alias(name, "champion", version.version)
+    promoter_client(settings).set_registered_model_alias(name, "champion", version.version)
     return run.info.run_id, name
 
 

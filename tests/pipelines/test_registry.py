@@ -28,6 +28,7 @@ from pipelines.registry import (
     RegistryError,
     alias_version,
     promote,
+    promoter_client,
     register_version,
     registry_lock,
     rollback,
@@ -46,8 +47,7 @@ def _version(settings: Settings, name: str, run_id: str, top1: float, change: fl
 
 
 def _promote(settings: Settings, s3: S3Access, name: str, version: int, **options):
-    return promote(settings.mlflow_tracking_uri, s3, lock_bucket=settings.checkpoints_bucket, name=name,
-                   version=version, **options)
+    return promote(settings, name=name, version=version, **options)
 
 
 def test_the_gate_decides_and_every_decision_is_recorded(stack: Stack, settings: Settings, s3: S3Access,
@@ -92,7 +92,7 @@ def test_the_gate_decides_and_every_decision_is_recorded(stack: Stack, settings:
     history = json.loads(client.get_registered_model(name).tags[HISTORY_TAG])
     assert [(h["version"], h["action"]) for h in history] == [(v1, "promoted"), (worse, "forced"), (v1, "rolled back")]
     with pytest.raises(RegistryError, match="no champion before v1"):  # nothing earlier to go back to
-        rollback(settings.mlflow_tracking_uri, s3, lock_bucket=settings.checkpoints_bucket, name=name)
+        rollback(settings, name=name)
 
     shown = CliRunner().invoke(cli, ["registry", "show", name, *home])
     assert shown.exit_code == 0 and "champion history: v1 (promoted" in shown.output, shown.output
@@ -164,12 +164,60 @@ def test_an_alias_moved_by_hand_is_what_the_registry_goes_by(stack: Stack, setti
     v1 = _version(settings, name, model_run, top1=0.80)
     assert _promote(settings, s3, name, v1).promoted
     v2 = _version(settings, name, model_run, top1=0.95)
-    client.set_registered_model_alias(name, CHAMPION, v2)  # as a person would in the MLflow UI
+    promoter_client(settings).set_registered_model_alias(name, CHAMPION, v2)  # as a promoter would in the MLflow UI
     v3 = _version(settings, name, model_run, top1=0.90)  # beats v1, not the champion set by hand
     decision = _promote(settings, s3, name, v3)
     assert decision.action == "rejected" and any("champion v2's 95.00%" in line for line in decision.reasons)
-    rolled = rollback(settings.mlflow_tracking_uri, s3, lock_bucket=settings.checkpoints_bucket, name=name)
+    rolled = rollback(settings, name=name)
     assert rolled.previous == v2 and rolled.champion == v1 == alias_version(client, name, CHAMPION)
+
+
+def test_only_the_promoter_role_moves_champion(stack: Stack, settings: Settings, s3: S3Access, model_run: str,
+                                              tmp_path, monkeypatch) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    name = f"role-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient(settings.mlflow_tracking_uri)  # the stack's own login: an admin of the auth app
+    v1 = _version(settings, name, model_run, top1=0.90)  # registering and `challenger` are its to do
+    with pytest.raises(MlflowException, match="promoter") as refused:
+        client.set_registered_model_alias(name, CHAMPION, v1)
+    assert refused.value.error_code == "PERMISSION_DENIED"
+
+    # A user with EDIT on the model but not the role: other aliases yes, champion no.
+    admin = AuthServiceClient(settings.mlflow_tracking_uri)
+    user, password = f"someone-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    admin.create_user(user, password)
+    admin.grant_user_permission(user, "registered_model", name, "EDIT")
+    promoters = next(r for r in admin.list_all_roles() if r.name == "promoter")
+    with monkeypatch.context() as logged_in:
+        logged_in.setenv("MLFLOW_TRACKING_USERNAME", user)
+        logged_in.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        client.set_registered_model_alias(name, "staging", v1)
+        with pytest.raises(MlflowException, match="promoter"):
+            client.set_registered_model_alias(name, CHAMPION, v1)
+
+    # `compound registry promote` from settings without the promoter's login: refused, nothing recorded.
+    keyless = tmp_path / "home"
+    keyless.mkdir()
+    values = json.loads((stack.home / "settings.json").read_text())
+    values.pop("mlflow_promoter_username"), values.pop("mlflow_promoter_password")
+    (keyless / "settings.json").write_text(json.dumps(values))
+    monkeypatch.delenv("COMPOUND_MLFLOW_PROMOTER_USERNAME", raising=False)
+    result = CliRunner().invoke(cli, ["registry", "promote", name, "--version", str(v1), "--home", str(keyless)])
+    assert result.exit_code == 1 and "promoter role" in result.output, result.output
+    assert alias_version(client, name, CHAMPION) is None
+    assert DECISION_TAG not in client.get_model_version(name, str(v1)).tags
+
+    # The promotion path logs in as the promoter; a user given the role may move champion too.
+    assert _promote(settings, s3, name, v1).action == "promoted" and alias_version(client, name, CHAMPION) == v1
+    admin.assign_role(user, promoters.id)
+    v2 = _version(settings, name, model_run, top1=0.91)
+    with monkeypatch.context() as logged_in:
+        logged_in.setenv("MLFLOW_TRACKING_USERNAME", user)
+        logged_in.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        client.set_registered_model_alias(name, CHAMPION, v2)
+    assert alias_version(client, name, CHAMPION) == v2
 
 
 def test_an_unknown_model_or_version_is_a_clear_error(stack: Stack, settings: Settings, s3: S3Access) -> None:

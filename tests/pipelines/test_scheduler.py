@@ -271,3 +271,72 @@ def test_a_wrong_schedule_is_refused_and_stores_nothing(stack: Stack, settings: 
     assert name not in {s.name for s in scheduler.list_schedules(scheduler.store_url(settings, stack.home))}
     stored = settings.s3_client().list_objects_v2(Bucket="checkpoints", Prefix=f"pipelines/{name}/schedules/")
     assert not stored.get("Contents")
+
+
+def test_schedules_are_stored_as_json_rows_and_pickles_are_never_loaded(tmp_path: Path, store: str, caplog) -> None:
+    import pickle
+    import sqlite3
+
+    trigger = scheduler.make_trigger(cron="0 2 * * 1-5", data_prefix=None)
+    added = scheduler.add_schedule(store, trigger, name="nightly", pipeline="demo", spec_uri="s3://c/p.yaml",
+                                   home=None)
+    polling = scheduler.add_schedule(store, scheduler.make_trigger(cron=None, data_prefix="s3://shards/x/", poll_s=30),
+                                     name="on-data", pipeline="demo", spec_uri="s3://c/p.yaml", home=None,
+                                     data_prefix="s3://shards/x/", settings=_NoManifests())
+    database = sqlite3.connect(store.removeprefix("sqlite:///"))
+    rows = dict(database.execute("select id, job_state from compound_schedule_rows").fetchall())
+    nightly = json.loads(rows["nightly"])  # plain data, readable with SQL
+    assert nightly["trigger"] == {"cron": "0 2 * * mon,tue,wed,thu,fri"}  # crontab's 1-5, Monday to Friday
+    assert nightly["kwargs"]["spec_uri"] == "s3://c/p.yaml"
+    assert json.loads(rows["on-data"])["trigger"]["every_s"] == 30
+    listed = {s.name: s for s in scheduler.list_schedules(store)}  # read back: the same schedules
+    assert listed["nightly"].next_run == added.next_run and added.next_run.weekday() < 5
+    assert listed["nightly"].trigger == "cron 0 2 * * mon,tue,wed,thu,fri (UTC)"
+    assert listed["on-data"].trigger == polling.trigger
+
+    # A pickle written into the table (as a write to the database could) is not run: the row is dropped.
+    class Boom:
+        def __reduce__(self):
+            return (Path(tmp_path / "pwned").touch, ())
+
+    database.execute("update compound_schedule_rows set job_state = ? where id = 'nightly'", (pickle.dumps(Boom()),))
+    # And schedules an earlier version pickled, in their own table, are named, never unpickled.
+    database.execute("create table compound_schedules (id varchar(191) primary key, next_run_time float, "
+                     "job_state blob not null)")
+    database.execute("insert into compound_schedules values ('old-nightly', 0, ?)", (pickle.dumps(Boom()),))
+    database.commit()
+    with caplog.at_level("WARNING"):
+        assert [s.name for s in scheduler.list_schedules(store)] == ["on-data"]
+    assert not (tmp_path / "pwned").exists()
+    assert "old-nightly" in caplog.text and "compound schedule add" in caplog.text
+
+
+class _NoManifests:
+    """Settings whose S3 prefix holds no manifests (a new-data schedule lists them when added)."""
+
+    def s3_client(self):
+        class Empty:
+            def get_paginator(self, _):
+                return self
+
+            def paginate(self, **_):
+                return [{}]
+
+        return Empty()
+
+
+@pytest.mark.parametrize(("cron", "weekdays"), [("0 2 * * 1", {0}), ("0 2 * * 1-5", {0, 1, 2, 3, 4}),
+                                                ("0 2 * * 0", {6}), ("0 2 * * 7", {6}), ("0 2 * * */3", {6, 2, 5}),
+                                                ("0 2 * * sat,sun", {5, 6}), ("0 2 * * *", set(range(7)))])
+def test_cron_weekdays_read_as_crontab_does_sunday_zero(cron: str, weekdays: set[int]) -> None:
+    trigger = scheduler.make_trigger(cron=cron, data_prefix=None)
+    fired, at = set(), START
+    for _ in range(7):
+        at = trigger.get_next_fire_time(None, at + datetime.timedelta(minutes=1))
+        fired.add(at.weekday())  # Python's: Monday is 0
+    assert fired == weekdays
+
+
+def test_a_weekday_span_that_runs_backwards_is_refused() -> None:
+    with pytest.raises(scheduler.ScheduleError, match="runs backwards"):
+        scheduler.make_trigger(cron="0 2 * * 5-1", data_prefix=None)
