@@ -86,7 +86,8 @@ def register_version(tracking_uri: str, *, name: str, run_id: str, tags: dict[st
                      metrics: dict[str, float], gate: Gate | None, description: str = "") -> int:
     """A new version of `name` from the model logged to `run_id`, with lineage tags and figures, aliased
     `challenger`; `description` (markdown) is what the MLflow UI shows on the version's page, and each
-    promotion decision is added below it."""
+    promotion decision is added below it. Registering one run again for the same pipeline run (a register
+    stage run again after its driver died) gives the version made the first time."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -100,12 +101,24 @@ def register_version(tracking_uri: str, *, name: str, run_id: str, tags: dict[st
     all_tags = {**tags, **{f"{METRIC_TAG_PREFIX}{key}": f"{value:.6g}" for key, value in metrics.items()}}
     if gate is not None:
         all_tags[GATE_TAG] = gate.model_dump_json()
-    mlflow.set_tracking_uri(tracking_uri)
-    version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=all_tags)
+    version = _registered_before(client, name, run_id, tags.get(PIPELINE_RUN_TAG))
+    if version is None:
+        mlflow.set_tracking_uri(tracking_uri)
+        version = int(mlflow.register_model(f"runs:/{run_id}/model", name, tags=all_tags).version)
     if description:
-        client.update_model_version(name, version.version, description=description)
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
-    return int(version.version)
+        client.update_model_version(name, str(version), description=description)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return version
+
+
+def _registered_before(client, name: str, run_id: str, pipeline_run: str | None) -> int | None:
+    if not pipeline_run:
+        return None
+    for earlier in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if earlier.tags.get(PIPELINE_RUN_TAG) == pipeline_run:
+            log.info("%s v%s: registered by this pipeline run before", name, earlier.version)
+            return int(earlier.version)
+    return None
 
 
 # --- promote and roll back ---------------------------------------------------------------------------

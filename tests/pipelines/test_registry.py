@@ -38,9 +38,11 @@ GATE = Gate(tolerance=1.0, max_int8_drop=1.0, max_latency_ms=50)
 
 
 def _version(settings: Settings, name: str, run_id: str, top1: float, change: float = -0.3, latency: float = 5.0,
-             majority: float = 0.11, gate: Gate = GATE) -> int:
+             majority: float = 0.11, gate: Gate = GATE, pipeline_run: str | None = None) -> int:
+    """A version registered as a pipeline run would (each by a pipeline run of its own unless one is given)."""
     return register_version(settings.mlflow_tracking_uri, name=name, run_id=run_id,
-                            tags={"compound.pipeline_run": "p" * 32, "compound.dataset_id": "digits@1"},
+                            tags={"compound.pipeline_run": pipeline_run or uuid.uuid4().hex,
+                                  "compound.dataset_id": "digits@1"},
                             metrics={"int8_top1": top1, "int8_change_points": change, "int8_latency_ms": latency,
                                      "majority_top1": majority},
                             gate=gate)
@@ -218,6 +220,17 @@ def test_only_the_promoter_role_moves_champion(stack: Stack, settings: Settings,
         logged_in.setenv("MLFLOW_TRACKING_PASSWORD", password)
         client.set_registered_model_alias(name, CHAMPION, v2)
     assert alias_version(client, name, CHAMPION) == v2
+
+
+def test_registering_one_run_twice_for_one_pipeline_run_yields_one_version(settings: Settings, model_run: str) -> None:
+    name = f"twice-{uuid.uuid4().hex[:6]}"
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    first = _version(settings, name, model_run, top1=0.90, pipeline_run="p" * 32)
+    assert _version(settings, name, model_run, top1=0.90, pipeline_run="p" * 32) == first  # its stage, run again
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    other = register_version(settings.mlflow_tracking_uri, name=name, run_id=model_run, metrics={}, gate=None,
+                             tags={"compound.pipeline_run": "q" * 32})  # another pipeline run: a version of its own
+    assert other == first + 1 and alias_version(client, name, CHALLENGER) == other
 
 
 def test_an_unknown_model_or_version_is_a_clear_error(stack: Stack, settings: Settings, s3: S3Access) -> None:
