@@ -20,6 +20,7 @@ from cluster.tracking import RunRef
 from cluster.train.checkpoint import PROGRESS_FILE, latest_checkpoint, remove_unregistered
 from cluster.train.trainer import make_trainer
 from infra.settings import RAY_CLIENT_ENV, Settings
+from jobs.lease import LEASE_FILE, driver, held
 from jobs.model_source import pin_teacher
 from jobs.resolve import Launch, ResolvedJob, check_relaunch, record_launch, resolve_job
 from jobs.s3 import s3_access
@@ -61,17 +62,21 @@ def run_job(spec: JobSpec, settings: Settings, *, source: str, submission_id: st
     """Resolve the spec, then train on the configured Ray cluster until the job ends, tracked in the
     job's one MLflow run."""
     job = prepare_job(spec, settings, source=source)
-    # Before anything is recorded: an unreachable cluster or MLflow server leaves no trace.
-    connected_here = connect_ray(settings)
-    import ray
+    assert job.spec.checkpoint.storage is not None
+    # One driver per job: two would share its checkpoints, and one could remove the other's as unregistered.
+    with held(s3_access(settings), f"{job.spec.checkpoint.storage.rstrip('/')}/{spec.name}/{LEASE_FILE}",
+              what=f"job {spec.name}", holder=driver(submission_id, "compound job run")):
+        # Before anything is recorded: an unreachable cluster or MLflow server leaves no trace.
+        connected_here = connect_ray(settings)
+        import ray
 
-    try:
-        trained = train_job(job, s3=s3_access(settings), tracking_uri=settings.mlflow_tracking_uri, source=source,
-                            submission_id=submission_id)
-    finally:
-        if connected_here:
-            ray.shutdown()  # also flushes the workers' forwarded output before ours
-    return finish_job(trained, s3=s3_access(settings))
+        try:
+            trained = train_job(job, s3=s3_access(settings), tracking_uri=settings.mlflow_tracking_uri,
+                                source=source, submission_id=submission_id)
+        finally:
+            if connected_here:
+                ray.shutdown()  # also flushes the workers' forwarded output before ours
+        return finish_job(trained, s3=s3_access(settings))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from cluster.tune import EPOCHS_DONE, Sweep, epoch_report_callback, run_sweep
 from infra.settings import Settings
 from jobs.capacity import fits, worker_slots
 from jobs.driver import connect_ray, finish_job, prepare_job, train_job
+from jobs.lease import LEASE_FILE, driver, held
 from jobs.resolve import ResolvedJob
 from jobs.s3 import s3_access
 from jobs.spec import JobSpec, SpecError, SweepSpec, dump_spec, parse_spec
@@ -124,6 +125,15 @@ def run_sweep_job(sweep: SweepSpec, settings: Settings, *, source: str,
     """Run the sweep on the configured Ray cluster to the end (resuming it if it was interrupted)."""
     base = prepare_job(sweep.base_job, settings, source=f"{source}: job")
     s3 = s3_access(settings)
+    storage = f"s3://{settings.checkpoints_bucket}/{SWEEP_STORAGE_PREFIX}"
+    with held(s3, f"{storage}/{sweep.name}/{LEASE_FILE}", what=f"sweep {sweep.name}",
+              holder=driver(submission_id, "compound sweep run")):  # one driver per sweep
+        return _run_sweep(sweep, settings, base=base, s3=s3, storage=storage, source=source,
+                          submission_id=submission_id)
+
+
+def _run_sweep(sweep: SweepSpec, settings: Settings, *, base: ResolvedJob, s3: S3Access, storage: str, source: str,
+               submission_id: str | None) -> SweepOutcome:
     connected_here = connect_ray(settings)
     import ray
 
@@ -144,7 +154,6 @@ def run_sweep_job(sweep: SweepSpec, settings: Settings, *, source: str,
         log.info("sweep %s: MLflow parent run %s; up to %d trial(s) at once", sweep.name, parent.url, concurrent)
         context = TrialContext(sweep=sweep, base=base, s3=s3.without_keys(), tracking_uri=settings.mlflow_tracking_uri,
                                parent_run_id=parent.run_id)
-        storage = f"s3://{settings.checkpoints_bucket}/{SWEEP_STORAGE_PREFIX}"
         with _s3_environment(settings):  # the experiment's filesystem carries no keys: it is saved with it
             plan = Sweep(name=sweep.name, storage_path=storage_path(storage), filesystem=s3.without_keys().filesystem(),
                          space=sweep.space, searcher=sweep.searcher, scheduler=sweep.scheduler,

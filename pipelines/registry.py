@@ -13,15 +13,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.storage import S3Access, lost_a_race
+from cluster.storage import S3Access
 from infra.settings import Settings
+from jobs.lease import LeaseHeld, held
 from jobs.s3 import s3_access
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ HISTORY_TAG = "compound.champion_history"  # the registered model's: JSON list o
 HISTORY_KEPT = 40  # within MLflow's 5000 characters a tag value
 LOCK_FOLDER = "registry-locks"  # s3://<checkpoints bucket>/registry-locks/<model>.lock
 LOCK_WAIT_S = 60.0
-LOCK_STALE_S = 300.0  # a lock older than this was left by a process that died holding it
 
 
 class RegistryError(RuntimeError):
@@ -367,50 +366,11 @@ def _ms(value: float | None) -> str:
 
 @contextlib.contextmanager
 def registry_lock(s3: S3Access, bucket: str, name: str) -> Iterator[None]:
-    """Hold the model's promotion lock: an object only one writer can create (S3 `If-None-Match: *`).
-    A lock older than LOCK_STALE_S was left by a holder that died: it is replaced conditionally on the
-    ETag the taker read (`If-Match`), so of two takers one wins; and it is removed only by its holder."""
-    from botocore.exceptions import ClientError
-
-    client, key = s3.client(), f"{LOCK_FOLDER}/{name}.lock"
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        body = json.dumps({"token": secrets.token_hex(8), "at": time.time()}).encode()
-        stale = _stale_etag(client, bucket, key)
-        try:
-            if stale is None:
-                held = client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
-            else:
-                log.warning("taking over the promotion lock of %s: its holder left it over %.0f s ago", name,
-                            LOCK_STALE_S)
-                held = client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=stale)
-            break
-        except ClientError as error:
-            if not lost_a_race(error):
-                raise
-        if time.monotonic() > deadline:
-            raise RegistryError(f"model {name}: another promotion has held the lock s3://{bucket}/{key} for over "
-                                f"{LOCK_WAIT_S:.0f} s; try again")
-        time.sleep(0.2)
+    """Hold the model's promotion lock, a lease (`jobs.lease`) at s3://<bucket>/registry-locks/<model>.lock,
+    waiting up to LOCK_WAIT_S for a promotion that holds it."""
     try:
-        yield
-    finally:
-        with contextlib.suppress(ClientError):  # refused: it was taken over, and is the taker's now
-            client.delete_object(Bucket=bucket, Key=key, IfMatch=held["ETag"])
-
-
-def _stale_etag(client, bucket: str, key: str) -> str | None:
-    """The ETag of the lock if a dead holder left it (None: free, or held by a live one)."""
-    from botocore.exceptions import ClientError
-
-    try:
-        found = client.get_object(Bucket=bucket, Key=key)
-    except ClientError:
-        return None  # free: the next try creates it
-    try:
-        at = float(json.loads(found["Body"].read())["at"])
-    except (ValueError, TypeError, KeyError):  # damaged: no holder can be told from it
-        return found["ETag"]
-    return found["ETag"] if time.time() - at > LOCK_STALE_S else None
-
-
+        with held(s3, f"s3://{bucket}/{LOCK_FOLDER}/{name}.lock", what=f"a promotion of model {name}",
+                  holder="a promotion", wait_s=LOCK_WAIT_S):
+            yield
+    except LeaseHeld as error:  # only entering raises it
+        raise RegistryError(str(error)) from None

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from cluster.data.manifest import ShardManifest
 from cluster.tracking import RunRef
 from infra.settings import Settings
+from jobs.lease import LEASE_FILE, LeaseHeld, driver, held
+from jobs.s3 import s3_access
 from jobs.spec import SpecError, dump_spec
 from jobs.tags import CODE_VERSION_TAG, SUBMISSION_TAG
 from pipelines.spec import PipelineSpec, stage_inputs
 from pipelines.stages import STAGES
-from pipelines.stages.base import PIPELINE_TAG, StageContext
+from pipelines.stages.base import PIPELINE_STORAGE_PREFIX, PIPELINE_TAG, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,16 @@ def run_pipeline(spec: PipelineSpec, settings: Settings, *, from_stage: str | No
         raise SpecError("--from", [f"no stage {from_stage!r}; stages: {', '.join(spec.stages)}"])
     dataset = check_data(spec, settings)
     check_models(spec, settings)
+    folder = f"s3://{settings.checkpoints_bucket}/{PIPELINE_STORAGE_PREFIX}/{spec.name}"
+    lease = held(s3_access(settings), f"{folder}/{LEASE_FILE}", what=f"pipeline {spec.name}",
+                 holder=driver(submission_id, "compound pipeline run"))
+    with lease as mine:  # one driver per pipeline: its runs share stage names, jobs and storage
+        return _run_stages(spec, settings, from_stage=from_stage, submission_id=submission_id, dataset=dataset,
+                           lost=mine.lost)
+
+
+def _run_stages(spec: PipelineSpec, settings: Settings, *, from_stage: str | None, submission_id: str | None,
+                dataset, lost) -> PipelineOutcome:
     parent, records, resumed = open_pipeline_run(spec, settings.mlflow_tracking_uri, from_stage=from_stage,
                                                  submission_id=submission_id, dataset=dataset)
     log.info("pipeline %s: MLflow run %s%s", spec.name, parent.url, " (resumed)" if resumed else "")
@@ -85,6 +97,8 @@ def run_pipeline(spec: PipelineSpec, settings: Settings, *, from_stage: str | No
             outputs[name] = record.outputs or {}
             reused.append(name)
             continue
+        if lost.is_set():  # another driver took this one's lease (it could not renew it for minutes)
+            raise LeaseHeld(f"pipeline {spec.name}: another driver took over its lease; stopped before stage {name}")
         context = StageContext(settings=settings, pipeline=spec.name, experiment=spec.experiment_name, stage=name,
                                parent=parent, attempt=_attempt(record, fingerprint, forced=name in forced))
         outputs[name] = _run_stage(spec, context, inputs, fingerprint)
@@ -128,7 +142,6 @@ def check_data(spec: PipelineSpec, settings: Settings) -> tuple[ShardManifest, s
     """The pipeline's dataset manifest and id; a pipeline whose manifest cannot be read is refused before
     anything runs or is recorded."""
     from cluster.data.manifest import ManifestError, load_manifest
-    from jobs.s3 import s3_access
 
     try:
         return load_manifest(spec.data, s3=s3_access(settings))
@@ -140,7 +153,6 @@ def check_models(spec: PipelineSpec, settings: Settings) -> None:
     """The models the pipeline names itself (not outputs of its stages) are there: a teacher in the
     registry that is not, refused before the stages ahead of it train."""
     from jobs.model_source import ModelSourceError, check_source
-    from jobs.s3 import s3_access
     from pipelines.graph import references
     from pipelines.stages import STAGES
 

@@ -54,7 +54,8 @@ submission_errors = exits_cleanly_on("jobs.submit.SubmissionError")
 # What a driver (`job|sweep|pipeline run`) ends with when the job, the cluster or the services fail.
 driver_errors = exits_cleanly_on(
     "infra.settings.ConfigError", "jobs.driver.JobFailedError", "jobs.driver.ClusterUnreachableError",
-    "jobs.tracking.TrackingUnavailableError", "jobs.sweep.SweepFailedError", "pipelines.runner.StageFailedError")
+    "jobs.tracking.TrackingUnavailableError", "jobs.sweep.SweepFailedError", "pipelines.runner.StageFailedError",
+    "jobs.lease.LeaseHeld")
 
 
 def fail_on_spec_error(error: Exception) -> None:

@@ -20,6 +20,7 @@ from cluster.storage import S3Access, split_s3_url
 from compound.cli import cli
 from infra.settings import Settings
 from infra.stack import Stack
+from jobs.lease import LEASE_FILE, held
 from jobs.tags import PARENT_TAG
 from pipelines.registry import CHALLENGER, CHAMPION, alias_version
 from pipelines.runner import DATA_TAG, STAGE_RECORD_PREFIX
@@ -191,3 +192,17 @@ def test_a_teacher_that_is_not_there_is_refused_before_any_stage_trains(
         assert "stages.student.with.teacher: models:/no-such-model@champion" in output, output
         assert "stages.evaluate.with.models.late: s3://checkpoints/no/such/model.onnx" in output, output
     assert _json(_invoke("pipeline", "status", "digits-tiny-no-teacher", "--json", *home)[1]) == []
+
+
+def test_a_second_driver_of_a_running_pipeline_is_refused_and_records_nothing(
+        stack: Stack, settings: Settings, s3: S3Access, digits, pipeline_file: Path) -> None:
+    home = ("--home", str(stack.home))
+    data = yaml.safe_load(pipeline_file.read_text())
+    data["name"] = "digits-tiny-driven"
+    path = pipeline_file.with_name("driven.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    lease = f"s3://{settings.checkpoints_bucket}/pipelines/digits-tiny-driven/{LEASE_FILE}"
+    with held(s3, lease, what="pipeline digits-tiny-driven", holder="submission digits-tiny-driven-1"):  # running
+        code, output = _invoke("pipeline", "run", str(path), *home)  # a second driver, by hand
+    assert code == 1 and "already being run by submission digits-tiny-driven-1" in output, output
+    assert _json(_invoke("pipeline", "status", "digits-tiny-driven", "--json", *home)[1]) == []  # no run opened
