@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -53,8 +54,12 @@ class Settings(BaseModel):
     shards_bucket: str = "shards"
     checkpoints_bucket: str = "checkpoints"
     mlflow_bucket: str = "mlflow"
-    # The scheduler's job store (SQLAlchemy URL, e.g. postgresql://…); default: SQLite in the stack's home.
+    # The server's database (schedules, users, audit; SQLAlchemy URL, e.g. postgresql://…); default: SQLite
+    # in the stack's home.
     scheduler_store: str | None = None
+    # The compound server (`compound server`): its URL and this client's bearer token.
+    server_url: str | None = None
+    server_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _keys_come_in_pairs(self) -> Settings:
@@ -113,6 +118,11 @@ class Settings(BaseModel):
         if self.ray_token is None:
             return {}
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _reveal(self.ray_token)}
+
+
+def new_server_token() -> str:
+    """A compound server token: 256 random bits, prefixed so a leaked one is recognisable in a scan."""
+    return "cpd_" + secrets.token_urlsafe(32)
 
 
 def _reveal(secret: SecretStr | None) -> str | None:
@@ -180,7 +190,7 @@ def read_settings_file(path: Path) -> dict[str, object]:
 
 
 def write_settings(settings: Settings, home: Path) -> Path:
-    """Write the settings file readable by its owner only (it holds the S3 secret, the MLflow passwords and the Ray token)."""
+    """Write the settings file readable by its owner only (it holds the S3 secret, the MLflow passwords and the Ray and server tokens)."""
     home.mkdir(parents=True, exist_ok=True)
     path = home / SETTINGS_FILE
     data = settings.model_dump(mode="json")
@@ -189,6 +199,7 @@ def write_settings(settings: Settings, home: Path) -> Path:
     data["mlflow_password"] = _reveal(settings.mlflow_password)
     data["mlflow_promoter_password"] = _reveal(settings.mlflow_promoter_password)
     data["ray_token"] = _reveal(settings.ray_token)
+    data["server_token"] = _reveal(settings.server_token)
     write_private(path, json.dumps(data, indent=2))
     return path
 

@@ -1,4 +1,4 @@
-"""The local stack: SeaweedFS (S3 API), an MLflow server, a Ray head and the pipeline scheduler, all on 127.0.0.1.
+"""The local stack: SeaweedFS (S3 API), an MLflow server, a Ray head and the compound server, all on 127.0.0.1.
 
 `up` starts what is not running, waits for each health check and writes the settings file;
 `down` stops what `up` started, by the pids it recorded. Data, logs and pid files live under the
@@ -7,7 +7,7 @@ state dir (`$COMPOUND_HOME`, default `~/.compound`):
     settings.json  endpoints and S3 keys (0600)     ports.json  the ports the stack uses
     s3/            SeaweedFS data and s3.json        mlflow/     SQLite tracking store
     ray/           link to Ray's session dir         logs/, run/ one log and pid file per service
-    scheduler/     the schedules' job store and history (SQLite)
+    scheduler/     the compound server's database: schedules, users, audit log (SQLite)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 
 from infra import mlflow_auth, seaweed
 from infra.settings import (
@@ -40,6 +40,7 @@ from infra.settings import (
     ConfigError,
     Settings,
     default_scheduler_store,
+    new_server_token,
     read_settings_file,
     write_private,
     write_settings,
@@ -55,9 +56,10 @@ STOP_TIMEOUT_S = 45.0  # Ray drains its node before it exits
 LOG_TAIL_LINES = 25
 MLFLOW_USER = "compound"  # the stack's login to its MLflow server, an admin of its auth app
 MLFLOW_PROMOTER = "compound-promoter"  # the promotion path's login: the one that may move `champion`
+SERVER_ADMIN = "owner"  # the compound server's account of whoever ran `compound up`
 MLFLOW_LOGIN_CACHE_S = 300
 SQLITE_BUSY_S = 60
-SERVICE_NAMES = ("s3", "mlflow", "ray", "scheduler")  # start order: the store first, the scheduler last
+SERVICE_NAMES = ("s3", "mlflow", "ray", "server")  # start order: the store first, the server last
 # Ray starts its workers at nice 15 so a busy node's control plane stays responsive; on a laptop the
 # workers are the point, and at nice 15 the head's own processes (and the store) preempt training.
 # Ray Train's controller moves a job through its states one poll of the workers at a time, every 2 s
@@ -86,7 +88,8 @@ class StackPorts(BaseModel):
     weed_volume: int = 9340
     weed_filer: int = 8888
     weed_admin: int = 23646
-    scheduler: int = 8766  # its health check
+    # The compound server's API (it runs the schedules too); read from ports.json as "scheduler" before it was one.
+    server: int = Field(default=8766, validation_alias=AliasChoices("server", "scheduler"))
 
     @classmethod
     def free(cls, lane: int = 0, lanes: int = 1) -> StackPorts:
@@ -118,7 +121,7 @@ class StackPorts(BaseModel):
                 for name in ("s3", "weed_master", "weed_volume", "weed_filer", "weed_admin")}
         worker = pick(others_low, others_high, span=101)
         others = {name: pick(others_low, others_high)
-                  for name in ("mlflow", "ray", "ray_dashboard", "ray_client", "ray_agent", "scheduler")}
+                  for name in ("mlflow", "ray", "ray_dashboard", "ray_client", "ray_agent", "server")}
         return cls(**weed, **others, ray_min_worker=worker, ray_max_worker=worker + 100)
 
 
@@ -200,6 +203,8 @@ class Stack:
             ray_dashboard_url=f"http://{HOST}:{ports.ray_dashboard}",
             ray_token=SecretStr(self._kept_secret("ray_token") or os.environ.get("COMPOUND_RAY_TOKEN")
                                 or secrets.token_hex(32)),
+            server_url=f"http://{HOST}:{ports.server}",
+            server_token=SecretStr(self._kept_secret("server_token") or new_server_token()),
         )
 
     def _s3_keys(self) -> tuple[str, str]:
@@ -310,15 +315,18 @@ class Stack:
                  "COMPOUND_HOME": str(self.home),
                  "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
         )
-        scheduler = Service(
-            name="scheduler",
-            command=[sys.executable, "-m", "pipelines.scheduler", "--port", str(ports.scheduler)],
-            health_url=f"http://{HOST}:{ports.scheduler}/health",
-            ports={"scheduler": ports.scheduler},
+        server = Service(
+            name="server",
+            command=[sys.executable, "-m", "server", "--port", str(ports.server)],
+            health_url=f"http://{HOST}:{ports.server}/health",
+            ports={"compound server": ports.server},
+            # Its database URL (which may hold a password) and the owner's token: environment, not command line.
             env={**RAY_CLIENT_ENV, **settings.mlflow_env(), **settings.ray_env(), "COMPOUND_HOME": str(self.home),
-                 "COMPOUND_SCHEDULER_STORE": settings.scheduler_store or default_scheduler_store(self.home)},
+                 "COMPOUND_SCHEDULER_STORE": settings.scheduler_store or default_scheduler_store(self.home),
+                 "COMPOUND_SERVER_ADMIN": SERVER_ADMIN,
+                 "COMPOUND_SERVER_ADMIN_TOKEN": settings.server_token.get_secret_value()},
         )
-        return [s3, mlflow, ray, scheduler]
+        return [s3, mlflow, ray, server]
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def up(self, ports: StackPorts | None = None, timeout_s: float = STARTUP_TIMEOUT_S) -> tuple[Settings, list[str]]:

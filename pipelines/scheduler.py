@@ -10,20 +10,18 @@ firing submits nothing while a run of the pipeline is still active on the cluste
 one pipeline at once. Every firing that submits or skips is recorded in a history table beside the
 job store (`compound schedule history`).
 
-The service (`compound up` starts it, `serve`) runs the jobs; the CLI edits the same store, and the
-service looks at it again every POLL_S seconds, so a schedule added from the CLI is due within that.
+The compound server (`compound up` starts it; `run_schedules`) runs the jobs; the CLI edits the same store, and the
+server looks at it again every POLL_S seconds, so a schedule added from the CLI is due within that.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, select
@@ -78,7 +76,7 @@ def make_scheduler(url: str):
 
     from pipelines.schedule_store import JsonJobStore
 
-    engine = _engine(url)
+    engine = engine_for(url)
     _metadata.create_all(engine)
     return BackgroundScheduler(
         jobstores={"default": JsonJobStore(engine)},
@@ -205,7 +203,7 @@ def remove_schedule(url: str, name: str) -> None:
 
 def history(url: str, name: str | None = None, limit: int = 50) -> list[dict]:
     """The schedule's firings (every schedule's when None), newest first."""
-    engine = _engine(url)
+    engine = engine_for(url)
     _metadata.create_all(engine)
     query = select(HISTORY).order_by(HISTORY.c.id.desc()).limit(limit)
     if name is not None:
@@ -287,61 +285,26 @@ def manifests(settings: Settings, prefix: str) -> list[str]:
 
 def record(url: str, schedule: str, action: str, *, data: str | None = None, submission_id: str | None = None,
            detail: str | None = None) -> None:
-    with _engine(url).begin() as connection:
+    with engine_for(url).begin() as connection:
         connection.execute(HISTORY.insert().values(schedule=schedule, at=datetime.datetime.now(datetime.UTC),
                                                    action=action, data=data, submission_id=submission_id,
                                                    detail=detail))
 
 
-def _engine(url: str):
+def engine_for(url: str):
     """An engine on the store; a SQLite file's folder is made first."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return create_engine(url)
 
 
-def serve(url: str, *, host: str, port: int, stop: threading.Event | None = None) -> None:
-    """Run the schedules until stopped, answering health checks on http://host:port/health."""
+def run_schedules(url: str, stop: threading.Event) -> None:
+    """Run the schedules until `stop` is set (the compound server runs this beside its API)."""
     scheduler = make_scheduler(url)
     scheduler.start()
-    server = ThreadingHTTPServer((host, port), _Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    log.info("scheduler: %d schedule(s) in %s; health on http://%s:%d/health", len(scheduler.get_jobs()), url,
-             host, port)
-    stop = stop or threading.Event()
+    log.info("scheduler: %d schedule(s) in %s", len(scheduler.get_jobs()), url.split("@")[-1])
     try:
         while not stop.wait(POLL_S):
             scheduler.wakeup()  # schedules added or changed by the CLI since the last look
     finally:
-        server.shutdown()
         scheduler.shutdown(wait=True)
-
-
-class _Health(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # the name http.server calls
-        self.send_response(200 if self.path == "/health" else 404)
-        self.end_headers()
-        self.wfile.write(b"OK" if self.path == "/health" else b"")
-
-    def log_message(self, *args) -> None:  # health checks are not worth a log line
-        pass
-
-
-def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="compound's scheduler service")
-    # A database URL holds its password: it comes from the environment, not from a command line anyone can read.
-    parser.add_argument("--store", default=os.environ.get("COMPOUND_SCHEDULER_STORE"),
-                        help="SQLAlchemy URL of the job store [default: $COMPOUND_SCHEDULER_STORE]")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True, help="for health checks: GET /health")
-    args = parser.parse_args()
-    if not args.store:
-        parser.error("set COMPOUND_SCHEDULER_STORE to the job store's SQLAlchemy URL")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.store, host=args.host, port=args.port)
-
-
-if __name__ == "__main__":
-    main()

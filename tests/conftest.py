@@ -6,6 +6,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +93,15 @@ def digits(s3: S3Access) -> ShardManifest:
     """The demo dataset where the example specs expect it: 64 px digits in 0.25 MB shards."""
     source = DigitsSource(image_size=64, val_fraction=0.2, seed=0)
     return write_shards(source, "s3://shards/digits/", s3=s3, shard_bytes=int(0.25 * 2**20), overwrite=True).manifest
+
+
+@pytest.fixture(scope="session")
+def model_run(settings: Settings) -> str:
+    """A run with a logged (tiny) PyTorch model, for registry versions that need no training: what every
+    version registered from it points at."""
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    experiment = mlflow.set_experiment("registry-test")
+    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+        mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="model", pip_requirements=["torch"],
+                                 input_example=np.zeros((2, 2), dtype=np.float32))
+    return run.info.run_id

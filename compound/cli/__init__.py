@@ -17,8 +17,9 @@ from compound.cli.registry import registry
 from compound.cli.schedule import schedule
 from compound.cli.stack import down, stack, up
 from compound.cli.sweep import sweep
+from compound.cli.user import audit, user
 
-OUR_PACKAGES = ("effnet", "cluster", "pipelines", "jobs", "infra", "compound")
+OUR_PACKAGES = ("effnet", "cluster", "pipelines", "jobs", "infra", "server", "compound")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,7 +32,7 @@ def cli(verbose: bool) -> None:
         logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-for command in (up, down, stack, data, model, job, sweep, pipeline, registry, schedule):
+for command in (up, down, stack, data, model, job, sweep, pipeline, registry, schedule, user, audit):
     cli.add_command(command)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -136,13 +137,16 @@ def promote(name: str, version: int, force: bool, reason: str | None, as_json: b
 
     Exits 3 when the gate refuses; the decision and its reasons are recorded on the version either way.
     """
-    from pipelines.registry import promote as promote_version
-
     if force and not reason:
         raise click.UsageError("--force needs a --reason: it is recorded with the decision")
-    decision = promote_version(settings_of(home), name=name, version=version, force=force, reason=reason)
+    decision = _through_server(settings_of(home), f"/api/registry/{name}/promote",
+                               {"version": version, "force": force, "reason": reason})
+    if decision is None:  # no server in the settings: promoted here, as the promoter the settings name
+        from pipelines.registry import promote as promote_version
+
+        decision = asdict(promote_version(settings_of(home), name=name, version=version, force=force, reason=reason))
     _print_decision(decision, as_json)
-    if decision.action == "rejected":
+    if decision["action"] == "rejected":
         sys.exit(REJECTED_EXIT)
 
 
@@ -154,19 +158,33 @@ def promote(name: str, version: int, force: bool, reason: str | None, as_json: b
 @_registry_errors
 def rollback(name: str, reason: str | None, as_json: bool, home: Path | None) -> None:
     """Make the previous champion of NAME champion again, recorded as a rollback."""
-    from pipelines.registry import rollback as rollback_model
+    decision = _through_server(settings_of(home), f"/api/registry/{name}/rollback", {"reason": reason})
+    if decision is None:
+        from pipelines.registry import rollback as rollback_model
 
-    _print_decision(rollback_model(settings_of(home), name=name, reason=reason), as_json)
+        decision = asdict(rollback_model(settings_of(home), name=name, reason=reason))
+    _print_decision(decision, as_json)
 
 
-def _print_decision(decision, as_json: bool) -> None:
+def _through_server(settings, path: str, body: dict) -> dict | None:
+    """The server's decision, where the settings name a server (it checks the caller's role, audits, and
+    promotes as the promoter); None where they name none."""
+    from server.client import ServerClient, ServerError
+
+    if settings.server_url is None:
+        return None
+    try:
+        return ServerClient.of(settings).request("POST", path, body)
+    except ServerError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _print_decision(decision: dict, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({"model": decision.model, "version": decision.version, "action": decision.action,
-                               "champion": decision.champion, "previous": decision.previous,
-                               "reasons": decision.reasons}))
+        click.echo(json.dumps(decision))
         return
-    style = "red" if decision.action == "rejected" else "green"
-    console.print(f"model {decision.model} v{decision.version}: [{style}]{decision.action}[/{style}]; champion: "
-                  f"{'v' + str(decision.champion) if decision.champion else 'none'}", highlight=False)
-    for line in decision.reasons:
+    style = "red" if decision["action"] == "rejected" else "green"
+    console.print(f"model {decision['model']} v{decision['version']}: [{style}]{decision['action']}[/{style}]; "
+                  f"champion: {'v' + str(decision['champion']) if decision['champion'] else 'none'}", highlight=False)
+    for line in decision["reasons"]:
         console.print(f"  {line}", highlight=False, markup=False)

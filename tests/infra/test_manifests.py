@@ -123,12 +123,15 @@ def test_launcher_uses_the_stack_ports_and_valid_settings() -> None:
     assert all(not r["CidrIp"].startswith("0.0.0.0") for r in ssh["IpRanges"])
 
 
-def test_the_scheduler_is_one_replica_with_its_schedules_in_a_postgresql_of_their_own(docs: dict) -> None:
-    deployment = docs[("Deployment", "scheduler")]
+def test_the_server_is_one_replica_with_its_schedules_and_users_in_a_postgresql_of_their_own(docs: dict) -> None:
+    deployment = docs[("Deployment", "server")]
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     (container,) = _containers(deployment)
-    assert container["readinessProbe"]["httpGet"]["port"] == DEFAULTS.scheduler
-    assert f"--port {DEFAULTS.scheduler}" in container["args"][0]
+    assert container["readinessProbe"]["httpGet"]["port"] == DEFAULTS.server
+    assert f"python -m server --host 0.0.0.0 --port {DEFAULTS.server}" in container["args"][0]
+    service = docs[("Service", "server")]["spec"]["ports"][0]["port"]
+    data = docs[("ConfigMap", "compound-settings")]["data"]
+    assert _port(data["COMPOUND_SERVER_URL"]) == service == DEFAULTS.server
     store = next(e["value"] for e in container["env"] if e["name"] == "COMPOUND_SCHEDULER_STORE")
     assert store.startswith("postgresql://scheduler:") and "@scheduler-db:5432/schedules" in store
     assert ("Service", "scheduler-db") in docs and ("CronJob", "scheduler-db-backup") in docs
@@ -183,4 +186,4 @@ def test_network_policies_deny_by_default_and_open_each_service_to_its_clients(d
     db = policies["mlflow-db-from-its-clients"]["ingress"][0]["from"]
     assert [peer["podSelector"]["matchLabels"] for peer in db] == [{"app": "mlflow"}, {"app": "mlflow-db-backup"}]
     db = policies["scheduler-db-from-its-clients"]["ingress"][0]["from"]
-    assert [peer["podSelector"]["matchLabels"] for peer in db] == [{"app": "scheduler"}, {"app": "scheduler-db-backup"}]
+    assert [peer["podSelector"]["matchLabels"] for peer in db] == [{"app": "server"}, {"app": "scheduler-db-backup"}]

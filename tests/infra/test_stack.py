@@ -182,7 +182,8 @@ def test_up_twice_starts_nothing_new(stack: Stack) -> None:
 def test_credentials_stay_out_of_output_command_lines_and_logs_and_files_are_private(
         stack: Stack, settings: Settings) -> None:
     secrets = [settings.s3_secret_key.get_secret_value(), settings.mlflow_password.get_secret_value(),
-               settings.mlflow_promoter_password.get_secret_value(), settings.ray_token.get_secret_value()]
+               settings.mlflow_promoter_password.get_secret_value(), settings.ray_token.get_secret_value(),
+               settings.server_token.get_secret_value()]
     for args in (["up", "--home", str(stack.home)], ["stack", "status", "--home", str(stack.home)]):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, result.output
@@ -259,11 +260,11 @@ def test_data_survives_down_and_up(stack: Stack, settings: Settings, tmp_path: P
     client.log_artifact(run.info.run_id, str(tmp_path / "model.txt"))
 
     pids = [s.pid for s in stack.status()]
-    assert sorted(stack.down()) == ["mlflow", "ray", "s3", "scheduler"]
+    assert sorted(stack.down()) == ["mlflow", "ray", "s3", "server"]
     assert not any(psutil.pid_exists(pid) for pid in pids)
     assert all(s.pid is None for s in stack.status())
     _, started = stack.up()
-    assert sorted(started) == ["mlflow", "ray", "s3", "scheduler"]
+    assert sorted(started) == ["mlflow", "ray", "s3", "server"]
 
     assert settings.s3_client().get_object(Bucket=settings.checkpoints_bucket, Key=key)["Body"].read() == b"kept"
     assert client.get_run(run.info.run_id).data.metrics["accuracy"] == 0.9

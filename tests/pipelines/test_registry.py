@@ -199,7 +199,8 @@ def test_only_the_promoter_role_moves_champion(stack: Stack, settings: Settings,
     keyless = tmp_path / "home"
     keyless.mkdir()
     values = json.loads((stack.home / "settings.json").read_text())
-    values.pop("mlflow_promoter_username"), values.pop("mlflow_promoter_password")
+    for field in ("mlflow_promoter_username", "mlflow_promoter_password", "server_url", "server_token"):
+        values.pop(field)  # promoting here, not through the server, with the stack's own login
     (keyless / "settings.json").write_text(json.dumps(values))
     monkeypatch.delenv("COMPOUND_MLFLOW_PROMOTER_USERNAME", raising=False)
     result = CliRunner().invoke(cli, ["registry", "promote", name, "--version", str(v1), "--home", str(keyless)])

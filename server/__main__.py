@@ -1,0 +1,50 @@
+"""`python -m server --port N`: the compound server (`compound up` starts it). Its database is
+$COMPOUND_SCHEDULER_STORE (a URL that may hold a password: never a command-line argument); its first
+admin is $COMPOUND_SERVER_ADMIN with the token $COMPOUND_SERVER_ADMIN_TOKEN."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+
+ADMIN_ENV, ADMIN_TOKEN_ENV, STORE_ENV = "COMPOUND_SERVER_ADMIN", "COMPOUND_SERVER_ADMIN_TOKEN", "COMPOUND_SCHEDULER_STORE"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="the compound server: its API, its users and the schedules")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    url = os.environ.get(STORE_ENV)
+    if not url:
+        parser.error(f"set {STORE_ENV} to the server's database (a SQLAlchemy URL)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(url, host=args.host, port=args.port)
+
+
+def serve(url: str, *, host: str, port: int) -> None:
+    import uvicorn
+
+    from infra.settings import load_settings
+    from pipelines.scheduler import engine_for, run_schedules
+    from server.app import make_app
+    from server.users import ensure_admin, metadata
+
+    engine = engine_for(url)
+    metadata.create_all(engine)
+    if (admin := os.environ.get(ADMIN_ENV)) and (token := os.environ.get(ADMIN_TOKEN_ENV)):
+        ensure_admin(engine, admin, token)
+    stop = threading.Event()
+    schedules = threading.Thread(target=run_schedules, args=(url, stop), name="schedules", daemon=True)
+    schedules.start()
+    try:
+        uvicorn.run(make_app(engine, load_settings), host=host, port=port, log_level="warning")
+    finally:
+        stop.set()
+        schedules.join()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The server's client, for the CLI: requests with the settings' token, errors as one clear line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from infra.settings import Settings
+
+
+class ServerError(RuntimeError):
+    """The server refused or failed a request, or cannot be reached; the message says which."""
+
+
+class ServerClient:
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url, self.token = url.rstrip("/"), token
+
+    @classmethod
+    def of(cls, settings: Settings) -> ServerClient:
+        if settings.server_url is None:
+            raise ServerError("no compound server in the settings: `compound up` starts one, or set "
+                              "COMPOUND_SERVER_URL and COMPOUND_SERVER_TOKEN")
+        return cls(settings.server_url, settings.server_token.get_secret_value() if settings.server_token else None)
+
+    def request(self, method: str, path: str, body: dict | None = None, **params: Any) -> Any:
+        import requests
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            response = requests.request(method, f"{self.url}{path}", json=body, params=params or None,
+                                        headers=headers, timeout=120)
+        except requests.RequestException as error:
+            raise ServerError(f"cannot reach the compound server at {self.url} ({type(error).__name__}): start the "
+                              "local stack with `compound up`, or set COMPOUND_SERVER_URL") from None
+        if response.status_code >= 400:
+            raise ServerError(f"the server answered {response.status_code}: {_detail(response)}")
+        return response.json()
+
+
+def _detail(response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        return response.text[:500]
+    if isinstance(detail, list):  # a request the API's schema refused: each field's problem
+        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
+    return str(detail)
