@@ -114,7 +114,7 @@ def make_app(engine, settings: Callable[[], Settings]) -> FastAPI:
         import requests
         from mlflow.exceptions import MlflowException
 
-        from server.mlflow_logins import add_login, remove_login
+        from server.mlflow_logins import add_login
 
         def add() -> Credentials:
             try:
@@ -123,9 +123,8 @@ def make_app(engine, settings: Callable[[], Settings]) -> FastAPI:
                 raise HTTPException(409, str(error)) from None
             try:
                 password = add_login(settings().mlflow_tracking_uri, new.name, new.role)
-            except (MlflowException, requests.RequestException) as error:  # no half-made user: both go
-                users.revoke(engine, new.name)
-                remove_login(settings().mlflow_tracking_uri, new.name)
+            except (MlflowException, requests.RequestException) as error:  # no half-made user
+                users.remove(engine, new.name)
                 raise HTTPException(502, f"MLflow refused {new.name}'s login: {error}") from None
             return Credentials(name=new.name, team=new.team, role=new.role, token=token, mlflow_password=password)
         return done(user, "user.add", new.name, add)

@@ -18,12 +18,16 @@ def add_login(tracking_uri: str, name: str, role: str) -> str:
     from mlflow.server.auth.client import AuthServiceClient
 
     client, password = AuthServiceClient(tracking_uri), secrets.token_urlsafe(24)
-    client.create_user(name, password)
-    if role == "admin":
-        client.update_user_admin(name, True)
-    client.assign_role(name, _role(client, *GRANTS["viewer" if role == "viewer" else "submitter"]).id)
-    if role in ("promoter", "admin"):  # the champion rule binds MLflow's admins too
-        client.assign_role(name, next(r for r in client.list_roles(WORKSPACE) if r.name == PROMOTER_ROLE).id)
+    client.create_user(name, password)  # refused for a name MLflow has (the stack's own logins among them)
+    try:
+        if role == "admin":
+            client.update_user_admin(name, True)
+        client.assign_role(name, _role(client, *GRANTS["viewer" if role == "viewer" else "submitter"]).id)
+        if role in ("promoter", "admin"):  # the champion rule binds MLflow's admins too
+            client.assign_role(name, next(r for r in client.list_roles(WORKSPACE) if r.name == PROMOTER_ROLE).id)
+    except BaseException:
+        client.delete_user(name)  # made here a moment ago: no login with half its rights
+        raise
     return password
 
 

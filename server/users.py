@@ -7,7 +7,7 @@ import datetime
 import hashlib
 from dataclasses import dataclass
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, select, update
+from sqlalchemy import Column, DateTime, MetaData, String, Table, delete, select, update
 
 from infra.settings import new_server_token
 
@@ -50,10 +50,12 @@ def add_user(engine, name: str, *, team: str, role: str, token: str | None = Non
     """Add a user; their token (made here unless given), which is shown once and kept only hashed."""
     if role not in ROLES:
         raise UserError(f"role {role!r} is none of {', '.join(ROLES)}")
-    if find(engine, name) is not None:
+    found = find(engine, name)
+    if found is not None and found.revoked is None:
         raise UserError(f"a user named {name} exists; revoke them first, or choose another name")
     token = token or new_server_token()
     with engine.begin() as connection:
+        connection.execute(delete(USERS).where(USERS.c.name == name))  # a revoked user of that name, if any
         connection.execute(USERS.insert().values(name=name, team=team, role=role, token_sha256=digest(token),
                                                  created=_now(), revoked=None))
     return token
@@ -69,6 +71,12 @@ def ensure_admin(engine, name: str, token: str) -> None:
     with engine.begin() as connection:
         connection.execute(update(USERS).where(USERS.c.name == name).values(
             token_sha256=digest(token), role="admin", revoked=None))
+
+
+def remove(engine, name: str) -> None:
+    """Forget a user entirely (a user whose MLflow login could not be made)."""
+    with engine.begin() as connection:
+        connection.execute(delete(USERS).where(USERS.c.name == name))
 
 
 def revoke(engine, name: str) -> None:

@@ -58,6 +58,32 @@ driver_errors = exits_cleanly_on(
     "jobs.lease.LeaseHeld")
 
 
+def log_kept(function):
+    """A submitted driver (`--submission-id`) keeps its whole output on S3 as well as in Ray's job log,
+    errors included (`jobs.driver_log`): `compound job logs` reads it there once Ray forgets the job."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from infra.settings import ConfigError, load_settings
+        from jobs.driver_log import kept_on_s3
+        from jobs.s3 import s3_access
+
+        submission_id = kwargs.get("submission_id")
+        try:
+            settings = load_settings(kwargs.get("home")) if submission_id else None
+        except ConfigError:
+            settings = None  # the command says so itself
+        if settings is None:
+            return function(*args, **kwargs)
+        with kept_on_s3(s3_access(settings), settings.checkpoints_bucket, submission_id):
+            try:
+                return function(*args, **kwargs)
+            except click.ClickException as error:  # printed here, so that the kept log has it too
+                error.show()
+                sys.exit(error.exit_code)
+    return wrapper
+
+
 def fail_on_spec_error(error: Exception) -> None:
     """Print a spec's problems and exit 2: nothing was started."""
     from rich.markup import escape

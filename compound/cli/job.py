@@ -18,6 +18,7 @@ from compound.cli.common import (
     jobs_client,
     json_option,
     local_time,
+    log_kept,
     print_dry_run,
     read_spec,
     run_of,
@@ -67,6 +68,7 @@ def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (for scripts).")
 @click.option("--submission-id", default=None, hidden=True, help="The Ray submission running this driver.")
 @home_option
+@log_kept
 @spec_errors
 @driver_errors
 def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | None) -> None:
@@ -177,10 +179,23 @@ def status(ref: str, address: str | None, as_json: bool, home: Path | None) -> N
 @home_option
 @submission_errors
 def logs(ref: str, address: str | None, follow: bool, home: Path | None) -> None:
-    """A submission's log (its driver's output), by submission id or job name."""
+    """A submission's log (its driver's output), by submission id or job name; from the copy kept on S3
+    when Ray no longer knows the submission (its head restarted) or cannot be reached."""
+    from jobs.driver_log import read_kept
+    from jobs.s3 import s3_access
+    from jobs.submit import SubmissionError
+
     settings = settings_of(home)
-    client = jobs_client(settings, address)
-    found = client.find(ref)
+    try:
+        client = jobs_client(settings, address)
+        found = client.find(ref)
+    except SubmissionError as error:
+        kept = read_kept(s3_access(settings), settings.checkpoints_bucket, ref)
+        if kept is None:
+            raise
+        click.echo(f"({error.args[0].split(';')[0]}: the log of {kept[0]} kept on S3)", err=True)
+        click.echo(kept[1], nl=False)
+        return
     if follow:
         follow_submission(settings, client, found.submission_id)
         return

@@ -18,6 +18,7 @@ from compound.cli.common import (
     jobs_client,
     json_option,
     local_time,
+    log_kept,
     read_spec,
     settings_of,
     spec_argument,
@@ -63,6 +64,7 @@ def validate(spec_path: Path, data: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (for scripts).")
 @click.option("--submission-id", default=None, hidden=True, help="The Ray submission running this driver.")
 @home_option
+@log_kept
 @spec_errors
 @driver_errors
 def run(spec_ref: str, data: str | None, from_stage: str | None, as_json: bool, submission_id: str | None,

@@ -15,6 +15,7 @@ from compound.cli.common import (
     driver_errors,
     home_option,
     jobs_client,
+    log_kept,
     print_dry_run,
     read_spec,
     settings_of,
@@ -57,6 +58,7 @@ def validate(spec_path: Path, offline: bool, home: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (for scripts).")
 @click.option("--submission-id", default=None, hidden=True, help="The Ray submission running this driver.")
 @home_option
+@log_kept
 @spec_errors
 @driver_errors
 def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | None) -> None:

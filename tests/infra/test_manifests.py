@@ -169,6 +169,7 @@ def test_no_password_reaches_a_command_line_and_every_service_asks_who_you_are(d
         for container in _containers(doc):
             command = " ".join(container.get("command", []) + container.get("args", []))
             assert not re.search(r"PASSWORD|--backend-store-uri|_TOKEN", command), f"{kind} {name}: {command}"
+    assert docs[("RayCluster", "compound")]["spec"]["authOptions"] == {"mode": "token", "secretName": "compound-ray"}
     mlflow = _containers(docs[("Deployment", "mlflow")])[0]
     assert "--app-name compound-auth" in mlflow["args"][0]  # basic-auth with the promoter rule
     ray_clients = [*_containers(docs[("RayCluster", "compound")]), *_containers(docs[("RayJob", "compound-train")])]

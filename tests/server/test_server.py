@@ -99,3 +99,14 @@ def test_roles_decide_who_promotes_here_and_in_the_mlflow_ui_and_every_action_is
     assert (owner, "user.revoke", "ok") in mine
     listed = json.loads(_invoke(stack, "user", "list", "--json").output)
     assert next(u for u in listed if u["name"] == viewer["name"])["revoked"] is not None
+
+
+def test_a_user_whose_mlflow_login_cannot_be_made_is_not_made_at_all(settings: Settings, stack: Stack) -> None:
+    taken = _invoke(stack, "user", "add", settings.mlflow_username, "--team", "x", "--role", "viewer")
+    assert taken.exit_code == 1 and "502" in taken.output, taken.output  # MLflow has a user of that name
+    assert settings.mlflow_username not in {u["name"] for u in json.loads(_invoke(stack, "user", "list", "--json").output)}
+    assert MlflowClient(settings.mlflow_tracking_uri).search_experiments()  # the stack's own login untouched
+    again = _added(stack, "viewer")  # a revoked name may be given again
+    assert _invoke(stack, "user", "revoke", again["name"]).exit_code == 0
+    result = _invoke(stack, "user", "add", again["name"], "--team", "vision", "--role", "viewer", "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["token"] != again["token"], result.output
