@@ -69,6 +69,17 @@ def ensure_promoter(username: str | None, password: str | None) -> None:
         once(lambda: store.assign_role_to_user(user.id, role.id), lambda: None)
 
 
+def set_password(database_uri: str, username: str, password: str) -> None:
+    """Give `username` in the users' store at `database_uri` a new password (the store's owner recovering a
+    lost one; a running server takes it at the next login check), keeping every other user and grant."""
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore()
+    store.init_db(database_uri)
+    if store.has_user(username, use_primary=True):
+        store.update_user(username, password=password)
+
+
 def is_promoter(user_id: int) -> bool:
     from mlflow.server.auth import store
 

@@ -5,6 +5,7 @@
 state dir (`$COMPOUND_HOME`, default `~/.compound`):
 
     settings.json  endpoints and S3 keys (0600)     ports.json  the ports the stack uses
+    secrets.json   the services' logins again (0600), for a settings file damaged while they run
     s3/            SeaweedFS data and s3.json        mlflow/     SQLite tracking store
     ray/           link to Ray's session dir         logs/, run/ one log and pid file per service
     scheduler/     the compound server's database: schedules, users, audit log (SQLite)
@@ -56,6 +57,10 @@ STOP_TIMEOUT_S = 45.0  # Ray drains its node before it exits
 LOG_TAIL_LINES = 25
 MLFLOW_USER = "compound"  # the stack's login to its MLflow server, an admin of its auth app
 MLFLOW_PROMOTER = "compound-promoter"  # the promotion path's login: the one that may move `champion`
+# The secrets the services are started with, kept a second time (secrets.json, 0600) for a settings
+# file that was damaged while they run; the S3 keys have SeaweedFS's own identity file.
+SECRETS_COPY = "secrets.json"
+KEPT_SECRETS = ("mlflow_password", "mlflow_promoter_password", "ray_token", "server_token")
 SERVER_ADMIN = "owner"  # the compound server's account of whoever ran `compound up`
 MLFLOW_LOGIN_CACHE_S = 300
 SQLITE_BUSY_S = 60
@@ -229,24 +234,32 @@ class Stack:
     def _auth_db(self) -> Path:
         return self.home / "mlflow" / "basic_auth.db"
 
+    @property
+    def _secrets_copy(self) -> Path:
+        return self.home / SECRETS_COPY
+
     def _kept_secret(self, field: str) -> str | None:
-        """A secret of the settings file, if it holds one."""
-        with contextlib.suppress(ConfigError):
-            value = read_settings_file(self.home / SETTINGS_FILE).get(field)
-            if isinstance(value, str) and value:
-                return value
+        """A secret of the settings file; else of the copy `up` keeps beside it: the running services were
+        started with these, so a damaged settings file must not replace them with new ones."""
+        for path in (self.home / SETTINGS_FILE, self._secrets_copy):
+            with contextlib.suppress(ConfigError):
+                value = read_settings_file(path).get(field)
+                if isinstance(value, str) and value:
+                    return value
         return None
 
     def _mlflow_password(self) -> str:
-        """The settings file's; else a new one. MLflow keeps the password its admin was created with, so
-        without the old one its users' store (which holds the stack's user alone) is made anew."""
+        """The kept one; else a new one, which becomes the stack's login in MLflow's users' store (the
+        other users, the promoter's role and the grants stay)."""
         if password := self._kept_secret("mlflow_password"):
             return password
+        password = secrets.token_urlsafe(24)
         if self._auth_db.exists():
-            log.warning("no MLflow password in the settings file: %s is made anew with a new one", self._auth_db)
-            self._auth_db.unlink()
+            log.warning("no MLflow password in %s or %s: the stack's login in %s gets a new one",
+                        self.home / SETTINGS_FILE, self._secrets_copy, self._auth_db)
+            mlflow_auth.set_password(f"sqlite:///{self._auth_db}?timeout={SQLITE_BUSY_S}", MLFLOW_USER, password)
         self.new_mlflow_login = True
-        return secrets.token_urlsafe(24)
+        return password
 
     def services(self, settings: Settings, ports: StackPorts) -> list[Service]:
         bin_dir = Path(sysconfig.get_path("scripts"))
@@ -374,6 +387,8 @@ class Stack:
                 self.stop_service(service.name)
             raise
         write_settings(settings, self.home)
+        write_private(self._secrets_copy, json.dumps({field: getattr(settings, field).get_secret_value()
+                                                     for field in KEPT_SECRETS}))
         return settings, [s.name for s in started]
 
     def down(self, *, grace_s: float = STOP_TIMEOUT_S) -> list[str]:

@@ -19,10 +19,10 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from cluster.tracking import TrackingSpec
 from cluster.train.config import TrainingSpec
@@ -49,10 +49,30 @@ class SpecError(ValueError):
         super().__init__(f"{source} is not a valid spec:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(value: Any) -> Any:
+    """A duration as seconds: a number of them, or a number with a unit (`90s`, `30m`, `2h`, `1.5d`)."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", value)
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration: write seconds, or a number with s, m, h or d (e.g. 2h)")
+        return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_seconds), Field(gt=0, allow_inf_nan=False)]
+MAX_RUNTIME = Field(default=None, description=(
+    "stop the submitted run once it has run this long (seconds, or 30m, 2h, 1d), marked TIMED_OUT; its "
+    "checkpoints stay, so submitting it again resumes it"))
+
+
 class JobSpec(TrainingSpec):
     """One training job: the training sections and how it is tracked."""
 
     tracking: TrackingSpec = TrackingSpec()
+    max_runtime: Duration | None = MAX_RUNTIME
 
     @property
     def run_names(self) -> tuple[str, str]:
@@ -77,6 +97,7 @@ class SweepSpec(BaseModel):
     max_concurrent_trials: int | None = Field(default=None, ge=1,
                                               description="default: as many as the cluster holds with every worker")
     tracking: TrackingSpec = TrackingSpec()
+    max_runtime: Duration | None = MAX_RUNTIME
 
     @property
     def base_job(self) -> JobSpec:

@@ -36,6 +36,7 @@ JOB_KEY = "compound.job"  # Ray job metadata: the job's name
 EXPERIMENT_KEY = "compound.experiment"
 SPEC_KEY = "compound.spec"
 KIND_KEY = "compound.kind"  # "sweep" or "pipeline" for their drivers; absent for a job's
+MAX_RUNTIME_KEY = "compound.max_runtime_s"  # the spec's max_runtime, which the compound server enforces
 ACTIVE = ("PENDING", "RUNNING")
 SUBMISSIONS_FOLDER = "submissions"
 STOP_WAIT_S = 60.0
@@ -57,6 +58,7 @@ class Submission:
     end_time: float | None
     experiment: str | None
     spec: str | None  # s3:// URI of the spec it runs
+    max_runtime_s: float | None = None
 
     @classmethod
     def from_details(cls, details) -> Submission:  # details: ray.job_submission.JobDetails
@@ -66,6 +68,7 @@ class Submission:
             message=details.message or "", start_time=details.start_time / 1000 if details.start_time else None,
             end_time=details.end_time / 1000 if details.end_time else None,
             experiment=metadata.get(EXPERIMENT_KEY), spec=metadata.get(SPEC_KEY),
+            max_runtime_s=float(metadata[MAX_RUNTIME_KEY]) if metadata.get(MAX_RUNTIME_KEY) else None,
         )
 
     @property
@@ -201,6 +204,8 @@ def plan_driver(spec: BaseModel, *, kind: str, name: str, experiment: str, clien
     metadata = {JOB_KEY: name, EXPERIMENT_KEY: experiment, SPEC_KEY: spec_uri}
     if kind != "job":
         metadata[KIND_KEY] = kind
+    if (limit := getattr(spec, "max_runtime", None)) is not None:
+        metadata[MAX_RUNTIME_KEY] = f"{limit:g}"
     return Plan(spec=spec, submission_id=submission_id, spec_uri=spec_uri, entrypoint=entrypoint, metadata=metadata,
                 resolved=resolved)
 

@@ -20,7 +20,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from jobs.spec import SpecError, parse_spec, parse_yaml, read_job_data, read_sweep_data, read_yaml
+from jobs.spec import (
+    MAX_RUNTIME,
+    Duration,
+    SpecError,
+    parse_spec,
+    parse_yaml,
+    read_job_data,
+    read_sweep_data,
+    read_yaml,
+)
 from pipelines.graph import DATA_REFERENCE, broken_references, downstream, references, substitute, topological_order
 
 # A stage's job is <pipeline>-<stage>-<6 hex>: within a sweep name's 50 characters.
@@ -43,6 +52,7 @@ class PipelineSpec(BaseModel):
     data: str = Field(pattern=r"^s3://[^/]+/.+\.json$", description="the dataset manifest: ${data} in the stages")
     experiment: str | None = Field(default=None, min_length=1, description="MLflow experiment; default: the name")
     stages: dict[str, StageSpec] = Field(min_length=1, description="name → stage, in the order written")
+    max_runtime: Duration | None = MAX_RUNTIME
 
     @model_validator(mode="after")
     def _stage_names(self) -> PipelineSpec:

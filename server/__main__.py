@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 
+log = logging.getLogger("server")
 ADMIN_ENV, ADMIN_TOKEN_ENV, STORE_ENV = "COMPOUND_SERVER_ADMIN", "COMPOUND_SERVER_ADMIN_TOKEN", "COMPOUND_SCHEDULER_STORE"
 
 
@@ -37,13 +38,35 @@ def serve(url: str, *, host: str, port: int) -> None:
     if (admin := os.environ.get(ADMIN_ENV)) and (token := os.environ.get(ADMIN_TOKEN_ENV)):
         ensure_admin(engine, admin, token)
     stop = threading.Event()
-    schedules = threading.Thread(target=run_schedules, args=(url, stop), name="schedules", daemon=True)
-    schedules.start()
+    workers = [threading.Thread(target=run_schedules, args=(url, stop), name="schedules", daemon=True),
+               threading.Thread(target=enforce_timeouts, args=(engine, stop), name="timeouts", daemon=True)]
+    for worker in workers:
+        worker.start()
     try:
         uvicorn.run(make_app(engine, load_settings), host=host, port=port, log_level="warning")
     finally:
         stop.set()
-        schedules.join()
+        for worker in workers:
+            worker.join()
+
+
+def enforce_timeouts(engine, stop: threading.Event) -> None:
+    """Every CHECK_S: stop the submissions past their max_runtime (`jobs.timeouts`), each an audit row."""
+    from infra.settings import load_settings
+    from jobs.s3 import s3_access
+    from jobs.submit import JobsClient
+    from jobs.timeouts import CHECK_S, stop_overdue
+    from server import audit
+
+    while not stop.wait(CHECK_S):
+        try:
+            settings = load_settings()
+            client = JobsClient(settings.ray_dashboard_url, settings.ray_token)
+            for stopped in stop_overdue(client, s3_access(settings), settings.checkpoints_bucket):
+                audit.record(engine, who="server", action="job.timeout", target=stopped.submission_id,
+                             outcome="ok", detail=f"stopped after its max_runtime of {stopped.max_runtime_s:g} s")
+        except Exception:  # the cluster or the store is down: the next look tries again
+            log.exception("could not check the submissions' max_runtime")
 
 
 if __name__ == "__main__":

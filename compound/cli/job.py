@@ -135,7 +135,8 @@ def list_(address: str | None, as_json: bool, home: Path | None) -> None:
     """The cluster's compound submissions, newest last."""
     import dataclasses
 
-    submissions = jobs_client(settings_of(home), address).submissions()
+    settings = settings_of(home)
+    submissions = _timeouts_shown(settings, jobs_client(settings, address).submissions())
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(s) for s in submissions]))
         return
@@ -157,7 +158,7 @@ def status(ref: str, address: str | None, as_json: bool, home: Path | None) -> N
 
     settings = settings_of(home)
     client = jobs_client(settings, address)
-    found = client.find(ref)
+    (found,) = _timeouts_shown(settings, [client.find(ref)])
     run = run_of(settings, found)
     links = {"dashboard": client.dashboard_url(found.submission_id), "mlflow_run": run.url if run else None}
     if as_json:
@@ -170,6 +171,14 @@ def status(ref: str, address: str | None, as_json: bool, home: Path | None) -> N
                          ("Ray dashboard", links["dashboard"]), ("MLflow run", links["mlflow_run"] or "-")):
         table.add_row(label, value)
     console.print(table)
+
+
+def _timeouts_shown(settings, submissions: list) -> list:
+    """Submissions stopped for running past their max_runtime read TIMED_OUT (Ray says STOPPED)."""
+    from jobs.s3 import s3_access
+    from jobs.timeouts import with_timeouts
+
+    return with_timeouts(submissions, s3_access(settings), settings.checkpoints_bucket)
 
 
 @job.command("logs")

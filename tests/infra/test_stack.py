@@ -25,6 +25,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from click.testing import CliRunner
+from mlflow import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from compound.cli import cli
@@ -189,7 +190,7 @@ def test_credentials_stay_out_of_output_command_lines_and_logs_and_files_are_pri
         assert result.exit_code == 0, result.output
         assert not any(secret in result.output for secret in secrets)
     assert not any(secret in repr(settings) or secret in str(settings.model_dump()) for secret in secrets)
-    for path in ("settings.json", "s3/s3.json", "s3/tls/key.pem"):
+    for path in ("settings.json", "secrets.json", "s3/s3.json", "s3/tls/key.pem"):
         assert (stack.home / path).stat().st_mode & 0o077 == 0, path
     for status in stack.status():  # `ps` shows every process's command line to every user
         leader = psutil.Process(status.pid)
@@ -299,6 +300,10 @@ def test_up_rewrites_a_damaged_settings_file_with_the_keys_the_store_has(
     assert f"{settings_file} " in caplog.text and "the S3 keys come from" in caplog.text
     recovered = load_settings(stack.home)
     assert (recovered.s3_access_key, recovered.s3_secret_key) == (settings.s3_access_key, settings.s3_secret_key)
+    # The running services' logins are the ones they were started with, not new ones that nothing accepts.
+    for field in ("mlflow_password", "mlflow_promoter_password", "ray_token", "server_token"):
+        assert getattr(recovered, field) == getattr(settings, field), field
+    assert MlflowClient(recovered.mlflow_tracking_uri).search_experiments(max_results=1) is not None
     key = f"recovered/{uuid.uuid4().hex}"
     recovered.s3_client().put_object(Bucket=recovered.shards_bucket, Key=key, Body=b"still mine")
     assert settings.s3_client().get_object(Bucket=settings.shards_bucket, Key=key)["Body"].read() == b"still mine"
@@ -336,3 +341,30 @@ def test_status_exits_non_zero_when_the_stack_is_down(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _no_ambient_mlflow_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_a_lost_mlflow_password_is_replaced_without_losing_mlflow_s_users(tmp_path: Path, monkeypatch) -> None:
+    """With the settings file and its copy both gone, `up` makes a new password for the stack's login in
+    MLflow's users' store; the store itself (other users, the promoter's role) stays."""
+    from mlflow.server.auth.client import AuthServiceClient
+
+    home = tmp_path / "h"
+    own = Stack(home)
+    try:
+        first, _ = own.up(StackPorts.free())
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", first.mlflow_username)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", first.mlflow_password.get_secret_value())
+        AuthServiceClient(first.mlflow_tracking_uri).create_user("kept", "kept-password-1")
+        own.down(grace_s=0)
+        (home / "settings.json").unlink()
+        (home / "secrets.json").unlink()
+        again = Stack(home)
+        second, _ = again.up(own.saved_ports())
+        assert again.new_mlflow_login and second.mlflow_password != first.mlflow_password
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", second.mlflow_password.get_secret_value())
+        client = AuthServiceClient(second.mlflow_tracking_uri)
+        assert client.get_user("kept").username == "kept"  # the store was not made anew
+        assert any(role.name == "promoter" for role in client.list_all_roles())
+    finally:
+        Stack(home).down(grace_s=0)
+        shutil.rmtree(Stack(home).ray_dir, ignore_errors=True)

@@ -72,6 +72,11 @@ JOBS = [
     (_job(strategy={"name": "deepspeed", "zero_stage": True}), "strategy.zero_stage: should be a whole number"),
     (_job(data={"augment": {"randaugment_magnitude": True}}), "data.augment.randaugment_magnitude: should be a whole"),
     (_job(tracking={"metrics_every_steps": True}), "tracking.metrics_every_steps: should be a whole number"),
+    # max_runtime: a positive duration
+    (_job(max_runtime="2 weeks"), "max_runtime: '2 weeks' is not a duration: write seconds, or a number with s, m, h"),
+    (_job(max_runtime=0), "max_runtime: Input should be greater than 0 (got 0)"),
+    (_job(max_runtime=True), "max_runtime: should be a number, not true or false"),
+    (_job(max_runtime=INF), "max_runtime: not a finite number (got inf)"),
     # infinities and NaN
     (_job(optim={"warmup_epochs": INF}), "optim.warmup_epochs: not a finite number (got inf)"),
     (_job(optim={"weight_decay": INF}), "optim.weight_decay: not a finite number (got inf)"),
