@@ -343,28 +343,21 @@ def _no_ambient_mlflow_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def test_a_lost_mlflow_password_is_replaced_without_losing_mlflow_s_users(tmp_path: Path, monkeypatch) -> None:
+def test_a_lost_mlflow_password_is_replaced_without_losing_mlflow_s_users(tmp_path: Path) -> None:
     """With the settings file and its copy both gone, `up` makes a new password for the stack's login in
-    MLflow's users' store; the store itself (other users, the promoter's role) stays."""
-    from mlflow.server.auth.client import AuthServiceClient
+    MLflow's users' store (MLflow's own store, as its server reads it); the store itself stays."""
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
 
-    home = tmp_path / "h"
-    own = Stack(home)
-    try:
-        first, _ = own.up(StackPorts.free())
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", first.mlflow_username)
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", first.mlflow_password.get_secret_value())
-        AuthServiceClient(first.mlflow_tracking_uri).create_user("kept", "kept-password-1")
-        own.down(grace_s=0)
-        (home / "settings.json").unlink()
-        (home / "secrets.json").unlink()
-        again = Stack(home)
-        second, _ = again.up(own.saved_ports())
-        assert again.new_mlflow_login and second.mlflow_password != first.mlflow_password
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", second.mlflow_password.get_secret_value())
-        client = AuthServiceClient(second.mlflow_tracking_uri)
-        assert client.get_user("kept").username == "kept"  # the store was not made anew
-        assert any(role.name == "promoter" for role in client.list_all_roles())
-    finally:
-        Stack(home).down(grace_s=0)
-        shutil.rmtree(Stack(home).ray_dir, ignore_errors=True)
+    from infra.stack import MLFLOW_USER
+
+    (tmp_path / "mlflow").mkdir()
+    users = SqlAlchemyStore()
+    users.init_db(f"sqlite:///{tmp_path / 'mlflow' / 'basic_auth.db'}")
+    users.create_user(MLFLOW_USER, "the-lost-password", is_admin=True)
+    users.create_user("kept", "kept-password-1")
+    stack = Stack(tmp_path)
+    password = stack.settings_for(StackPorts()).mlflow_password.get_secret_value()
+    assert stack.new_mlflow_login and password != "the-lost-password"
+    assert users.authenticate_user(MLFLOW_USER, password) and not users.authenticate_user(MLFLOW_USER,
+                                                                                          "the-lost-password")
+    assert users.authenticate_user("kept", "kept-password-1")  # the store was not made anew

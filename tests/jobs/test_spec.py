@@ -89,7 +89,7 @@ def test_warmup_steps_longer_than_the_run_are_refused_once_the_data_is_known() -
 
 
 @pytest.mark.parametrize(("change", "expected"), [
-    ({"tracker": {}}, "tracker: unknown field; allowed here: checkpoint, data, distill, failure, model, name, optim"),
+    ({"tracker": {}}, "tracker: unknown field; allowed here: checkpoint, data, distill, failure, max_runtime, model, name, optim"),
     (_with("model", archh="efficientnet_b0"), "model.archh: unknown field; allowed here: activation_checkpointing, arch"),
     (_with("strategy", name="deepspeed", stage=3), "strategy.deepspeed.stage: unknown field; allowed here: config, name, zero_stage"),
     (_with("model", arch="efficientnet_b9"), "model: arch 'efficientnet_b9' is not a model compound trains; choose one of efficientnet_b0"),

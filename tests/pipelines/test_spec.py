@@ -85,7 +85,7 @@ def test_data_can_be_replaced_and_is_checked() -> None:
     (lambda d: d.update(data="s3://shards/digits/"),
      "data: should be an S3 URL, s3://bucket/path, ending in .json (got 's3://shards/digits/')"),
     (lambda d: d.update(stages={}), "stages: Dictionary should have at least 1 item"),
-    (lambda d: d.update(schedule="nightly"), "schedule: unknown field; allowed here: data, experiment, name, stages"),
+    (lambda d: d.update(schedule="nightly"), "schedule: unknown field; allowed here: data, experiment, max_runtime, name, stages"),
 ])
 def test_a_wrong_pipeline_is_refused_with_the_path_of_each_problem(tmp_path: Path, change, expected: str) -> None:
     problems = _problems(tmp_path, change)
