@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from cluster.storage import S3Access
+from cluster.storage import S3Access, is_not_found
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def read_kept(s3: S3Access, bucket: str, ref: str) -> tuple[str, str] | None:
     try:
         return ref, _text(client, bucket, log_key(ref))
     except ClientError as error:
-        if error.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+        if not is_not_found(error):
             raise
     numbered = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{LOGS_PREFIX}/{ref}-"):

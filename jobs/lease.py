@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from cluster.storage import S3Access, lost_a_race, split_s3_url
+from cluster.storage import S3Access, is_not_found, lost_a_race, split_s3_url
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _renew(client, bucket: str, key: str, me: dict, lease: Lease, stop: threadin
         try:
             lease.etag = _write(client, bucket, key, me, IfMatch=lease.etag)
         except ClientError as error:
-            if lost_a_race(error) or error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            if lost_a_race(error) or is_not_found(error):
                 log.error("%s: lost its lease s3://%s/%s to another holder (it was not renewed for %.0f s)", what,
                           bucket, key, TTL_S)
                 lease.lost.set()
@@ -125,7 +125,7 @@ def _read(client, bucket: str, key: str) -> tuple[dict, str] | None:
     try:
         found = client.get_object(Bucket=bucket, Key=key)
     except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+        if is_not_found(error):
             return None
         raise
     try:

@@ -1,8 +1,8 @@
 """`max_runtime`: a submission that has run longer than its spec allows is stopped and marked TIMED_OUT.
 
 The compound server looks every CHECK_S seconds (`stop_overdue`). Ray only knows STOPPED, so the mark is
-an object beside the driver's kept log, `driver-logs/<submission id>.timed-out`, which the CLI reads
-to show TIMED_OUT. Stopping keeps the checkpoints: submitting the job again resumes it.
+an object beside the drivers' kept logs, `driver-logs/timed-out/<submission id>.json`, which the CLI
+reads to show TIMED_OUT (listing the marks alone, not every log). Stopping keeps the checkpoints: submitting the job again resumes it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 CHECK_S = 5.0
 TIMED_OUT = "TIMED_OUT"
-MARK_SUFFIX = ".timed-out"
+MARKS = f"{LOGS_PREFIX}/timed-out/"
 
 
 def overdue(submissions: list[Submission], now: float) -> list[Submission]:
@@ -45,11 +45,11 @@ def with_timeouts(submissions: list[Submission], s3: S3Access, bucket: str) -> l
     from dataclasses import replace
 
     client, marked = s3.client(), set()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{LOGS_PREFIX}/"):
-        marked |= {item["Key"] for item in page.get("Contents", []) if item["Key"].endswith(MARK_SUFFIX)}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=MARKS):
+        marked |= {item["Key"] for item in page.get("Contents", [])}
     return [replace(s, status=TIMED_OUT, message=f"stopped after its max_runtime of {s.max_runtime_s:g} s")
             if _mark_key(s.submission_id) in marked and not s.active else s for s in submissions]
 
 
 def _mark_key(submission_id: str) -> str:
-    return f"{LOGS_PREFIX}/{submission_id}{MARK_SUFFIX}"
+    return f"{MARKS}{submission_id}.json"

@@ -88,11 +88,9 @@ def make_app(engine, settings: Callable[[], Settings]) -> FastAPI:
         """Run a change and audit it, however it ends."""
         try:
             result = work()
-        except HTTPException as error:
-            audit.record(engine, who=user.name, action=action, target=target, outcome="failed", detail=error.detail)
-            raise
         except Exception as error:
-            audit.record(engine, who=user.name, action=action, target=target, outcome="failed", detail=str(error))
+            detail = error.detail if isinstance(error, HTTPException) else str(error)
+            audit.record(engine, who=user.name, action=action, target=target, outcome="failed", detail=detail)
             raise
         audit.record(engine, who=user.name, action=action, target=target, outcome="ok")
         return result

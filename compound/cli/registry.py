@@ -139,12 +139,13 @@ def promote(name: str, version: int, force: bool, reason: str | None, as_json: b
     """
     if force and not reason:
         raise click.UsageError("--force needs a --reason: it is recorded with the decision")
-    decision = _through_server(settings_of(home), f"/api/registry/{name}/promote",
+    settings = settings_of(home)
+    decision = _through_server(settings, f"/api/registry/{name}/promote",
                                {"version": version, "force": force, "reason": reason})
     if decision is None:  # no server in the settings: promoted here, as the promoter the settings name
         from pipelines.registry import promote as promote_version
 
-        decision = asdict(promote_version(settings_of(home), name=name, version=version, force=force, reason=reason))
+        decision = asdict(promote_version(settings, name=name, version=version, force=force, reason=reason))
     _print_decision(decision, as_json)
     if decision["action"] == "rejected":
         sys.exit(REJECTED_EXIT)
@@ -158,11 +159,12 @@ def promote(name: str, version: int, force: bool, reason: str | None, as_json: b
 @_registry_errors
 def rollback(name: str, reason: str | None, as_json: bool, home: Path | None) -> None:
     """Make the previous champion of NAME champion again, recorded as a rollback."""
-    decision = _through_server(settings_of(home), f"/api/registry/{name}/rollback", {"reason": reason})
+    settings = settings_of(home)
+    decision = _through_server(settings, f"/api/registry/{name}/rollback", {"reason": reason})
     if decision is None:
         from pipelines.registry import rollback as rollback_model
 
-        decision = asdict(rollback_model(settings_of(home), name=name, reason=reason))
+        decision = asdict(rollback_model(settings, name=name, reason=reason))
     _print_decision(decision, as_json)
 
 
