@@ -13,14 +13,15 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 # The demo brings up the local stack, writes the digits dataset as shards to its S3 store (once), and
-# runs the demo pipeline against it: a B7 teacher (tiny sweep) → distillation into B0 → int8 → evaluation
+# submits the demo pipeline through the compound server's queue, following its driver's log (a Ray job on
+# the stack's head): a B7 teacher (tiny sweep) → distillation into B0 → int8 → evaluation
 # → registration → gated promotion, printing the MLflow link and the teacher / student / int8 table.
 # Then it schedules the pipeline nightly, and prints the demo's wall time. `make down` stops the stack.
 demo: $(STAMP)
 	@start=$$(date +%s) && \
 	$(BIN)/compound up && \
 	$(BIN)/compound data shards sklearn:digits s3://shards/digits/ --image-size 64 --shard-size 0.25 --if-missing && \
-	$(BIN)/compound pipeline run pipelines/examples/digits-b0.yaml && \
+	$(BIN)/compound pipeline submit pipelines/examples/digits-b0.yaml --follow && \
 	$(BIN)/compound schedule add pipelines/examples/digits-b0.yaml --cron "0 2 * * *" --replace && \
 	echo "demo wall time: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s"
 

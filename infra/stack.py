@@ -64,6 +64,7 @@ KEPT_SECRETS = ("mlflow_password", "mlflow_promoter_password", "ray_token", "ser
 SERVER_ADMIN = "owner"  # the compound server's account of whoever ran `compound up`
 MLFLOW_LOGIN_CACHE_S = 300
 SQLITE_BUSY_S = 60
+KILL_WAIT_S = 10.0
 SERVICE_NAMES = ("s3", "mlflow", "ray", "server")  # start order: the store first, the server last
 # Ray starts its workers at nice 15 so a busy node's control plane stays responsive; on a laptop the
 # workers are the point, and at nice 15 the head's own processes (and the store) preempt training.
@@ -474,6 +475,8 @@ class Stack:
             process.wait(grace_s)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)  # whatever of the group is left
+        with contextlib.suppress(psutil.TimeoutExpired):
+            process.wait(KILL_WAIT_S)  # gone, its ports free, before a restart binds them
         self._pid_file(name).unlink(missing_ok=True)
         return True
 

@@ -53,6 +53,15 @@ def worker_slots(spec: JobSpec, nodes: list[dict[str, float]],
     return room
 
 
+def job_needs(spec: JobSpec) -> dict[str, float]:
+    """What the job's workers hold together while it runs."""
+    return scaled(spec.scaling.worker_resources, spec.scaling.num_workers)
+
+
+def scaled(resources: dict[str, float], times: int) -> dict[str, float]:
+    return {name: amount * times for name, amount in resources.items()}
+
+
 def fits(spec: JobSpec, nodes: list[dict[str, float]],
          groups: list[tuple[dict[str, float], int]] = ()) -> str | None:
     """Why the alive nodes, and any the autoscaler may add, can never hold the job's workers at once;

@@ -15,19 +15,19 @@ import logging
 import re
 import shlex
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, SecretStr
 
 from cluster.storage import lost_a_race, split_s3_url
 from infra.settings import Settings
-from jobs.capacity import autoscaling_groups, first_line, fits
+from jobs.capacity import autoscaling_groups, first_line, fits, job_needs, scaled
 from jobs.driver import prepare_job
 from jobs.model_source import pin_teacher
 from jobs.s3 import s3_access
-from jobs.spec import JobSpec, dump_spec, load_job_spec, load_sweep_spec
+from jobs.spec import JobSpec, SweepSpec, dump_spec, load_job_spec, load_sweep_spec
 from jobs.sweep import SWEEP_STORAGE_PREFIX, check_concurrency
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,17 @@ MAX_RUNTIME_KEY = "compound.max_runtime_s"  # the spec's max_runtime, which the 
 ACTIVE = ("PENDING", "RUNNING")
 SUBMISSIONS_FOLDER = "submissions"
 STOP_WAIT_S = 60.0
+# A driver's exit status when the cluster or a service failed it, not its spec or code: the compound server
+# submits such a driver again (EX_TEMPFAIL).
+INFRASTRUCTURE_EXIT = 75
 
 
 class SubmissionError(RuntimeError):
     """The job cannot be submitted, or a reference names no submission; the message says why."""
+
+
+class AlreadyActive(SubmissionError):
+    """A submission of the same name runs or waits in the server's queue."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class Submission:
     experiment: str | None
     spec: str | None  # s3:// URI of the spec it runs
     max_runtime_s: float | None = None
+    exit_code: int | None = None  # the driver's, once it ended
+    error_type: str | None = None  # Ray's JobErrorType of a failed one
 
     @classmethod
     def from_details(cls, details) -> Submission:  # details: ray.job_submission.JobDetails
@@ -69,6 +78,7 @@ class Submission:
             end_time=details.end_time / 1000 if details.end_time else None,
             experiment=metadata.get(EXPERIMENT_KEY), spec=metadata.get(SPEC_KEY),
             max_runtime_s=float(metadata[MAX_RUNTIME_KEY]) if metadata.get(MAX_RUNTIME_KEY) else None,
+            exit_code=getattr(details, "driver_exit_code", None), error_type=getattr(details, "error_type", None),
         )
 
     @property
@@ -85,8 +95,17 @@ class Plan:
     spec_uri: str
     entrypoint: str
     metadata: dict[str, str]
+    kind: str = "job"  # job, sweep or pipeline
     resolved: JobSpec | None = None  # a job's spec resolved here: its teacher is pinned before submitting
+    needs: dict[str, float] = field(default_factory=dict)  # what it holds while it runs, in Ray's resource names
 
+
+@dataclass(frozen=True)
+class Queued:
+    """A submission a queue holds that Ray does not know yet: its name is taken, and its id."""
+
+    submission_id: str
+    name: str
 
 
 class JobsClient:
@@ -160,11 +179,17 @@ class JobsClient:
         return [dict(node.resources_total) for node in nodes]
 
 
-def plan_submission(spec_path: Path, settings: Settings, client: JobsClient, *, gcs_address: str | None) -> Plan:
+def plan_submission(spec_path: Path, settings: Settings, client: JobsClient, *, gcs_address: str | None,
+                    queued: Collection[Queued] = ()) -> Plan:
     """Check the spec, its data and storage, the cluster's room for it and its earlier submissions.
     `gcs_address`: where to read the cluster's autoscaling limits (None: count its alive nodes only)."""
-    spec = load_job_spec(spec_path)
-    resolved = prepare_job(spec, settings, source=str(spec_path)).spec
+    return plan_job(load_job_spec(spec_path), settings, client, gcs_address=gcs_address, source=str(spec_path),
+                    queued=queued)
+
+
+def plan_job(spec: JobSpec, settings: Settings, client: JobsClient, *, gcs_address: str | None, source: str,
+             queued: Collection[Queued] = ()) -> Plan:
+    resolved = prepare_job(spec, settings, source=source).spec
     groups = autoscaling_groups(gcs_address) if gcs_address else []
     room_problem = fits(resolved, client.capacity(), groups)
     if room_problem is not None:
@@ -172,32 +197,44 @@ def plan_submission(spec_path: Path, settings: Settings, client: JobsClient, *, 
     assert resolved.checkpoint.storage is not None
     # The spec as the user wrote it, every default spelled out: the cluster resolves it against its own settings.
     return plan_driver(spec, kind="job", name=spec.name, experiment=resolved.run_names[0], client=client,
-                       folder=f"{resolved.checkpoint.storage.rstrip('/')}/{spec.name}", resolved=resolved)
+                       folder=f"{resolved.checkpoint.storage.rstrip('/')}/{spec.name}", resolved=resolved,
+                       needs=job_needs(resolved), queued=queued)
 
 
 def plan_sweep_submission(spec_path: Path, settings: Settings, client: JobsClient) -> Plan:
     """Check the sweep spec, its base job's data and storage, the cluster's room for its trials and the
     sweep's earlier submissions; the sweep's driver (`compound sweep run`) runs as the Ray job."""
-    sweep = load_sweep_spec(spec_path)
-    base = prepare_job(sweep.base_job, settings, source=f"{spec_path}: job").spec
-    check_concurrency(sweep, base, client.capacity(), str(spec_path))
+    return plan_sweep(load_sweep_spec(spec_path), settings, client, source=str(spec_path))
+
+
+def plan_sweep(sweep: SweepSpec, settings: Settings, client: JobsClient, *, source: str,
+               queued: Collection[Queued] = ()) -> Plan:
+    base = prepare_job(sweep.base_job, settings, source=f"{source}: job").spec
+    at_once = check_concurrency(sweep, base, client.capacity(), source)
     return plan_driver(sweep, kind="sweep", name=sweep.name, experiment=sweep.experiment, client=client,
-                       folder=f"s3://{settings.checkpoints_bucket}/{SWEEP_STORAGE_PREFIX}/{sweep.name}")
+                       folder=f"s3://{settings.checkpoints_bucket}/{SWEEP_STORAGE_PREFIX}/{sweep.name}",
+                       needs=scaled(job_needs(base), at_once), queued=queued)
 
 
 def plan_driver(spec: BaseModel, *, kind: str, name: str, experiment: str, client: JobsClient, folder: str,
-                resolved: JobSpec | None = None, options: tuple[str, ...] = ()) -> Plan:
+                resolved: JobSpec | None = None, options: tuple[str, ...] = (), needs: dict[str, float] | None = None,
+                queued: Collection[Queued] = ()) -> Plan:
     """A submission of `compound <kind> run` for the spec (stored under `folder`), refused while one of the
-    same name is active."""
-    running = [s for s in client.submissions() if s.job == name and s.active]
+    same name is active or `queued`."""
+    submissions = client.submissions()
+    running = [s for s in submissions if s.job == name and s.active]
     if running:
-        raise SubmissionError(f"{kind} {name} is already {running[-1].status.lower()} as submission "
+        raise AlreadyActive(f"{kind} {name} is already {running[-1].status.lower()} as submission "
                               f"{running[-1].submission_id}; follow it with `compound job logs {name} --follow`, "
                               f"or stop it with `compound job stop {name}`")
+    waiting = [q for q in queued if q.name == name]
+    if waiting:
+        raise AlreadyActive(f"{kind} {name} is already queued as submission {waiting[0].submission_id}; "
+                              f"`compound queue` shows why it waits, `compound job stop {name}` takes it out")
     # The next number of the name: two submitters racing on "not active? then submit" pick the same id, and
     # only one can store its spec under it (an S3 conditional write) and submit it (Ray's ids are unique).
-    numbers = [int(match.group(1)) for s in client.submissions()
-               if (match := re.fullmatch(rf"{re.escape(name)}-(\d+)", s.submission_id))]
+    ids = [s.submission_id for s in submissions] + [q.submission_id for q in queued]
+    numbers = [int(match.group(1)) for i in ids if (match := re.fullmatch(rf"{re.escape(name)}-(\d+)", i))]
     submission_id = f"{name}-{max(numbers, default=0) + 1}"
     spec_uri = f"{folder}/{SUBMISSIONS_FOLDER}/{submission_id}.yaml"
     entrypoint = shlex.join(["compound", kind, "run", spec_uri, "--submission-id", submission_id, *options])
@@ -206,32 +243,47 @@ def plan_driver(spec: BaseModel, *, kind: str, name: str, experiment: str, clien
         metadata[KIND_KEY] = kind
     if (limit := getattr(spec, "max_runtime", None)) is not None:
         metadata[MAX_RUNTIME_KEY] = f"{limit:g}"
-    return Plan(spec=spec, submission_id=submission_id, spec_uri=spec_uri, entrypoint=entrypoint, metadata=metadata,
-                resolved=resolved)
+    return Plan(spec=spec, kind=kind, submission_id=submission_id, spec_uri=spec_uri, entrypoint=entrypoint,
+                metadata=metadata, resolved=resolved, needs=needs or {})
 
 
 def submit(plan: Plan, settings: Settings, client: JobsClient) -> None:
     """Put the spec on S3 and submit the job; the spec is removed again if Ray refuses it."""
+    store_spec(plan, settings)
+    try:
+        start(plan, client)
+    except BaseException:
+        remove_spec(plan, settings)
+        raise
+
+
+def store_spec(plan: Plan, settings: Settings) -> None:
+    """Put the spec where the submission's driver reads it (and a teacher on this machine where the cluster
+    can read it); `SubmissionError` if another submitter stored one under the same id first."""
     from botocore.exceptions import ClientError
 
     bucket, key = split_s3_url(plan.spec_uri)
     if plan.resolved is not None and plan.resolved.distill is not None:
         # From here: the cluster's driver cannot read a teacher that is a file on this machine.
         pin_teacher(plan.resolved, s3=s3_access(settings), tracking_uri=settings.mlflow_tracking_uri)
-    store = s3_access(settings).client()
     try:
-        store.put_object(Bucket=bucket, Key=key, Body=dump_spec(plan.spec).encode(), ContentType="application/yaml",
-                         IfNoneMatch="*")
+        s3_access(settings).client().put_object(Bucket=bucket, Key=key, Body=dump_spec(plan.spec).encode(),
+                                                ContentType="application/yaml", IfNoneMatch="*")
     except ClientError as error:
         if not lost_a_race(error):
             raise
         raise SubmissionError(f"{plan.submission_id} was submitted a moment ago by another submitter; follow it with "
                               f"`compound job logs {plan.submission_id} --follow`") from None
-    try:
-        client.ray.submit_job(entrypoint=plan.entrypoint, submission_id=plan.submission_id, metadata=plan.metadata)
-    except BaseException:
-        store.delete_object(Bucket=bucket, Key=key)
-        raise
+
+
+def remove_spec(plan: Plan, settings: Settings) -> None:
+    bucket, key = split_s3_url(plan.spec_uri)
+    s3_access(settings).client().delete_object(Bucket=bucket, Key=key)
+
+
+def start(plan: Plan, client: JobsClient) -> None:
+    """Hand a stored plan to Ray."""
+    client.ray.submit_job(entrypoint=plan.entrypoint, submission_id=plan.submission_id, metadata=plan.metadata)
 
 
 def read_spec_text(spec_uri: str, settings: Settings) -> str:

@@ -19,14 +19,19 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, select
 
 from infra.settings import Settings
+
+if TYPE_CHECKING:
+    from jobs.submit import JobsClient
+    from pipelines.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +244,8 @@ def fire(*, schedule: str, spec_uri: str, data_prefix: str | None, home: str | N
     """One firing: submit the pipeline (on the newest unseen manifest, for a new-data schedule), unless a
     run of it is still active. Recorded in the history; a failure is recorded and logged, not raised."""
     from infra.settings import load_settings
-    from jobs.submit import JobsClient, read_spec_text, submit
+    from jobs.submit import AlreadyActive, JobsClient, read_spec_text
     from pipelines.spec import load_pipeline_spec_text, with_data
-    from pipelines.submit import plan_pipeline_submission
 
     data = None
     try:
@@ -255,19 +259,31 @@ def fire(*, schedule: str, spec_uri: str, data_prefix: str | None, home: str | N
             data = new[-1]  # the newest: the ones before it are superseded
             spec = with_data(spec, data, spec_uri)
         client = JobsClient(settings.ray_dashboard_url, settings.ray_token)
-        active = [s for s in client.submissions() if s.job == spec.name and s.active]
-        if active:
-            record(store, schedule, "skipped", data=data,
-                   detail=f"run {active[-1].submission_id} of pipeline {spec.name} is still {active[-1].status}")
-            log.info("schedule %s: skipped, pipeline %s still running", schedule, spec.name)
+        try:
+            submission_id = (_enqueue or _submit_now)(spec, settings, client)  # the spec stored has the new data
+        except AlreadyActive as error:
+            record(store, schedule, "skipped", data=data, detail=str(error))
+            log.info("schedule %s: skipped, pipeline %s still running or queued", schedule, spec.name)
             return
-        plan = plan_pipeline_submission(spec, settings, client)  # the spec it stores has the new data
-        submit(plan, settings, client)
-        record(store, schedule, "submitted", data=data or spec.data, submission_id=plan.submission_id)
-        log.info("schedule %s: submitted pipeline %s as %s", schedule, spec.name, plan.submission_id)
+        record(store, schedule, "submitted", data=data or spec.data, submission_id=submission_id)
+        log.info("schedule %s: submitted pipeline %s as %s", schedule, spec.name, submission_id)
     except Exception as error:  # the scheduler goes on; the history says what went wrong
         log.exception("schedule %s failed", schedule)
         record(store, schedule, "failed", data=data, detail=str(error)[:2000])
+
+
+def _submit_now(spec, settings: Settings, client) -> str:
+    """A firing's pipeline straight to Ray (a scheduler with no queue beside it)."""
+    from jobs.submit import submit
+    from pipelines.submit import plan_pipeline_submission
+
+    plan = plan_pipeline_submission(spec, settings, client)
+    submit(plan, settings, client)
+    return plan.submission_id
+
+
+# Where firings go: `run_schedules` sets it to the compound server's queue (the scheduler runs in the server).
+_enqueue: Callable[[PipelineSpec, Settings, JobsClient], str] | None = None
 
 
 def manifests(settings: Settings, prefix: str) -> list[str]:
@@ -298,8 +314,12 @@ def engine_for(url: str):
     return create_engine(url)
 
 
-def run_schedules(url: str, stop: threading.Event) -> None:
-    """Run the schedules until `stop` is set (the compound server runs this beside its API)."""
+def run_schedules(url: str, stop: threading.Event,
+                  enqueue: Callable[[PipelineSpec, Settings, JobsClient], str] | None = None) -> None:
+    """Run the schedules until `stop` is set (the compound server runs this beside its API); `enqueue`:
+    where each firing's pipeline goes (its submission id back; `AlreadyActive` to skip), else straight to Ray."""
+    global _enqueue
+    _enqueue = enqueue
     scheduler = make_scheduler(url)
     scheduler.start()
     log.info("scheduler: %d schedule(s) in %s", len(scheduler.get_jobs()), url.split("@")[-1])

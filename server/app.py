@@ -3,16 +3,21 @@ token; each names the least role it needs. Refusals (401, 403) and every change 
 (No `from __future__ import annotations`: FastAPI reads the routes' annotations, local aliases included.)"""
 
 import datetime
+import logging
+import re
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from infra.settings import Settings
 from server import audit, users
+from server.queue import PRIORITIES, QUEUED, STARTED, Entry, Queue, Quota
 from server.users import NAME_PATTERN, ROLES, User
+
+log = logging.getLogger(__name__)
 
 
 class NewUser(BaseModel):
@@ -49,6 +54,37 @@ class Rollback(BaseModel):
     reason: str | None = Field(default=None, max_length=1000)
 
 
+class NewSubmission(BaseModel):
+    kind: Literal["job", "sweep", "pipeline"]
+    spec: str = Field(max_length=1_000_000, description="the spec's YAML, its job and sweep files read in")
+    priority: Literal[tuple(PRIORITIES)] = "normal"
+    key: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,200}$",
+                            description="the same key from the same user gives back the same submission")
+    from_stage: str | None = Field(default=None, max_length=100, description="a pipeline: run from this stage")
+
+
+class SubmissionOut(BaseModel):
+    submission_id: str
+    kind: str
+    name: str
+    user: str
+    team: str
+    priority: str
+    state: str  # queued | started | ended | cancelled
+    position: int | None  # in the queue: 1 starts next
+    reason: str | None  # why it waits, or how it ended
+    enqueued: float  # Unix seconds
+    started: float | None
+    attempt: int  # 2 and on: a retry after the cluster failed the one before
+    retry_of: str | None
+
+
+class QuotaIn(BaseModel):
+    jobs: int | None = Field(default=None, ge=0, description="running submissions at once; none: no limit")
+    cpus: float | None = Field(default=None, ge=0)
+    gpus: float | None = Field(default=None, ge=0)
+
+
 class Decision(BaseModel):
     model: str
     version: int
@@ -58,7 +94,7 @@ class Decision(BaseModel):
     reasons: list[str]
 
 
-def make_app(engine, settings: Callable[[], Settings]) -> FastAPI:
+def make_app(engine, settings: Callable[[], Settings], queue: Queue) -> FastAPI:
     """The API on the server's database `engine`; `settings`: the stack's (MLflow, S3, the promoter)."""
     app = FastAPI(title="compound server", version="1")
     bearer = HTTPBearer(auto_error=False)
@@ -81,18 +117,23 @@ def make_app(engine, settings: Callable[[], Settings]) -> FastAPI:
 
     # A route's caller, with the least role it needs.
     Viewer = Annotated[User, Depends(caller("viewer"))]
+    Submitter = Annotated[User, Depends(caller("submitter"))]
     Promoter = Annotated[User, Depends(caller("promoter"))]
     Admin = Annotated[User, Depends(caller("admin"))]
 
-    def done(user: User, action: str, target: str, work: Callable[[], object]):
-        """Run a change and audit it, however it ends."""
+    def done(user: User, action: str, target: str, work: Callable[[], object], *,
+             target_of: Callable[[object], str] | None = None):
+        """Run a change and audit it, however it ends; `target_of`: what it made, named from its result."""
         try:
             result = work()
         except Exception as error:
             detail = error.detail if isinstance(error, HTTPException) else str(error)
-            audit.record(engine, who=user.name, action=action, target=target, outcome="failed", detail=detail)
+            denied = isinstance(error, HTTPException) and error.status_code == 403
+            audit.record(engine, who=user.name, action=action, target=target, outcome="denied" if denied else "failed",
+                         detail=detail)
             raise
-        audit.record(engine, who=user.name, action=action, target=target, outcome="ok")
+        audit.record(engine, who=user.name, action=action, target=target_of(result) if target_of else target,
+                     outcome="ok")
         return result
 
     @app.get("/health", include_in_schema=False)
@@ -144,6 +185,78 @@ def make_app(engine, settings: Callable[[], Settings]) -> FastAPI:
     def audit_log(_: Admin, limit: int = 100) -> list[dict]:
         return audit.entries(engine, limit=max(1, min(limit, 10_000)))
 
+    def shown(entry: Entry) -> SubmissionOut:
+        return SubmissionOut(submission_id=entry.submission_id, kind=entry.kind, name=entry.name, user=entry.user,
+                             team=entry.team, priority=entry.priority_class, state=entry.state,
+                             position=queue.position(entry), reason=entry.reason, enqueued=entry.enqueued,
+                             started=entry.started, attempt=entry.attempt, retry_of=entry.retry_of)
+
+    @app.post("/api/submissions", name="submission.add", response_model=SubmissionOut, status_code=201)
+    def add_submission(new: NewSubmission, user: Submitter, response: Response) -> SubmissionOut:
+        if new.key is not None and (known := queue.by_key(user, new.key)) is not None:
+            response.status_code = 200  # the same submission again: nothing new is queued
+            return shown(known)
+
+        def add() -> Entry:
+            from jobs.spec import SpecError
+            from jobs.submit import SubmissionError
+            from server.submissions import plan_text
+
+            stack = settings()
+            try:
+                entry = queue.enqueue(lambda queued: plan_text(new.kind, new.spec, stack, queue.client(),
+                                                               from_stage=new.from_stage, queued=queued),
+                                      user, priority=new.priority, key=new.key)
+            except SpecError as error:
+                raise HTTPException(422, str(error)) from None
+            except SubmissionError as error:
+                raise HTTPException(409, str(error)) from None
+            nudge(queue)
+            return queue.find(entry.submission_id)
+        entry = done(user, "submission.add", f"{new.kind} ({new.priority})", add,
+                     target_of=lambda made: f"{made.submission_id} ({made.priority_class})")
+        return shown(entry)
+
+    @app.get("/api/queue", name="queue.list", response_model=list[SubmissionOut])
+    def list_queue(_: Viewer) -> list[SubmissionOut]:
+        """What waits, in the order it will start, then what runs."""
+        entries = queue.entries(QUEUED, STARTED)
+        return sorted((shown(e) for e in entries), key=lambda e: (e.position is None, e.position or 0, e.enqueued))
+
+    @app.get("/api/submissions/{submission_id}", name="submission.show", response_model=SubmissionOut)
+    def show_submission(submission_id: str, _: Viewer) -> SubmissionOut:
+        entry = queue.find(submission_id)
+        if entry is None:
+            raise HTTPException(404, f"the server's queue has no submission {submission_id}")
+        return shown(entry)
+
+    @app.post("/api/submissions/{ref}/stop", name="submission.stop", response_model=SubmissionOut)
+    def stop_submission(ref: str, user: Submitter) -> SubmissionOut:
+        def stop() -> Entry:
+            entry = queue.latest(ref)
+            if entry is None:
+                raise HTTPException(404, f"the server's queue has no submission or job named {ref!r} that waits or "
+                                         "runs; `compound queue` shows them")
+            if entry.team != user.team and not user.may("admin"):
+                raise HTTPException(403, f"{entry.submission_id} is team {entry.team}'s; only they or an admin may "
+                                         "stop it")
+            return queue.stop(entry, by=user.name)
+        ended = done(user, "submission.stop", ref, stop)
+        nudge(queue)  # its room goes to the next in line now
+        return shown(queue.find(ended.submission_id))
+
+    @app.get("/api/quotas", name="quota.list")
+    def list_quotas(_: Viewer) -> dict[str, QuotaIn]:
+        return {team: QuotaIn(jobs=q.jobs, cpus=q.cpus, gpus=q.gpus) for team, q in queue.quotas().items()}
+
+    @app.put("/api/quotas/{team}", name="quota.set", response_model=QuotaIn)
+    def set_quota(team: str, quota: QuotaIn, user: Admin) -> QuotaIn:
+        if not re.fullmatch(NAME_PATTERN, team):
+            raise HTTPException(422, f"team names are lower-case letters, digits, - and _; got {team!r}")
+        done(user, "quota.set", team, lambda: queue.set_quota(team, Quota(jobs=quota.jobs, cpus=quota.cpus,
+                                                                             gpus=quota.gpus)))
+        return quota
+
     @app.post("/api/registry/{model}/promote", name="registry.promote", response_model=Decision)
     def promote(model: str, asked: Promotion, user: Promoter) -> Decision:
         from pipelines.registry import promote as promote_version
@@ -162,6 +275,14 @@ def make_app(engine, settings: Callable[[], Settings]) -> FastAPI:
             lambda: rollback_model(settings(), name=model, reason=_signed(asked.reason, user)))))
 
     return app
+
+
+def nudge(queue: Queue) -> None:
+    """An admission pass now, not at the next tick; a cluster that is down leaves it to the tick."""
+    try:
+        queue.admit()
+    except Exception:
+        log.exception("could not admit the queued submissions")
 
 
 def _registry(operation):

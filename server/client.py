@@ -8,7 +8,12 @@ from infra.settings import Settings
 
 
 class ServerError(RuntimeError):
-    """The server refused or failed a request, or cannot be reached; the message says which."""
+    """The server refused or failed a request, or cannot be reached; the message says which. `status`: the
+    HTTP status (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ServerClient:
@@ -32,9 +37,20 @@ class ServerClient:
         except requests.RequestException as error:
             raise ServerError(f"cannot reach the compound server at {self.url} ({type(error).__name__}): start the "
                               "local stack with `compound up`, or set COMPOUND_SERVER_URL") from None
+        if response.status_code == 422 and _spec_problems(response):
+            raise ServerError(_spec_problems(response), 422)  # a submitted spec's, as `validate` prints them
         if response.status_code >= 400:
-            raise ServerError(f"the server answered {response.status_code}: {_detail(response)}")
+            raise ServerError(f"the server answered {response.status_code}: {_detail(response)}", response.status_code)
         return response.json()
+
+
+def _spec_problems(response) -> str | None:
+    """A 422 the server raised itself carries a text (the API's schema refusals carry a list)."""
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        return None
+    return detail if isinstance(detail, str) else None
 
 
 def _detail(response) -> str:

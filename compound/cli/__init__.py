@@ -13,6 +13,7 @@ from compound.cli.data import data
 from compound.cli.job import job
 from compound.cli.model import model
 from compound.cli.pipeline import pipeline
+from compound.cli.queue import queue
 from compound.cli.registry import registry
 from compound.cli.schedule import schedule
 from compound.cli.stack import down, stack, up
@@ -32,7 +33,7 @@ def cli(verbose: bool) -> None:
         logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-for command in (up, down, stack, data, model, job, sweep, pipeline, registry, schedule, user, audit):
+for command in (up, down, stack, data, model, job, sweep, pipeline, queue, registry, schedule, user, audit):
     cli.add_command(command)
 
 

@@ -51,11 +51,23 @@ def exits_cleanly_on(*errors: str, end=_fail):
 
 
 submission_errors = exits_cleanly_on("jobs.submit.SubmissionError")
-# What a driver (`job|sweep|pipeline run`) ends with when the job, the cluster or the services fail.
-driver_errors = exits_cleanly_on(
-    "infra.settings.ConfigError", "jobs.driver.JobFailedError", "jobs.driver.ClusterUnreachableError",
-    "jobs.tracking.TrackingUnavailableError", "jobs.sweep.SweepFailedError", "pipelines.runner.StageFailedError",
-    "jobs.lease.LeaseHeld")
+def _fail_for_now(error: Exception) -> None:
+    """The cluster or a service failed the driver: exit 75 (`jobs.submit.INFRASTRUCTURE_EXIT`), which the
+    compound server retries."""
+    from jobs.submit import INFRASTRUCTURE_EXIT
+
+    click.ClickException(str(error)).show()
+    sys.exit(INFRASTRUCTURE_EXIT)
+
+
+# What a driver (`job|sweep|pipeline run`) ends with when the job fails (exit 1) or the cluster or the
+# services do (exit 75: the server submits the driver again).
+def driver_errors(function):
+    failed = exits_cleanly_on("infra.settings.ConfigError", "jobs.driver.JobFailedError", "jobs.sweep.SweepFailedError",
+                              "pipelines.runner.StageFailedError", "jobs.lease.LeaseHeld")
+    unavailable = exits_cleanly_on("jobs.driver.ClusterUnreachableError", "jobs.tracking.TrackingUnavailableError",
+                                   end=_fail_for_now)
+    return failed(unavailable(function))
 
 
 def log_kept(function):

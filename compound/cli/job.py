@@ -29,6 +29,14 @@ from compound.cli.common import (
     submit_and_print,
     wait_for_run,
 )
+from compound.cli.queue import (
+    earlier_attempts,
+    queue_options,
+    queued_submissions,
+    server_errors,
+    submit_through_server,
+    through_server,
+)
 
 EPOCH_COLUMNS = (  # what a person reads after a run: (header, (metric, format))
     ("epoch", ("epoch", str)),
@@ -101,18 +109,32 @@ def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | No
 @address_option
 @click.option("--dry-run", is_flag=True, help="Check everything, submit nothing.")
 @click.option("--follow", is_flag=True, help="Print the job's log until it ends; exit non-zero unless it succeeds.")
+@queue_options
 @home_option
 @spec_errors
 @submission_errors
-def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, home: Path | None) -> None:
-    """Submit SPEC to the Ray cluster as a Ray job running `compound job run`.
+@server_errors
+def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, priority: str | None, key: str | None,
+           home: Path | None) -> None:
+    """Submit SPEC to the Ray cluster as a Ray job running `compound job run`: through the compound server's
+    queue when one is configured (always after `compound up`), where it waits for room and its team's quota.
 
     Checks the spec, its datasets and storage, that the cluster can ever hold the job's workers, and that
-    the job is not running already. Prints the submission id, the Ray dashboard link and the MLflow run link.
+    the job is not running already. Prints the submission id, the Ray dashboard link and the MLflow run link
+    (or, while it waits, its place in the queue and why).
     """
+    from jobs.spec import load_job_spec
     from jobs.submit import plan_submission
 
     settings = settings_of(home)
+    if through_server(settings, address=address, dry_run=dry_run, priority=priority, key=key):
+        made = submit_through_server("job", load_job_spec(spec_path), settings, priority=priority, key=key,
+                                     follow=follow)
+        if not follow and made["state"] == "started":
+            run = wait_for_run(settings, jobs_client(settings, None), made["submission_id"])
+            console.print(f"MLflow run: {run.url if run else 'not created yet; `compound job status` shows it once it is'}",
+                          highlight=False, soft_wrap=True)
+        return
     client = jobs_client(settings, address)
     # The autoscaling limits are read from the configured cluster's GCS, not from another --address.
     plan = plan_submission(spec_path, settings, client, gcs_address=None if address else settings.ray_address)
@@ -137,6 +159,8 @@ def list_(address: str | None, as_json: bool, home: Path | None) -> None:
 
     settings = settings_of(home)
     submissions = _timeouts_shown(settings, jobs_client(settings, address).submissions())
+    if address is None:
+        submissions += queued_submissions(settings)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(s) for s in submissions]))
         return
@@ -156,9 +180,17 @@ def status(ref: str, address: str | None, as_json: bool, home: Path | None) -> N
     """A submission's status, by submission id or job name (its latest submission)."""
     import dataclasses
 
+    from jobs.submit import SubmissionError
+
     settings = settings_of(home)
     client = jobs_client(settings, address)
-    (found,) = _timeouts_shown(settings, [client.find(ref)])
+    try:
+        (found,) = _timeouts_shown(settings, [client.find(ref)])
+    except SubmissionError:
+        waiting = [s for s in ([] if address else queued_submissions(settings)) if ref in (s.submission_id, s.job)]
+        if not waiting:
+            raise
+        found = waiting[-1]
     run = run_of(settings, found)
     links = {"dashboard": client.dashboard_url(found.submission_id), "mlflow_run": run.url if run else None}
     if as_json:
@@ -205,6 +237,13 @@ def logs(ref: str, address: str | None, follow: bool, home: Path | None) -> None
         click.echo(f"({error.args[0].split(';')[0]}: the log of {kept[0]} kept on S3)", err=True)
         click.echo(kept[1], nl=False)
         return
+    earlier = [] if address else earlier_attempts(settings, found.submission_id)
+    for attempt in earlier:  # a retried submission's log is read whole: every attempt's, first first
+        kept = read_kept(s3_access(settings), settings.checkpoints_bucket, attempt["submission_id"])
+        click.echo(f"--- attempt {attempt['attempt']}: {attempt['submission_id']} ({attempt['reason']}) ---")
+        click.echo(kept[1] if kept else "(no log kept)\n", nl=False)
+    if earlier:
+        click.echo(f"--- attempt {len(earlier) + 1}: {found.submission_id} ---")
     if follow:
         follow_submission(settings, client, found.submission_id)
         return
@@ -217,8 +256,23 @@ def logs(ref: str, address: str | None, follow: bool, home: Path | None) -> None
 @home_option
 @submission_errors
 def stop(ref: str, address: str | None, home: Path | None) -> None:
-    """Stop a submission, by submission id or job name; its checkpoints stay, so submitting again resumes it."""
-    client = jobs_client(settings_of(home), address)
+    """Stop a submission, by submission id or job name; its checkpoints stay, so submitting again resumes it.
+    One waiting in the server's queue is taken out of it."""
+    from server.client import ServerClient, ServerError
+
+    settings = settings_of(home)
+    if through_server(settings, address=address):
+        try:
+            ended = ServerClient.of(settings).request("POST", f"/api/submissions/{ref}/stop")
+        except ServerError as error:
+            if error.status != 404:  # 404: not the queue's (submitted straight to Ray): stopped there
+                raise click.ClickException(str(error)) from None
+        else:
+            state = "CANCELLED (taken out of the queue)" if ended["state"] == "cancelled" else ended["reason"]
+            console.print(f"submission {ended['submission_id']} of {ended['kind']} {ended['name']}: {state}",
+                          highlight=False, soft_wrap=True)
+            return
+    client = jobs_client(settings, address)
     found = client.find(ref)
     ended = client.stop(found)
     console.print(f"submission {ended.submission_id} of job {ended.job}: {ended.status}", highlight=False,

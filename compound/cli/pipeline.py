@@ -26,6 +26,7 @@ from compound.cli.common import (
     submission_errors,
     submit_and_print,
 )
+from compound.cli.queue import queue_options, server_errors, submit_through_server, through_server
 
 
 @click.group()
@@ -128,15 +129,18 @@ def _figures_table(title: str, figures: dict[str, dict[str, float]]) -> Table:
 @_from_option
 @address_option
 @click.option("--follow", is_flag=True, help="Print the driver's log until it ends; exit non-zero unless it succeeds.")
+@queue_options
 @home_option
 @spec_errors
 @submission_errors
+@server_errors
 def submit(spec_path: Path, data: str | None, from_stage: str | None, address: str | None, follow: bool,
-           home: Path | None) -> None:
-    """Submit the pipeline SPEC to the Ray cluster as a Ray job running `compound pipeline run`.
+           priority: str | None, key: str | None, home: Path | None) -> None:
+    """Submit the pipeline SPEC to the Ray cluster as a Ray job running `compound pipeline run` (through
+    the compound server's queue when one is configured).
 
-    Refused while a run of the same pipeline is active. Watch it with `compound pipeline status NAME`,
-    `compound job logs NAME` and in MLflow.
+    Refused while a run of the same pipeline is active or queued. Watch it with `compound pipeline status
+    NAME`, `compound job logs NAME` and in MLflow.
     """
     from pipelines.runner import check_data, check_models
     from pipelines.spec import check_from, load_pipeline_spec, with_data
@@ -145,6 +149,10 @@ def submit(spec_path: Path, data: str | None, from_stage: str | None, address: s
     spec = with_data(load_pipeline_spec(spec_path), data, str(spec_path))
     check_from(spec, from_stage)
     settings = settings_of(home)
+    if through_server(settings, address=address, priority=priority, key=key):
+        submit_through_server("pipeline", spec, settings, priority=priority, key=key, follow=follow,
+                              from_stage=from_stage)
+        return
     client = jobs_client(settings, address)
     check_data(spec, settings)
     check_models(spec, settings)

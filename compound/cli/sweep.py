@@ -24,6 +24,7 @@ from compound.cli.common import (
     submission_errors,
     submit_and_print,
 )
+from compound.cli.queue import queue_options, server_errors, submit_through_server, through_server
 
 
 @click.group()
@@ -94,17 +95,25 @@ def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | No
 @address_option
 @click.option("--dry-run", is_flag=True, help="Check everything, submit nothing.")
 @click.option("--follow", is_flag=True, help="Print the sweep's log until it ends; exit non-zero unless it succeeds.")
+@queue_options
 @home_option
 @spec_errors
 @submission_errors
-def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, home: Path | None) -> None:
-    """Submit the sweep SPEC to the Ray cluster as a Ray job running `compound sweep run`.
+@server_errors
+def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, priority: str | None, key: str | None,
+           home: Path | None) -> None:
+    """Submit the sweep SPEC to the Ray cluster as a Ray job running `compound sweep run` (through the
+    compound server's queue when one is configured).
 
     Watch it with `compound job status|logs|stop NAME` and in the MLflow parent run.
     """
+    from jobs.spec import load_sweep_spec
     from jobs.submit import plan_sweep_submission
 
     settings = settings_of(home)
+    if through_server(settings, address=address, dry_run=dry_run, priority=priority, key=key):
+        submit_through_server("sweep", load_sweep_spec(spec_path), settings, priority=priority, key=key, follow=follow)
+        return
     client = jobs_client(settings, address)
     plan = plan_sweep_submission(spec_path, settings, client)
     if dry_run:

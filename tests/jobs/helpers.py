@@ -171,6 +171,17 @@ class Submitted:
         return status
 
 
+def retried(settings: Settings, submission_id: str, timeout_s: float = 180) -> Submitted:
+    """The submission the compound server made to retry `submission_id` (NAME-N: NAME-N+1), once Ray has it."""
+    name, number = submission_id.rsplit("-", 1)
+    retry = Submitted(settings, f"{name}-{int(number) + 1}")
+    deadline = time.monotonic() + timeout_s
+    while not any(j.submission_id == retry.id for j in retry.client.list_jobs()):
+        assert time.monotonic() < deadline, f"the server did not submit {submission_id} again as {retry.id}"
+        time.sleep(1)
+    return retry
+
+
 def submit(spec_path: Path, stack: Stack, settings: Settings, *options: str, group: str = "job") -> Submitted:
     """`compound job submit SPEC` (or `sweep submit`, by `group`), checked to have printed its dashboard link."""
     result = CliRunner().invoke(cli, [group, "submit", str(spec_path), "--home", str(stack.home), *options])

@@ -34,6 +34,7 @@ from tests.jobs.helpers import (
     latest_uploaded,
     make_spec,
     reached,
+    retried,
     sample_log,
     split_keys,
     submit,
@@ -167,7 +168,7 @@ def _kill_driver(submission_id: str) -> None:
         os.kill(process.pid, signal.SIGKILL)
 
 
-def test_a_zero3_job_rides_out_a_store_outage_and_a_worker_kill_and_resumes_when_submitted_after_its_driver_died(
+def test_a_zero3_job_rides_out_a_store_outage_and_a_worker_kill_and_the_server_resubmits_it_when_its_driver_dies(
     stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path,
 ) -> None:
     # DeepSpeed ZeRO-3 (ZeRO-2 runs the worker-kill drill as a distillation job: test_distill_job.py). Two
@@ -199,13 +200,13 @@ def test_a_zero3_job_rides_out_a_store_outage_and_a_worker_kill_and_resumes_when
     again = CliRunner().invoke(cli, ["job", "submit", str(spec_path), "--home", str(stack.home)])
     assert again.exit_code == 1 and f"is already running as submission {first.id}" in again.output, again.output
 
-    # The driver killed: submitted again, the job resumes from its latest checkpoint, in the same MLflow run.
+    # The driver killed: the server submits the job again by itself (the cluster failed it, not its spec or
+    # code), and it resumes from its latest checkpoint, in the same MLflow run.
     _kill_driver(first.id)
     assert first.wait(timeout_s=120) == "FAILED"
     old_pids, latest = {r["pid"] for r in sample_log(tmp_path)}, latest_uploaded(s3, spec)
-    second = submit(spec_path, stack, settings)
+    second = retried(settings, first.id)
     assert second.wait() == "SUCCEEDED", second.logs()[-6000:]
-
     assert "resuming from its latest checkpoint" in second.logs()
     log = sample_log(tmp_path)
     assert first_new_step(log, old_pids, rank=0) > latest >= seen
@@ -228,6 +229,9 @@ def test_a_zero3_job_rides_out_a_store_outage_and_a_worker_kill_and_resumes_when
     listed = CliRunner().invoke(cli, ["job", "list", "--json", "--home", str(stack.home)])
     mine = [s for s in json.loads(listed.output) if s["job"] == spec["name"]]
     assert [(s["submission_id"], s["status"]) for s in mine] == [(first.id, "FAILED"), (second.id, "SUCCEEDED")]
+    audit = json.loads(CliRunner().invoke(cli, ["audit", "--json", "--home", str(stack.home)]).output)
+    (retry,) = [e for e in audit if e["action"] == "submission.retry" and e["target"] == second.id]
+    assert retry["who"] == "server" and "its driver was killed" in retry["detail"], retry
 
 
 def test_submit_refuses_what_can_never_run_and_stop_ends_a_submission(

@@ -239,6 +239,9 @@ def test_the_service_runs_a_pipeline_on_a_new_manifest_and_the_cli_manages_sched
     settings.s3_client().put_object(Bucket=bucket, Key=f"{key}2026-11-24/manifest.json", Body=manifest)
     (fired,) = _rows(store, name, 1)
     assert fired["action"] == "submitted" and fired["data"] == f"{prefix}2026-11-24/manifest.json"
+    audit = json.loads(CliRunner().invoke(cli, ["audit", "--json", *home]).output)  # through the server's queue
+    assert ("scheduler", "submission.add", fired["submission_id"]) in {(e["who"], e["action"], e["target"])
+                                                                       for e in audit}
     assert _wait_ended(settings, fired["submission_id"]) == "SUCCEEDED"
     client = MlflowClient(settings.mlflow_tracking_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],

@@ -1,0 +1,163 @@
+"""`compound queue`: what waits in the server's queue, in the order it will start, and why each waits;
+`compound queue quota TEAM`: a team's limits. Also the submit commands' way through the server."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from compound.cli.common import (
+    console,
+    exits_cleanly_on,
+    fail_on_spec_error,
+    follow_submission,
+    home_option,
+    jobs_client,
+    json_option,
+    local_time,
+    settings_of,
+)
+from server.queue import PRIORITIES
+
+server_errors = exits_cleanly_on("server.client.ServerError")
+
+
+def server_of(home: Path | None):
+    from server.client import ServerClient
+
+    return ServerClient.of(settings_of(home))
+
+
+def queue_options(function):
+    """--priority and --key of the submit commands."""
+    function = click.option("--key", default=None, metavar="KEY",
+                            help="An idempotency key: sending the same key again gives back the same submission "
+                                 "(safe to retry).")(function)
+    return click.option("--priority", type=click.Choice(tuple(PRIORITIES)), default=None,
+                        help="The queue's priority class [default: normal].")(function)
+
+
+def through_server(settings, *, address: str | None, dry_run: bool = False, priority: str | None = None,
+                   key: str | None = None) -> bool:
+    """Whether a submission goes through the server's queue: whenever one is configured (always after
+    `compound up`), unless --address names a cluster or --dry-run checks against one directly."""
+    direct = settings.server_url is None or address is not None or dry_run
+    if direct and (priority or key):
+        raise click.UsageError("--priority and --key are the compound server's queue's: leave out --address and "
+                               "--dry-run, and configure a server (`compound up`, or COMPOUND_SERVER_URL)")
+    return not direct
+
+
+QUEUED_POLL_S = 1.0
+
+
+def submit_through_server(kind: str, spec, settings, *, priority: str | None, key: str | None, follow: bool,
+                          from_stage: str | None = None) -> dict:
+    """Send the spec (its files read in) to the server's queue and print what became of it; with `follow`,
+    wait while it is queued, then print its log until it ends (exit 1 unless it succeeds)."""
+    from jobs.spec import dump_spec
+    from server.client import ServerClient, ServerError
+
+    server = ServerClient.of(settings)
+    try:
+        made = server.request("POST", "/api/submissions", {
+            "kind": kind, "spec": dump_spec(spec), "priority": priority or "normal", "key": key,
+            "from_stage": from_stage})
+    except ServerError as error:
+        if error.status == 422:
+            fail_on_spec_error(error)
+        raise
+    console.print(f"submitted {kind} {made['name']} as [bold]{made['submission_id']}[/bold]", highlight=False,
+                  soft_wrap=True)
+    if made["state"] == "queued":
+        console.print(f"queued at position {made['position']}: {made['reason']}\n`compound queue` shows the queue; "
+                      f"`compound job stop {made['submission_id']}` takes it out", highlight=False, soft_wrap=True)
+    elif made["state"] == "started":
+        console.print(f"Ray dashboard: {jobs_client(settings, None).dashboard_url(made['submission_id'])}",
+                      highlight=False, soft_wrap=True)
+    if follow:
+        while made["state"] == "queued":
+            time.sleep(QUEUED_POLL_S)
+            made = server.request("GET", f"/api/submissions/{made['submission_id']}")
+        if made["state"] == "cancelled":
+            console.print(f"submission {made['submission_id']}: [red]CANCELLED[/red] {made['reason']}")
+            sys.exit(1)
+        follow_submission(settings, jobs_client(settings, None), made["submission_id"])
+    return made
+
+
+def queued_submissions(settings) -> list:
+    """The submissions waiting in the server's queue, as `compound job list` shows them (none without a
+    server)."""
+    from jobs.submit import Submission
+
+    if settings.server_url is None:
+        return []
+    from server.client import ServerClient
+
+    return [Submission(submission_id=e["submission_id"], job=e["name"], status="QUEUED",
+                       message=f"#{e['position']} in the queue: {e['reason']}", start_time=None, end_time=None,
+                       experiment=None, spec=None)
+            for e in ServerClient.of(settings).request("GET", "/api/queue") if e["state"] == "queued"]
+
+
+def earlier_attempts(settings, submission_id: str) -> list[dict]:
+    """The submissions the server's retries of this one stood in for, first first ([] without a server, or
+    for a submission the queue does not hold)."""
+    from server.client import ServerClient, ServerError
+
+    if settings.server_url is None:
+        return []
+    server, chain = ServerClient.of(settings), []
+    try:
+        entry = server.request("GET", f"/api/submissions/{submission_id}")
+        while entry["retry_of"]:
+            entry = server.request("GET", f"/api/submissions/{entry['retry_of']}")
+            chain.insert(0, entry)
+    except ServerError as error:
+        if error.status != 404:
+            raise
+    return chain
+
+
+@click.group(invoke_without_command=True)
+@json_option
+@home_option
+@click.pass_context
+@server_errors
+def queue(context: click.Context, as_json: bool, home: Path | None) -> None:
+    """The server's queue: what waits, in the order it will start and why, then what runs."""
+    if context.invoked_subcommand is not None:
+        return
+    entries = server_of(home).request("GET", "/api/queue")
+    if as_json:
+        click.echo(json.dumps(entries))
+        return
+    if not entries:
+        console.print("the queue is empty: nothing waits or runs through the server")
+        return
+    table = Table("#", "submission", "kind", "team", "user", "priority", "state", "since", "why it waits")
+    for e in entries:
+        since = e["started"] if e["state"] == "started" else e["enqueued"]
+        table.add_row(str(e["position"] or "-"), e["submission_id"], e["kind"], e["team"], e["user"], e["priority"],
+                      e["state"], local_time(since), e["reason"] or "-" if e["state"] == "queued" else "-")
+    console.print(table)
+
+
+@queue.command("quota")
+@click.argument("team")
+@click.option("--jobs", type=click.IntRange(min=0), default=None, help="Submissions running at once.")
+@click.option("--cpus", type=click.FloatRange(min=0), default=None, help="CPUs held at once.")
+@click.option("--gpus", type=click.FloatRange(min=0), default=None, help="GPUs held at once.")
+@home_option
+@server_errors
+def quota(team: str, jobs: int | None, cpus: float | None, gpus: float | None, home: Path | None) -> None:
+    """Set TEAM's quota (admins); a limit left out is no limit, so none at all removes the quota."""
+    set_ = server_of(home).request("PUT", f"/api/quotas/{team}", {"jobs": jobs, "cpus": cpus, "gpus": gpus})
+    limits = ", ".join(f"{name} ≤ {value:g}" for name, value in set_.items() if value is not None)
+    console.print(f"team {team}: {limits or 'no quota'}", highlight=False)
