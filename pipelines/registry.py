@@ -276,6 +276,29 @@ def alias_version(client, name: str, alias: str) -> int | None:
         raise
 
 
+def models(client) -> list[dict]:
+    """Every registered model: its name, how many versions, the latest, and its aliases."""
+    found = []
+    for model in client.search_registered_models():
+        versions = client.search_model_versions(f"name = '{model.name}'")
+        found.append({"name": model.name, "versions": len(versions),
+                      "latest": max((int(v.version) for v in versions), default=None),
+                      "aliases": {alias: int(version) for alias, version in (model.aliases or {}).items()}})
+    return found
+
+
+def model_view(client, name: str) -> dict:
+    """A model's versions (aliases, run, tags: figures, lineage, decisions) and its champion history."""
+    model = client.get_registered_model(name)
+    aliases: dict[int, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(int(version), []).append(alias)
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    return {"name": name, "history": history(client, name),
+            "versions": [{"version": int(v.version), "aliases": sorted(aliases.get(int(v.version), [])),
+                          "run_id": v.run_id, "tags": dict(v.tags)} for v in versions]}
+
+
 def history(client, name: str) -> list[dict]:
     """Every recorded change of champion, oldest first."""
     tags = client.get_registered_model(name).tags

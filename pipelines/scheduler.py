@@ -184,6 +184,37 @@ def add_schedule(url: str, trigger, *, name: str, pipeline: str, spec_uri: str, 
         return _schedule(scheduler.get_job(name))
 
 
+def schedule_pipeline(url: str, spec: PipelineSpec, settings: Settings, *, cron: str | None, data_prefix: str | None,
+                      poll_s: float = 60.0, name: str | None = None, replace: bool = False,
+                      home: str | None = None) -> Schedule:
+    """Schedule a pipeline (`compound schedule add`): its spec stored on S3 with the schedule, so later edits
+    of its file change nothing until it is scheduled again. `ScheduleError` says what is wrong."""
+    import re
+
+    from cluster.storage import split_s3_url
+    from jobs.s3 import s3_access
+    from jobs.spec import dump_spec
+    from pipelines.stages.base import PIPELINE_STORAGE_PREFIX
+
+    trigger = make_trigger(cron=cron, data_prefix=data_prefix, poll_s=poll_s)
+    name = name or spec.name
+    if not re.match(SCHEDULE_NAME_PATTERN, name):
+        raise ScheduleError(f"--name {name!r}: lowercase letters, digits and -, at most 63")
+    if not replace and name in {s.name for s in list_schedules(url)}:
+        raise ScheduleError(f"a schedule named {name} exists; remove it first, pass --replace, or pass --name")
+    spec_uri = f"s3://{settings.checkpoints_bucket}/{PIPELINE_STORAGE_PREFIX}/{spec.name}/schedules/{name}.yaml"
+    bucket, key = split_s3_url(spec_uri)
+    store = s3_access(settings).client()
+    store.put_object(Bucket=bucket, Key=key, Body=dump_spec(spec).encode(), ContentType="application/yaml")
+    try:
+        return add_schedule(url, trigger, name=name, pipeline=spec.name, spec_uri=spec_uri, home=home,
+                            data_prefix=data_prefix, settings=settings, replace=replace)
+    except BaseException:
+        if not replace:  # a schedule it would have replaced reads the spec there
+            store.delete_object(Bucket=bucket, Key=key)
+        raise
+
+
 def list_schedules(url: str) -> list[Schedule]:
     with editing(url) as scheduler:
         return [_schedule(job) for job in scheduler.get_jobs()]
@@ -202,6 +233,7 @@ def resume_schedule(url: str, name: str) -> Schedule:
 
 
 def remove_schedule(url: str, name: str) -> None:
+    """Delete a schedule (its history stays)."""
     with editing(url) as scheduler:
         scheduler.remove_job(_known(scheduler, name).id)
 
@@ -215,6 +247,15 @@ def history(url: str, name: str | None = None, limit: int = 50) -> list[dict]:
         query = query.where(HISTORY.c.schedule == name)
     with engine.connect() as connection:
         return [dict(row._mapping) for row in connection.execute(query)]
+
+
+def shown(schedule: Schedule) -> dict:
+    """A schedule as JSON: its next run in ISO 8601 (None: paused)."""
+    return jsonable(schedule.__dict__)
+
+
+def jsonable(row: dict) -> dict:
+    return {key: value.isoformat() if isinstance(value, datetime.datetime) else value for key, value in row.items()}
 
 
 def _known(scheduler, name: str):

@@ -51,7 +51,7 @@ def serve(url: str, *, host: str, port: int) -> None:
     for worker in workers:
         worker.start()
     try:
-        uvicorn.run(make_app(engine, load_settings, queue), host=host, port=port, log_level="warning")
+        uvicorn.run(make_app(engine, load_settings, queue, url), host=host, port=port, log_level="warning")
     finally:
         stop.set()
         for worker in workers:

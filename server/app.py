@@ -2,6 +2,7 @@
 token; each names the least role it needs. Refusals (401, 403) and every change are audited.
 (No `from __future__ import annotations`: FastAPI reads the routes' annotations, local aliases included.)"""
 
+import dataclasses
 import datetime
 import logging
 import re
@@ -85,6 +86,15 @@ class QuotaIn(BaseModel):
     gpus: float | None = Field(default=None, ge=0)
 
 
+class NewSchedule(BaseModel):
+    spec: str = Field(max_length=1_000_000, description="the pipeline spec's YAML, its job and sweep files read in")
+    cron: str | None = Field(default=None, max_length=200, description="five fields, UTC")
+    data_prefix: str | None = Field(default=None, max_length=1000, description="run on each new manifest here")
+    poll_s: float = Field(default=60.0, ge=1)
+    name: str | None = Field(default=None, max_length=63)
+    replace: bool = False
+
+
 class Decision(BaseModel):
     model: str
     version: int
@@ -94,8 +104,9 @@ class Decision(BaseModel):
     reasons: list[str]
 
 
-def make_app(engine, settings: Callable[[], Settings], queue: Queue) -> FastAPI:
-    """The API on the server's database `engine`; `settings`: the stack's (MLflow, S3, the promoter)."""
+def make_app(engine, settings: Callable[[], Settings], queue: Queue, schedules: str) -> FastAPI:
+    """The API on the server's database `engine`; `settings`: the stack's (MLflow, S3, the promoter);
+    `schedules`: the schedules' store (a SQLAlchemy URL)."""
     app = FastAPI(title="compound server", version="1")
     bearer = HTTPBearer(auto_error=False)
 
@@ -185,10 +196,11 @@ def make_app(engine, settings: Callable[[], Settings], queue: Queue) -> FastAPI:
     def audit_log(_: Admin, limit: int = 100) -> list[dict]:
         return audit.entries(engine, limit=max(1, min(limit, 10_000)))
 
-    def shown(entry: Entry) -> SubmissionOut:
+    def shown(entry: Entry, positions: dict[str, int] | None = None) -> SubmissionOut:
+        positions = queue.positions() if positions is None else positions
         return SubmissionOut(submission_id=entry.submission_id, kind=entry.kind, name=entry.name, user=entry.user,
                              team=entry.team, priority=entry.priority_class, state=entry.state,
-                             position=queue.position(entry), reason=entry.reason, enqueued=entry.enqueued,
+                             position=positions.get(entry.submission_id), reason=entry.reason, enqueued=entry.enqueued,
                              started=entry.started, attempt=entry.attempt, retry_of=entry.retry_of)
 
     @app.post("/api/submissions", name="submission.add", response_model=SubmissionOut, status_code=201)
@@ -220,8 +232,9 @@ def make_app(engine, settings: Callable[[], Settings], queue: Queue) -> FastAPI:
     @app.get("/api/queue", name="queue.list", response_model=list[SubmissionOut])
     def list_queue(_: Viewer) -> list[SubmissionOut]:
         """What waits, in the order it will start, then what runs."""
-        entries = queue.entries(QUEUED, STARTED)
-        return sorted((shown(e) for e in entries), key=lambda e: (e.position is None, e.position or 0, e.enqueued))
+        positions = queue.positions()
+        entries = [shown(e, positions) for e in queue.entries(QUEUED, STARTED)]
+        return sorted(entries, key=lambda e: (e.position is None, e.position or 0, e.enqueued))
 
     @app.get("/api/submissions/{submission_id}", name="submission.show", response_model=SubmissionOut)
     def show_submission(submission_id: str, _: Viewer) -> SubmissionOut:
@@ -245,6 +258,103 @@ def make_app(engine, settings: Callable[[], Settings], queue: Queue) -> FastAPI:
         nudge(queue)  # its room goes to the next in line now
         return shown(queue.find(ended.submission_id))
 
+    def cluster():
+        from jobs.submit import SubmissionError
+
+        try:
+            return queue.client()
+        except SubmissionError as error:
+            raise HTTPException(503, str(error)) from None
+
+    @app.get("/api/jobs", name="job.list")
+    def list_jobs(_: Viewer) -> list[dict]:
+        """Every compound submission Ray knows (jobs, sweeps, pipelines), then the queue's."""
+        from server import job_views
+
+        return [dataclasses.asdict(s) for s in job_views.submissions(cluster(), settings(), queue)]
+
+    @app.get("/api/jobs/{ref}", name="job.status")
+    def job_status(ref: str, _: Viewer) -> dict:
+        """A submission by id, or a job's latest by name, with its Ray dashboard and MLflow run links."""
+        from jobs.submit import SubmissionError
+        from server import job_views
+
+        client, stack = cluster(), settings()
+        try:
+            found = job_views.find(client, stack, ref, queue)
+        except SubmissionError as error:
+            raise HTTPException(404, str(error)) from None
+        return {**dataclasses.asdict(found), **job_views.links(client, stack, found)}
+
+    @app.get("/api/jobs/{ref}/logs", name="job.logs")
+    def job_logs(ref: str, _: Viewer) -> dict:
+        """Its driver's log (Ray's, or the copy kept on S3), a retried one's earlier attempts first."""
+        from jobs.submit import SubmissionError
+        from server import job_views
+
+        try:
+            try:
+                client = queue.client()
+            except SubmissionError:
+                client = None  # the kept copies still answer
+            return dataclasses.asdict(job_views.log(settings(), ref, client, queue))
+        except SubmissionError as error:
+            raise HTTPException(404, str(error)) from None
+
+    def scheduling(work: Callable):
+        from jobs.spec import SpecError
+        from pipelines.scheduler import ScheduleError
+
+        try:
+            return work()
+        except SpecError as error:
+            raise HTTPException(422, str(error)) from None
+        except ScheduleError as error:
+            raise HTTPException(404 if str(error).startswith("no schedule") else 409, str(error)) from None
+
+    @app.post("/api/schedules", name="schedule.add", status_code=201)
+    def add_schedule(new: NewSchedule, user: Submitter) -> dict:
+        from pipelines.scheduler import schedule_pipeline, shown
+        from pipelines.spec import load_pipeline_spec_text
+
+        def add() -> dict:
+            spec = load_pipeline_spec_text(new.spec, "the submitted pipeline")
+            return shown(schedule_pipeline(schedules, spec, settings(), cron=new.cron, data_prefix=new.data_prefix,
+                                           poll_s=new.poll_s, name=new.name, replace=new.replace))
+        return done(user, "schedule.add", new.name or "(the pipeline's name)", lambda: scheduling(add),
+                    target_of=lambda added: added["name"])
+
+    @app.get("/api/schedules", name="schedule.list")
+    def list_schedules(_: Viewer) -> list[dict]:
+        from pipelines.scheduler import list_schedules, shown
+
+        return [shown(s) for s in list_schedules(schedules)]
+
+    @app.get("/api/schedules/history", name="schedule.history")
+    def schedule_history(_: Viewer, name: str | None = None, limit: int = 50) -> list[dict]:
+        from pipelines.scheduler import history, jsonable
+
+        return [jsonable(row) for row in history(schedules, name, max(1, min(limit, 10_000)))]
+
+    @app.post("/api/schedules/{name}/pause", name="schedule.pause")
+    def pause_schedule(name: str, user: Submitter) -> dict:
+        from pipelines.scheduler import pause_schedule, shown
+
+        return done(user, "schedule.pause", name, lambda: scheduling(lambda: shown(pause_schedule(schedules, name))))
+
+    @app.post("/api/schedules/{name}/resume", name="schedule.resume")
+    def resume_schedule(name: str, user: Submitter) -> dict:
+        from pipelines.scheduler import resume_schedule, shown
+
+        return done(user, "schedule.resume", name, lambda: scheduling(lambda: shown(resume_schedule(schedules, name))))
+
+    @app.delete("/api/schedules/{name}", name="schedule.remove")
+    def remove_schedule(name: str, user: Submitter) -> dict:
+        from pipelines.scheduler import remove_schedule
+
+        done(user, "schedule.remove", name, lambda: scheduling(lambda: remove_schedule(schedules, name)))
+        return {"name": name, "removed": True}
+
     @app.get("/api/quotas", name="quota.list")
     def list_quotas(_: Viewer) -> dict[str, QuotaIn]:
         return {team: QuotaIn(jobs=q.jobs, cpus=q.cpus, gpus=q.gpus) for team, q in queue.quotas().items()}
@@ -256,6 +366,32 @@ def make_app(engine, settings: Callable[[], Settings], queue: Queue) -> FastAPI:
         done(user, "quota.set", team, lambda: queue.set_quota(team, Quota(jobs=quota.jobs, cpus=quota.cpus,
                                                                              gpus=quota.gpus)))
         return quota
+
+    def registry_read(read: Callable):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return read(MlflowClient(settings().mlflow_tracking_uri))
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise HTTPException(404, f"{str(error).splitlines()[0]}; `compound registry list` shows the "
+                                         "registered models") from None
+            raise HTTPException(502, f"the MLflow server failed: {str(error).splitlines()[0][:300]}") from None
+
+    @app.get("/api/registry", name="registry.list")
+    def list_models(_: Viewer) -> list[dict]:
+        """Every registered model, its latest version and its aliases."""
+        from pipelines.registry import models
+
+        return registry_read(models)
+
+    @app.get("/api/registry/{model}", name="registry.show")
+    def show_model(model: str, _: Viewer) -> dict:
+        """A model's versions (aliases, figures, lineage, decisions) and its champion history."""
+        from pipelines.registry import model_view
+
+        return registry_read(lambda client: model_view(client, model))
 
     @app.post("/api/registry/{model}/promote", name="registry.promote", response_model=Decision)
     def promote(model: str, asked: Promotion, user: Promoter) -> Decision:

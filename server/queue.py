@@ -219,11 +219,9 @@ class Queue:
             rows = connection.execute(select(QUEUE).where(QUEUE.c.state.in_(states)))
             return [_entry(row) for row in rows]
 
-    def position(self, entry: Entry) -> int | None:
-        """1 for the next to start; None for one not waiting."""
-        if entry.state != QUEUED:
-            return None
-        return [e.submission_id for e in order(self.entries(QUEUED))].index(entry.submission_id) + 1
+    def positions(self) -> dict[str, int]:
+        """Each waiting submission's place in the queue: 1 starts next."""
+        return {e.submission_id: place for place, e in enumerate(order(self.entries(QUEUED)), start=1)}
 
     def admit(self) -> list[Entry]:
         """One pass: note what ended, re-attach what Ray already runs, start what fits; the entries started."""
@@ -259,8 +257,8 @@ class Queue:
                     self._set(entry, reason=f"could not start on the cluster: {str(error).splitlines()[0][:300]}")
                     break
                 started.append(entry)
-            for entry in waiting:
-                if entry.submission_id in why:
+            for entry in waiting:  # written only when it changed: a long queue costs no writes a pass
+                if entry.submission_id in why and why[entry.submission_id] != entry.reason:
                     self._set(entry, reason=why[entry.submission_id])
             return started
 
@@ -283,9 +281,14 @@ class Queue:
                 s3_access(self.settings()).client().delete_object(Bucket=bucket, Key=key)
                 self._set(entry, state=CANCELLED, reason=f"taken out of the queue by {by}")
                 return self.find(entry.submission_id)
+        from jobs.submit import SubmissionError
+
         client = self.client()
-        ended = client.stop(client.find(entry.submission_id))
-        self._set(entry, state=ENDED, reason=f"{ended.status}: stopped by {by}")
+        try:
+            ended = client.stop(client.find(entry.submission_id)).status
+        except SubmissionError:  # its head restarted before a pass saw it: nothing runs, nothing to retry
+            ended = "gone from Ray"
+        self._set(entry, state=ENDED, reason=f"{ended}: stopped by {by}")
         return self.find(entry.submission_id)
 
     def quotas(self) -> dict[str, Quota]:

@@ -21,7 +21,6 @@ from compound.cli.common import (
     log_kept,
     print_dry_run,
     read_spec,
-    run_of,
     settings_of,
     spec_argument,
     spec_errors,
@@ -29,14 +28,8 @@ from compound.cli.common import (
     submit_and_print,
     wait_for_run,
 )
-from compound.cli.queue import (
-    earlier_attempts,
-    queue_options,
-    queued_submissions,
-    server_errors,
-    submit_through_server,
-    through_server,
-)
+from compound.cli.queue import queue_options, server_errors, submit_through_server, through_server
+from server.client import ServerClient
 
 EPOCH_COLUMNS = (  # what a person reads after a run: (header, (metric, format))
     ("epoch", ("epoch", str)),
@@ -153,14 +146,19 @@ def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, pr
 @json_option
 @home_option
 @submission_errors
+@server_errors
 def list_(address: str | None, as_json: bool, home: Path | None) -> None:
-    """The cluster's compound submissions, newest last."""
+    """The cluster's compound submissions, newest last, then those waiting in the server's queue."""
     import dataclasses
 
+    from jobs.submit import Submission
+    from server import job_views
+
     settings = settings_of(home)
-    submissions = _timeouts_shown(settings, jobs_client(settings, address).submissions())
-    if address is None:
-        submissions += queued_submissions(settings)
+    if through_server(settings, address=address):
+        submissions = [Submission(**s) for s in ServerClient.of(settings).request("GET", "/api/jobs")]
+    else:
+        submissions = job_views.submissions(jobs_client(settings, address), settings)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(s) for s in submissions]))
         return
@@ -176,41 +174,30 @@ def list_(address: str | None, as_json: bool, home: Path | None) -> None:
 @json_option
 @home_option
 @submission_errors
+@server_errors
 def status(ref: str, address: str | None, as_json: bool, home: Path | None) -> None:
     """A submission's status, by submission id or job name (its latest submission)."""
     import dataclasses
 
-    from jobs.submit import SubmissionError
+    from server import job_views
 
     settings = settings_of(home)
-    client = jobs_client(settings, address)
-    try:
-        (found,) = _timeouts_shown(settings, [client.find(ref)])
-    except SubmissionError:
-        waiting = [s for s in ([] if address else queued_submissions(settings)) if ref in (s.submission_id, s.job)]
-        if not waiting:
-            raise
-        found = waiting[-1]
-    run = run_of(settings, found)
-    links = {"dashboard": client.dashboard_url(found.submission_id), "mlflow_run": run.url if run else None}
+    if through_server(settings, address=address):
+        shown = ServerClient.of(settings).request("GET", f"/api/jobs/{ref}")
+    else:
+        client = jobs_client(settings, address)
+        found = job_views.find(client, settings, ref)
+        shown = {**dataclasses.asdict(found), **job_views.links(client, settings, found)}
     if as_json:
-        click.echo(json.dumps({**dataclasses.asdict(found), **links}))
+        click.echo(json.dumps(shown))
         return
     table = Table(show_header=False, box=None)
-    for label, value in (("submission", found.submission_id), ("job", found.job), ("status", found.status),
-                         ("message", found.message or "-"), ("started", local_time(found.start_time)),
-                         ("ended", local_time(found.end_time)), ("spec", found.spec or "-"),
-                         ("Ray dashboard", links["dashboard"]), ("MLflow run", links["mlflow_run"] or "-")):
-        table.add_row(label, value)
+    for label, key in (("submission", "submission_id"), ("job", "job"), ("status", "status"), ("message", "message"),
+                       ("started", "start_time"), ("ended", "end_time"), ("spec", "spec"),
+                       ("Ray dashboard", "dashboard"), ("MLflow run", "mlflow_run")):
+        value = local_time(shown[key]) if key.endswith("_time") else shown[key]
+        table.add_row(label, value or "-")
     console.print(table)
-
-
-def _timeouts_shown(settings, submissions: list) -> list:
-    """Submissions stopped for running past their max_runtime read TIMED_OUT (Ray says STOPPED)."""
-    from jobs.s3 import s3_access
-    from jobs.timeouts import with_timeouts
-
-    return with_timeouts(submissions, s3_access(settings), settings.checkpoints_bucket)
 
 
 @job.command("logs")
@@ -219,35 +206,30 @@ def _timeouts_shown(settings, submissions: list) -> list:
 @click.option("--follow", is_flag=True, help="Keep printing until the job ends.")
 @home_option
 @submission_errors
+@server_errors
 def logs(ref: str, address: str | None, follow: bool, home: Path | None) -> None:
     """A submission's log (its driver's output), by submission id or job name; from the copy kept on S3
-    when Ray no longer knows the submission (its head restarted) or cannot be reached."""
-    from jobs.driver_log import read_kept
-    from jobs.s3 import s3_access
+    when Ray no longer knows the submission (its head restarted) or cannot be reached. A submission the
+    server retried shows every attempt's log, first first."""
     from jobs.submit import SubmissionError
+    from server import job_views
 
     settings = settings_of(home)
-    try:
+    if follow:  # from Ray as it grows
         client = jobs_client(settings, address)
-        found = client.find(ref)
-    except SubmissionError as error:
-        kept = read_kept(s3_access(settings), settings.checkpoints_bucket, ref)
-        if kept is None:
-            raise
-        click.echo(f"({error.args[0].split(';')[0]}: the log of {kept[0]} kept on S3)", err=True)
-        click.echo(kept[1], nl=False)
+        follow_submission(settings, client, client.find(ref).submission_id)
         return
-    earlier = [] if address else earlier_attempts(settings, found.submission_id)
-    for attempt in earlier:  # a retried submission's log is read whole: every attempt's, first first
-        kept = read_kept(s3_access(settings), settings.checkpoints_bucket, attempt["submission_id"])
-        click.echo(f"--- attempt {attempt['attempt']}: {attempt['submission_id']} ({attempt['reason']}) ---")
-        click.echo(kept[1] if kept else "(no log kept)\n", nl=False)
-    if earlier:
-        click.echo(f"--- attempt {len(earlier) + 1}: {found.submission_id} ---")
-    if follow:
-        follow_submission(settings, client, found.submission_id)
-        return
-    click.echo(client.logs(found.submission_id), nl=False)
+    if through_server(settings, address=address):
+        kept = job_views.Log(**ServerClient.of(settings).request("GET", f"/api/jobs/{ref}/logs"))
+    else:
+        try:
+            client = jobs_client(settings, address)
+        except SubmissionError:
+            client = None
+        kept = job_views.log(settings, ref, client)
+    if kept.note:
+        click.echo(f"({kept.note})", err=True)
+    click.echo(kept.text, nl=False)
 
 
 @job.command("stop")

@@ -91,40 +91,6 @@ def submit_through_server(kind: str, spec, settings, *, priority: str | None, ke
     return made
 
 
-def queued_submissions(settings) -> list:
-    """The submissions waiting in the server's queue, as `compound job list` shows them (none without a
-    server)."""
-    from jobs.submit import Submission
-
-    if settings.server_url is None:
-        return []
-    from server.client import ServerClient
-
-    return [Submission(submission_id=e["submission_id"], job=e["name"], status="QUEUED",
-                       message=f"#{e['position']} in the queue: {e['reason']}", start_time=None, end_time=None,
-                       experiment=None, spec=None)
-            for e in ServerClient.of(settings).request("GET", "/api/queue") if e["state"] == "queued"]
-
-
-def earlier_attempts(settings, submission_id: str) -> list[dict]:
-    """The submissions the server's retries of this one stood in for, first first ([] without a server, or
-    for a submission the queue does not hold)."""
-    from server.client import ServerClient, ServerError
-
-    if settings.server_url is None:
-        return []
-    server, chain = ServerClient.of(settings), []
-    try:
-        entry = server.request("GET", f"/api/submissions/{submission_id}")
-        while entry["retry_of"]:
-            entry = server.request("GET", f"/api/submissions/{entry['retry_of']}")
-            chain.insert(0, entry)
-    except ServerError as error:
-        if error.status != 404:
-            raise
-    return chain
-
-
 @click.group(invoke_without_command=True)
 @json_option
 @home_option

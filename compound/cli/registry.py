@@ -52,13 +52,12 @@ def _registry_errors(function):
 @_registry_errors
 def list_(as_json: bool, home: Path | None) -> None:
     """Every registered model, its latest version and its aliases."""
-    client = _mlflow(settings_of(home))
-    models = []
-    for model in client.search_registered_models():
-        versions = client.search_model_versions(f"name = '{model.name}'")
-        models.append({"name": model.name, "versions": len(versions),
-                       "latest": max((int(v.version) for v in versions), default=None),
-                       "aliases": {alias: int(version) for alias, version in (model.aliases or {}).items()}})
+    from pipelines.registry import models as registered_models
+
+    settings = settings_of(home)
+    models = _read_through_server(settings, "/api/registry")
+    if models is None:
+        models = registered_models(_mlflow(settings))
     if as_json:
         click.echo(json.dumps(models))
         return
@@ -86,18 +85,14 @@ def show(name: str, as_json: bool, home: Path | None) -> None:
         RECIPE_TAG,
         TEACHER_RUN_TAG,
         figures_of,
-        history,
+        model_view,
     )
 
-    client = _mlflow(settings_of(home))
-    model = client.get_registered_model(name)
-    aliases: dict[int, list[str]] = {}
-    for alias, version in (model.aliases or {}).items():
-        aliases.setdefault(int(version), []).append(alias)
-    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
-    shown = [{"version": int(v.version), "aliases": sorted(aliases.get(int(v.version), [])), "run_id": v.run_id,
-              "tags": dict(v.tags)} for v in versions]
-    changes = history(client, name)
+    settings = settings_of(home)
+    found = _read_through_server(settings, f"/api/registry/{name}")
+    if found is None:
+        found = model_view(_mlflow(settings), name)
+    shown, changes = found["versions"], found["history"]
     if as_json:
         click.echo(json.dumps({"name": name, "versions": shown, "history": changes}))
         return
@@ -177,6 +172,19 @@ def _through_server(settings, path: str, body: dict) -> dict | None:
         return None
     try:
         return ServerClient.of(settings).request("POST", path, body)
+    except ServerError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _read_through_server(settings, path: str):
+    """What the server answers, where the settings name one (it reads MLflow with its own login); None
+    where they name none."""
+    from server.client import ServerClient, ServerError
+
+    if settings.server_url is None:
+        return None
+    try:
+        return ServerClient.of(settings).request("GET", path)
     except ServerError as error:
         raise click.ClickException(str(error)) from None
 

@@ -28,10 +28,62 @@ def schedule() -> None:
 _schedule_errors = exits_cleanly_on("pipelines.scheduler.ScheduleError")
 
 
-def _store(home: Path | None) -> str:
-    from pipelines.scheduler import store_url
+class _Schedules:
+    """The schedules through the compound server, where the settings name one (it checks the caller's role
+    and audits every change), else in the scheduler's store directly. Each answers JSON-ready dicts."""
 
-    return store_url(settings_of(home), home)
+    def __init__(self, home: Path | None) -> None:
+        from server.client import ServerClient
+
+        self.home, self.settings = home, settings_of(home)
+        self.server = ServerClient.of(self.settings) if self.settings.server_url else None
+
+    def _ask(self, method: str, path: str, body: dict | None = None, **params):
+        from server.client import ServerError
+
+        try:
+            return self.server.request(method, path, body, **params)
+        except ServerError as error:
+            if error.status == 422:
+                fail_on_spec_error(error)
+            raise click.ClickException(str(error)) from None
+
+    @property
+    def store(self) -> str:
+        from pipelines.scheduler import store_url
+
+        return store_url(self.settings, self.home)
+
+    def add(self, spec, **how) -> dict:
+        from jobs.spec import dump_spec
+        from pipelines.scheduler import schedule_pipeline, shown
+
+        if self.server:
+            return self._ask("POST", "/api/schedules", {"spec": dump_spec(spec), **how})
+        return shown(schedule_pipeline(self.store, spec, self.settings, home=str(self.home) if self.home else None,
+                                       **how))
+
+    def list(self) -> list[dict]:
+        from pipelines.scheduler import list_schedules, shown
+
+        return self._ask("GET", "/api/schedules") if self.server else [shown(s) for s in list_schedules(self.store)]
+
+    def change(self, name: str, action: str) -> dict | None:
+        """pause, resume or remove."""
+        from pipelines.scheduler import pause_schedule, remove_schedule, resume_schedule, shown
+
+        if self.server:
+            return self._ask("DELETE" if action == "remove" else "POST",
+                             f"/api/schedules/{name}" + ("" if action == "remove" else f"/{action}"))
+        done = {"pause": pause_schedule, "resume": resume_schedule, "remove": remove_schedule}[action](self.store, name)
+        return shown(done) if done is not None else None
+
+    def history(self, name: str | None, limit: int) -> list[dict]:
+        from pipelines.scheduler import history, jsonable
+
+        if self.server:
+            return self._ask("GET", "/api/schedules/history", **({"name": name} if name else {}), limit=limit)
+        return [jsonable(row) for row in history(self.store, name, limit)]
 
 
 @schedule.command("add")
@@ -49,40 +101,18 @@ def add(spec_path: Path, cron: str | None, data_prefix: str | None, poll_s: floa
         home: Path | None) -> None:
     """Schedule the pipeline SPEC. The spec is checked now and stored with the schedule: later edits of
     the file change nothing until the schedule is added again."""
-    import re
-
-    from cluster.storage import split_s3_url
-    from jobs.s3 import s3_access
-    from jobs.spec import SpecError, dump_spec
-    from pipelines.scheduler import SCHEDULE_NAME_PATTERN, ScheduleError, add_schedule, list_schedules, make_trigger
+    from jobs.spec import SpecError
+    from pipelines.scheduler import make_trigger
     from pipelines.spec import load_pipeline_spec
-    from pipelines.stages.base import PIPELINE_STORAGE_PREFIX
 
     try:
         spec = load_pipeline_spec(spec_path)
     except SpecError as error:
         fail_on_spec_error(error)
-    trigger = make_trigger(cron=cron, data_prefix=data_prefix, poll_s=poll_s)
-    name = name or spec.name
-    if not re.match(SCHEDULE_NAME_PATTERN, name):
-        raise ScheduleError(f"--name {name!r}: lowercase letters, digits and -, at most 63")
-    settings, url = settings_of(home), _store(home)
-    if not replace and name in {s.name for s in list_schedules(url)}:
-        raise ScheduleError(f"a schedule named {name} exists; remove it first, pass --replace, or pass --name")
-    spec_uri = f"s3://{settings.checkpoints_bucket}/{PIPELINE_STORAGE_PREFIX}/{spec.name}/schedules/{name}.yaml"
-    bucket, key = split_s3_url(spec_uri)
-    store = s3_access(settings).client()
-    store.put_object(Bucket=bucket, Key=key, Body=dump_spec(spec).encode(), ContentType="application/yaml")
-    try:
-        added = add_schedule(url, trigger, name=name, pipeline=spec.name, spec_uri=spec_uri,
-                             home=str(home) if home else None, data_prefix=data_prefix, settings=settings,
-                             replace=replace)
-    except BaseException:
-        if not replace:  # a schedule it would have replaced reads the spec there
-            store.delete_object(Bucket=bucket, Key=key)
-        raise
-    console.print(f"scheduled pipeline {spec.name} as [bold]{added.name}[/bold]: {added.trigger}; next run "
-                  f"{when(added.next_run)}", highlight=False, soft_wrap=True)
+    make_trigger(cron=cron, data_prefix=data_prefix, poll_s=poll_s)  # a wrong trigger is named before anything
+    added = _Schedules(home).add(spec, cron=cron, data_prefix=data_prefix, poll_s=poll_s, name=name, replace=replace)
+    console.print(f"scheduled pipeline {spec.name} as [bold]{added['name']}[/bold]: {added['trigger']}; next run "
+                  f"{when(added['next_run'])}", highlight=False, soft_wrap=True)
 
 
 @schedule.command("list")
@@ -90,16 +120,13 @@ def add(spec_path: Path, cron: str | None, data_prefix: str | None, poll_s: floa
 @home_option
 def list_(as_json: bool, home: Path | None) -> None:
     """Every schedule: its pipeline, trigger and next run (paused: none)."""
-    from pipelines.scheduler import list_schedules
-
-    schedules = list_schedules(_store(home))
+    schedules = _Schedules(home).list()
     if as_json:
-        click.echo(json.dumps([{**s.__dict__, "next_run": s.next_run.isoformat() if s.next_run else None}
-                               for s in schedules]))
+        click.echo(json.dumps(schedules))
         return
     table = Table("schedule", "pipeline", "trigger", "next run (UTC)")
     for s in schedules:
-        table.add_row(s.name, s.pipeline, s.trigger, when(s.next_run))
+        table.add_row(s["name"], s["pipeline"], s["trigger"], when(s["next_run"]))
     console.print(table)
 
 
@@ -109,9 +136,7 @@ def list_(as_json: bool, home: Path | None) -> None:
 @_schedule_errors
 def pause(name: str, home: Path | None) -> None:
     """Stop NAME firing until it is resumed."""
-    from pipelines.scheduler import pause_schedule
-
-    pause_schedule(_store(home), name)
+    _Schedules(home).change(name, "pause")
     console.print(f"schedule {name}: paused")
 
 
@@ -121,10 +146,8 @@ def pause(name: str, home: Path | None) -> None:
 @_schedule_errors
 def resume(name: str, home: Path | None) -> None:
     """Let NAME fire again, from its next time on."""
-    from pipelines.scheduler import resume_schedule
-
-    resumed = resume_schedule(_store(home), name)
-    console.print(f"schedule {name}: resumed; next run {when(resumed.next_run)}")
+    resumed = _Schedules(home).change(name, "resume")
+    console.print(f"schedule {name}: resumed; next run {when(resumed['next_run'])}")
 
 
 @schedule.command("remove")
@@ -133,9 +156,7 @@ def resume(name: str, home: Path | None) -> None:
 @_schedule_errors
 def remove(name: str, home: Path | None) -> None:
     """Delete NAME (its history stays)."""
-    from pipelines.scheduler import remove_schedule
-
-    remove_schedule(_store(home), name)
+    _Schedules(home).change(name, "remove")
     console.print(f"schedule {name}: removed")
 
 
@@ -146,11 +167,9 @@ def remove(name: str, home: Path | None) -> None:
 @home_option
 def history_(name: str | None, limit: int, as_json: bool, home: Path | None) -> None:
     """What NAME's firings did (every schedule's without NAME), newest first: submitted, skipped, failed."""
-    from pipelines.scheduler import history
-
-    rows = history(_store(home), name, limit)
+    rows = _Schedules(home).history(name, limit)
     if as_json:
-        click.echo(json.dumps([{**row, "at": row["at"].isoformat()} for row in rows]))
+        click.echo(json.dumps(rows))
         return
     table = Table("at (UTC)", "schedule", "action", "data", "submission / detail")
     for row in rows:
@@ -159,5 +178,6 @@ def history_(name: str | None, limit: int, as_json: bool, home: Path | None) -> 
     console.print(table)
 
 
-def when(moment) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+def when(moment: str | None) -> str:
+    """An ISO time as a person reads it (UTC)."""
+    return moment[:19].replace("T", " ") if moment else "-"

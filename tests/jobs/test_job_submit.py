@@ -23,7 +23,6 @@ from compound.cli import cli
 from infra.settings import Settings
 from infra.stack import Stack
 from jobs.driver import read_history
-from jobs.lease import LEASE_FILE, held
 from tests.jobs.helpers import (
     DRILL_CHECKPOINTS,
     SMALL,
@@ -298,27 +297,3 @@ def _no_leftover_submissions(settings: Settings) -> None:
     for details in client.list_jobs():  # submissions only: a driver connected with ray.init has no id
         if details.submission_id is not None and not details.status.is_terminal():
             client.stop_job(details.submission_id)
-
-
-def test_a_second_driver_is_refused_and_its_log_outlives_a_restart_of_the_ray_head(
-    stack: Stack, settings: Settings, digits: ShardManifest, tmp_path: Path, s3: S3Access,
-) -> None:
-    """A submitted job whose lease another driver holds (here: this test) fails at once, naming the holder;
-    its driver's log is kept on S3, and `compound job logs` reads it there once a restarted head has
-    forgotten the submission."""
-    spec_path, spec = make_spec(tmp_path, **SMALL)
-    lease = f"s3://checkpoints/jobs/{spec['name']}/{LEASE_FILE}"
-    with held(s3, lease, what=f"job {spec['name']}", holder="a driver run by hand"):
-        refused = submit(spec_path, stack, settings)
-        assert refused.wait(timeout_s=120) == "FAILED"
-    assert "already being run by a driver run by hand" in refused.logs()
-    home = ("--home", str(stack.home))
-
-    stack.stop_service("ray")
-    stack.up()  # a new head: Ray's job history is gone
-    for ref in (refused.id, spec["name"]):
-        logs = CliRunner().invoke(cli, ["job", "logs", ref, *home])
-        assert logs.exit_code == 0, logs.output
-        assert "already being run by a driver run by hand" in logs.output and "kept on S3" in logs.output
-    missing = CliRunner().invoke(cli, ["job", "logs", "no-such-job", *home])
-    assert missing.exit_code == 1 and "no submission or job named 'no-such-job'" in missing.output

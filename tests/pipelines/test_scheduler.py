@@ -26,12 +26,13 @@ from mlflow import MlflowClient
 
 from cluster.data.manifest import ShardManifest
 from compound.cli import cli
-from infra.settings import Settings
+from infra.settings import Settings, load_settings
 from infra.stack import Stack
 from jobs.submit import JOB_KEY, JobsClient
 from pipelines import scheduler
 from pipelines.registry import register_version
 from pipelines.runner import DATA_TAG
+from pipelines.spec import load_pipeline_spec
 from pipelines.stages.base import PIPELINE_TAG
 
 START = datetime.datetime(2026, 11, 24, 10, 0, 30, tzinfo=datetime.UTC)
@@ -131,6 +132,13 @@ def _add(stack: Stack, pipeline: Path, *options: str) -> str:
     return yaml.safe_load(pipeline.read_text())["name"]
 
 
+def _add_to(store: str, stack: Stack, pipeline: Path, *, cron: str) -> str:
+    """`compound schedule add`'s work, in the test's own store (its scheduler runs on the test's clock; the
+    CLI adds to the stack's server, whose scheduler does not)."""
+    return scheduler.schedule_pipeline(store, load_pipeline_spec(pipeline), load_settings(stack.home), cron=cron,
+                                       data_prefix=None, home=str(stack.home)).name
+
+
 def _rows(store: str, name: str, count: int, *, within_s: float = WAIT_S) -> list[dict]:
     """The schedule's history once it has `count` rows other than `seen` (oldest first)."""
     deadline = time.monotonic() + within_s
@@ -165,17 +173,15 @@ def _wait_ended(settings: Settings, submission_id: str) -> str:
 
 
 def test_missed_runs_collapse_into_one_and_a_restart_neither_loses_nor_doubles_one(
-        stack: Stack, settings: Settings, clock: Clock, store: str, pipeline_file: Path, running: list,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scheduler, "store_url", lambda settings, home: store)  # the CLI edits the test's store
-    name = _add(stack, pipeline_file, "--cron", "* * * * *")
+        stack: Stack, settings: Settings, clock: Clock, store: str, pipeline_file: Path, running: list) -> None:
+    name = _add_to(store, stack, pipeline_file, cron="* * * * *")
     (added,) = scheduler.list_schedules(store)
     assert added.next_run == datetime.datetime(2026, 11, 24, 10, 1, tzinfo=datetime.UTC)
 
     clock.advance(minutes=5)  # the scheduler was down through five firings (10:01 … 10:05)
     instance = _start(store, running)
     (fired,) = _rows(store, name, 1)
-    assert fired["action"] == "submitted" and fired["data"] == "s3://shards/digits/manifest.json"
+    assert fired["action"] == "submitted" and fired["data"] == "s3://shards/digits/manifest.json", fired
     assert _wait_ended(settings, fired["submission_id"]) == "SUCCEEDED"
     assert _submitted_in_next_pass(instance, clock) == []  # nothing more is due: one catch-up run, not five
     assert len(_rows(store, name, 2, within_s=0)) == 1
@@ -201,10 +207,8 @@ def test_missed_runs_collapse_into_one_and_a_restart_neither_loses_nor_doubles_o
 
 
 def test_a_firing_while_the_pipeline_still_runs_submits_nothing(
-        stack: Stack, settings: Settings, clock: Clock, store: str, pipeline_file: Path, running: list,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scheduler, "store_url", lambda settings, home: store)
-    name = _add(stack, pipeline_file, "--cron", "*/2 * * * *")
+        stack: Stack, settings: Settings, clock: Clock, store: str, pipeline_file: Path, running: list) -> None:
+    name = _add_to(store, stack, pipeline_file, cron="*/2 * * * *")
     client = JobsClient(settings.ray_dashboard_url, settings.ray_token)
     # A run of the pipeline that is still going (a submission under its name that takes a while).
     standing = client.ray.submit_job(entrypoint="sleep 120", metadata={JOB_KEY: name})

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from compound.cli import cli
 from infra.settings import Settings
 from infra.stack import Stack
+from jobs.lease import LEASE_FILE, held
 from jobs.submit import JobsClient
 from tests.jobs.helpers import SMOKE
 
@@ -123,8 +124,11 @@ def test_two_teams_share_room_for_one_job_by_priority_and_quota_and_a_server_res
             ("owner", "quota.set", "ok")} <= seen
 
 
-def test_a_job_whose_ray_head_restarts_mid_run_is_submitted_again_completes_and_its_log_reads_whole(
+def test_the_ray_head_restarted_mid_job_the_server_resubmits_it_and_every_log_is_read_whole(
         settings: Settings, stack: Stack, digits, tmp_path, s3) -> None:
+    """A running job whose Ray head restarts is submitted again by the server and completes; a job its lease
+    refused (another driver holds it: here, this test) fails at once and is not retried. Both logs are
+    read from S3 once the new head has forgotten the submissions."""
     from tests.jobs.helpers import (
         check_lineage,
         latest_uploaded,
@@ -136,13 +140,21 @@ def test_a_job_whose_ray_head_restarts_mid_run_is_submitted_again_completes_and_
         wait_for,
     )
 
+    (tmp_path / "blocked").mkdir()
+    blocked_path, blocked = make_spec(tmp_path / "blocked", model={"resolution": 32}, optim={"epochs": 1})
+    lease = f"s3://checkpoints/jobs/{blocked['name']}/{LEASE_FILE}"
+    with held(s3, lease, what=f"job {blocked['name']}", holder="a driver run by hand"):
+        refused = submit(blocked_path, stack, settings)
+        assert refused.wait(timeout_s=120) == "FAILED"
+    assert "already being run by a driver run by hand" in refused.logs()
+
     # Three epochs (a minute or two here): the head stops well before the job could end.
     spec_path, spec = make_spec(tmp_path, model={"resolution": 32}, optim={"epochs": 3},
                                 checkpoint={"every_steps": 10})
     first = submit(spec_path, stack, settings)
     wait_for(lambda: latest_uploaded(s3, spec) >= (0, 0), "a first checkpoint", first, timeout_s=200)
     stack.stop_service("ray")
-    stack.up()  # a new head, which knows nothing of the job: the server submits it again
+    stack.up()  # a new head, which knows nothing of either job: the server submits the running one again
 
     second = retried(settings, first.id)
     assert second.wait() == "SUCCEEDED", second.logs()[-6000:]
@@ -151,6 +163,14 @@ def test_a_job_whose_ray_head_restarts_mid_run_is_submitted_again_completes_and_
     logs = _invoke(stack, "job", "logs", spec["name"])
     assert logs.exit_code == 0, logs.output
     assert f"--- attempt 1: {first.id} (Ray no longer knows it" in logs.output
-    assert f"--- attempt 2: {second.id} ---" in logs.output
     before, after = logs.output.split(f"--- attempt 2: {second.id} ---")
     assert "epoch 0 step" in before and "resuming from its latest checkpoint" in after
+
+    for ref in (refused.id, blocked["name"]):  # failed by its spec's circumstances: not retried, its log kept
+        logs = _invoke(stack, "job", "logs", ref)
+        assert logs.exit_code == 0, logs.output
+        assert "already being run by a driver run by hand" in logs.output and "kept on S3" in logs.output
+    assert blocked["name"] not in {s.job for s in JobsClient(settings.ray_dashboard_url, settings.ray_token)
+                                   .submissions()}
+    missing = _invoke(stack, "job", "logs", "no-such-job")
+    assert missing.exit_code == 1 and "no submission or job named 'no-such-job'" in missing.output
