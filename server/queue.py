@@ -3,8 +3,9 @@ cluster has room for it and its team is within its quota, then starts as a Ray j
 
 Order: priority class first (high, normal, low), first in first out within a class. A submission that
 waits for room holds back every one after it (no backfill: a big job is never starved by small ones);
-one that waits for its team's quota does not. Room is counted from what the queue itself started (each
-submission's workers, from its spec), not from Ray's free resources, which lag a start by seconds.
+one that waits for its team's quota does not. Room is the alive nodes' resources and those of the nodes the
+autoscaler may add, less what the queue itself started (each submission's workers, from its spec), not
+Ray's free resources, which lag a start by seconds.
 
 Rows are the truth: the queue's state survives a restart of the server, and a submission Ray already
 knows (the server stopped between starting it and writing so) is re-attached, never started twice.
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 PRIORITIES = {"high": 2, "normal": 1, "low": 0}
 QUEUED, STARTED, ENDED, CANCELLED = "queued", "started", "ended", "cancelled"
 MAX_ATTEMPTS = 4
+GROUPS_READ_S = 60.0
 RETRY_BACKOFF_S = 5.0  # before the first retry; doubled before each next one
 RETRY_BACKOFF_MAX_S = 300.0
 # Ray's errors for a driver whose supervisor (on the head or its node) died or never started.
@@ -166,6 +168,8 @@ class Queue:
         self.engine, self.settings = engine, settings
         self.lock = threading.Lock()  # one admission pass at a time
         self.planning = threading.Lock()  # one submission planned at a time: each takes the next id of its name
+        self._groups: list[tuple[dict[str, float], int]] = []  # the autoscaler's node groups, as last read
+        self._groups_read = -GROUPS_READ_S
 
     def client(self) -> JobsClient:
         from jobs.submit import JobsClient
@@ -244,11 +248,7 @@ class Queue:
                     running.append(entry)
                 else:
                     waiting.append(entry)
-            capacity: dict[str, float] = {}
-            for node in client.capacity():
-                for name, amount in node.items():
-                    capacity[name] = capacity.get(name, 0.0) + amount
-            starting, why = decide(waiting, running, capacity, self.quotas(), time.time())
+            starting, why = decide(waiting, running, self._room(client), self.quotas(), time.time())
             started = []
             for entry in starting:
                 try:
@@ -261,6 +261,22 @@ class Queue:
                 if entry.submission_id in why and why[entry.submission_id] != entry.reason:
                     self._set(entry, reason=why[entry.submission_id])
             return started
+
+    def _room(self, client: JobsClient) -> dict[str, float]:
+        """The cluster's resources: its alive nodes', and those its autoscaler may add (a submission that needs
+        them starts, and waits in Ray while nodes come; with no limit to a group, room is not counted)."""
+        from jobs.capacity import autoscaling_groups
+
+        room: dict[str, float] = {}
+        if time.monotonic() - self._groups_read > GROUPS_READ_S:  # a GCS read: not every pass
+            self._groups, self._groups_read = autoscaling_groups(self.settings().ray_address), time.monotonic()
+        nodes = client.capacity() + [resources for resources, most in self._groups for _ in range(max(most, 0))]
+        for node in nodes:
+            for name, amount in node.items():
+                room[name] = room.get(name, 0.0) + amount
+        if any(most < 0 for _, most in self._groups):
+            room = {name: float("inf") for name in {*room, *(n for resources, _ in self._groups for n in resources)}}
+        return room
 
     def latest(self, ref: str) -> Entry | None:
         """The waiting or running entry with this submission id, or the latest of the job of this name."""

@@ -59,3 +59,19 @@ def test_what_the_queue_started_counts_against_the_room_of_the_rest() -> None:
     assert started == ["one"]
     started, _ = _started([_entry("x", at=1, cpus=2), _entry("y", at=2, cpus=2), _entry("z", at=3, cpus=1)])
     assert started == ["x", "y"]
+
+
+def test_room_counts_the_nodes_an_autoscaler_may_add(monkeypatch) -> None:
+    """No autoscaling cluster here: the node groups its GCS would report are given."""
+    import types
+
+    from jobs import capacity
+    from server.queue import Queue
+
+    alive = types.SimpleNamespace(capacity=lambda: [{"CPU": 8.0}])
+    queue = Queue(engine=None, settings=lambda: types.SimpleNamespace(ray_address="head:6379"))
+    monkeypatch.setattr(capacity, "autoscaling_groups", lambda address: [({"CPU": 8.0, "GPU": 1.0}, 3)])
+    assert queue._room(alive) == {"CPU": 32.0, "GPU": 3.0}
+    queue._groups_read = -1e9  # read again: a group without a limit
+    monkeypatch.setattr(capacity, "autoscaling_groups", lambda address: [({"CPU": 8.0, "GPU": 1.0}, -1)])
+    assert queue._room(alive) == {"CPU": float("inf"), "GPU": float("inf")}
