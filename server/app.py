@@ -2,6 +2,7 @@
 token; each names the least role it needs. Refusals (401, 403) and every change are audited.
 (No `from __future__ import annotations`: FastAPI reads the routes' annotations, local aliases included.)"""
 
+import asyncio
 import dataclasses
 import datetime
 import logging
@@ -10,15 +11,17 @@ from collections.abc import Callable
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from infra.settings import Settings
 from server import audit, users
-from server.queue import PRIORITIES, QUEUED, STARTED, Entry, Queue, Quota
+from server.queue import CANCELLED, PRIORITIES, QUEUED, STARTED, Entry, Queue, Quota
 from server.users import NAME_PATTERN, ROLES, User
 
 log = logging.getLogger(__name__)
+FOLLOW_POLL_S = 1.0
 
 
 class NewUser(BaseModel):
@@ -354,6 +357,29 @@ def make_app(engine, settings: Callable[[], Settings], queue: Queue, schedules: 
 
         done(user, "schedule.remove", name, lambda: scheduling(lambda: remove_schedule(schedules, name)))
         return {"name": name, "removed": True}
+
+    @app.get("/api/jobs/{ref}/logs/follow", name="job.follow")
+    async def follow_logs(ref: str, _: Viewer) -> StreamingResponse:
+        """Its driver's log as it grows, until it ends (one still queued: once it starts); then GET the job
+        for how it ended."""
+        from jobs.submit import SubmissionError
+        from server import job_views
+
+        client, stack = cluster(), settings()
+        try:
+            found = await asyncio.to_thread(job_views.find, client, stack, ref, queue)
+        except SubmissionError as error:
+            raise HTTPException(404, str(error)) from None
+
+        async def text():
+            while (entry := await asyncio.to_thread(queue.find, found.submission_id)) is not None \
+                    and entry.state == QUEUED:
+                await asyncio.sleep(FOLLOW_POLL_S)
+            if entry is not None and entry.state == CANCELLED:
+                return
+            async for chunk in client.ray.tail_job_logs(found.submission_id):
+                yield chunk
+        return StreamingResponse(text(), media_type="text/plain", headers={"X-Submission-Id": found.submission_id})
 
     @app.get("/api/quotas", name="quota.list")
     def list_quotas(_: Viewer) -> dict[str, QuotaIn]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from infra.settings import Settings
@@ -42,6 +43,22 @@ class ServerClient:
         if response.status_code >= 400:
             raise ServerError(f"the server answered {response.status_code}: {_detail(response)}", response.status_code)
         return response.json()
+
+
+    def stream(self, path: str) -> Iterator[str]:
+        """A text the server sends as it grows (a log), chunk by chunk."""
+        import requests
+
+        try:
+            with requests.get(f"{self.url}{path}", headers={"Authorization": f"Bearer {self.token}"}, stream=True,
+                              timeout=(30, None)) as response:
+                if response.status_code >= 400:
+                    raise ServerError(f"the server answered {response.status_code}: {_detail(response)}",
+                                      response.status_code)
+                yield from response.iter_content(chunk_size=None, decode_unicode=True)
+        except requests.RequestException as error:
+            raise ServerError(f"lost the compound server at {self.url} ({type(error).__name__}) while following; "
+                              "follow again with `compound job logs REF --follow`") from None
 
 
 def _spec_problems(response) -> str | None:

@@ -28,7 +28,13 @@ from compound.cli.common import (
     submit_and_print,
     wait_for_run,
 )
-from compound.cli.queue import queue_options, server_errors, submit_through_server, through_server
+from compound.cli.queue import (
+    follow_through_server,
+    queue_options,
+    server_errors,
+    submit_through_server,
+    through_server,
+)
 from server.client import ServerClient
 
 EPOCH_COLUMNS = (  # what a person reads after a run: (header, (metric, format))
@@ -215,6 +221,9 @@ def logs(ref: str, address: str | None, follow: bool, home: Path | None) -> None
     from server import job_views
 
     settings = settings_of(home)
+    if follow and through_server(settings, address=address):
+        follow_through_server(ServerClient.of(settings), ref)
+        return
     if follow:  # from Ray as it grows
         client = jobs_client(settings, address)
         follow_submission(settings, client, client.find(ref).submission_id)

@@ -15,7 +15,6 @@ from compound.cli.common import (
     console,
     exits_cleanly_on,
     fail_on_spec_error,
-    follow_submission,
     home_option,
     jobs_client,
     json_option,
@@ -54,6 +53,7 @@ def through_server(settings, *, address: str | None, dry_run: bool = False, prio
 
 
 QUEUED_POLL_S = 1.0
+ENDED_WAIT_S = 60.0
 
 
 def submit_through_server(kind: str, spec, settings, *, priority: str | None, key: str | None, follow: bool,
@@ -81,14 +81,36 @@ def submit_through_server(kind: str, spec, settings, *, priority: str | None, ke
         console.print(f"Ray dashboard: {jobs_client(settings, None).dashboard_url(made['submission_id'])}",
                       highlight=False, soft_wrap=True)
     if follow:
-        while made["state"] == "queued":
-            time.sleep(QUEUED_POLL_S)
-            made = server.request("GET", f"/api/submissions/{made['submission_id']}")
-        if made["state"] == "cancelled":
-            console.print(f"submission {made['submission_id']}: [red]CANCELLED[/red] {made['reason']}")
-            sys.exit(1)
-        follow_submission(settings, jobs_client(settings, None), made["submission_id"])
+        follow_through_server(server, made["submission_id"])
     return made
+
+
+def follow_through_server(server, ref: str) -> None:
+    """Print the submission's log as the server streams it (from when it starts, if it waits), then how it
+    ended and its MLflow run; exit 1 unless it succeeded."""
+    from server.client import ServerError
+
+    submission_id = server.request("GET", f"/api/jobs/{ref}")["submission_id"]
+    for text in server.stream(f"/api/jobs/{submission_id}/logs/follow"):
+        click.echo(text, nl=False)
+    deadline = time.monotonic() + ENDED_WAIT_S  # the log ends a moment before Ray's status does
+    while (ended := server.request("GET", f"/api/jobs/{submission_id}"))["status"] in ("PENDING", "RUNNING") \
+            and time.monotonic() < deadline:
+        time.sleep(QUEUED_POLL_S)
+    style = "green" if ended["status"] == "SUCCEEDED" else "red"
+    console.print(f"submission {ended['submission_id']}: [{style}]{ended['status']}[/{style}] {ended['message']}",
+                  highlight=False, soft_wrap=True)
+    if ended["mlflow_run"]:
+        console.print(f"MLflow run: {ended['mlflow_run']}", highlight=False, soft_wrap=True)
+    if ended["status"] != "SUCCEEDED":
+        try:  # the cluster failed it: the server submits it again
+            entry = server.request("GET", f"/api/submissions/{submission_id}")
+        except ServerError:
+            entry = {"reason": None}
+        if "submitted again as" in (entry["reason"] or ""):
+            console.print(f"{entry['reason']}: follow it with `compound job logs {ended['job']} --follow`",
+                          highlight=False, soft_wrap=True)
+        sys.exit(1)
 
 
 @click.group(invoke_without_command=True)

@@ -39,7 +39,8 @@ def test_a_missing_dataset_or_a_changed_relaunch_is_refused_before_anything_star
     no_ray, spec = make_spec(tmp_path)
     nowhere = {"COMPOUND_RAY_ADDRESS": f"127.0.0.1:{StackPorts.free().ray}"}
     result = CliRunner().invoke(cli, ["job", "run", str(no_ray), "--home", str(stack.home)], env=nowhere)
-    assert result.exit_code == 1 and "cannot reach the Ray cluster at 127.0.0.1:" in result.output, result.output
+    # Exit 75: the cluster, not the job, failed it (the compound server submits such a driver again).
+    assert result.exit_code == 75 and "cannot reach the Ray cluster at 127.0.0.1:" in result.output, result.output
     assert "Contents" not in s3.client().list_objects_v2(Bucket="checkpoints", Prefix=f"jobs/{spec['name']}/")
 
     crowded, _ = make_spec(tmp_path, scaling={"num_workers": 1024}, data={"loader_workers": 2})
