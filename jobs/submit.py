@@ -225,17 +225,15 @@ def plan_driver(spec: BaseModel, *, kind: str, name: str, experiment: str, clien
     running = [s for s in submissions if s.job == name and s.active]
     if running:
         raise AlreadyActive(f"{kind} {name} is already {running[-1].status.lower()} as submission "
-                              f"{running[-1].submission_id}; follow it with `compound job logs {name} --follow`, "
-                              f"or stop it with `compound job stop {name}`")
+                            f"{running[-1].submission_id}; follow it with `compound job logs {name} --follow`, "
+                            f"or stop it with `compound job stop {name}`")
     waiting = [q for q in queued if q.name == name]
     if waiting:
         raise AlreadyActive(f"{kind} {name} is already queued as submission {waiting[0].submission_id}; "
-                              f"`compound queue` shows why it waits, `compound job stop {name}` takes it out")
+                            f"`compound queue` shows why it waits, `compound job stop {name}` takes it out")
     # The next number of the name: two submitters racing on "not active? then submit" pick the same id, and
     # only one can store its spec under it (an S3 conditional write) and submit it (Ray's ids are unique).
-    ids = [s.submission_id for s in submissions] + [q.submission_id for q in queued]
-    numbers = [int(match.group(1)) for i in ids if (match := re.fullmatch(rf"{re.escape(name)}-(\d+)", i))]
-    submission_id = f"{name}-{max(numbers, default=0) + 1}"
+    submission_id = next_submission_id(name, [s.submission_id for s in submissions] + [q.submission_id for q in queued])
     spec_uri = f"{folder}/{SUBMISSIONS_FOLDER}/{submission_id}.yaml"
     entrypoint = shlex.join(["compound", kind, "run", spec_uri, "--submission-id", submission_id, *options])
     metadata = {JOB_KEY: name, EXPERIMENT_KEY: experiment, SPEC_KEY: spec_uri}
@@ -247,13 +245,19 @@ def plan_driver(spec: BaseModel, *, kind: str, name: str, experiment: str, clien
                 metadata=metadata, resolved=resolved, needs=needs or {})
 
 
+def next_submission_id(name: str, taken: Collection[str]) -> str:
+    """`<name>-<n>`, n one past the highest of the name's submission ids in `taken`."""
+    numbers = [int(match.group(1)) for i in taken if (match := re.fullmatch(rf"{re.escape(name)}-(\d+)", i))]
+    return f"{name}-{max(numbers, default=0) + 1}"
+
+
 def submit(plan: Plan, settings: Settings, client: JobsClient) -> None:
     """Put the spec on S3 and submit the job; the spec is removed again if Ray refuses it."""
     store_spec(plan, settings)
     try:
-        start(plan, client)
+        client.ray.submit_job(entrypoint=plan.entrypoint, submission_id=plan.submission_id, metadata=plan.metadata)
     except BaseException:
-        remove_spec(plan, settings)
+        remove_spec(plan.spec_uri, settings)
         raise
 
 
@@ -276,14 +280,10 @@ def store_spec(plan: Plan, settings: Settings) -> None:
                               f"`compound job logs {plan.submission_id} --follow`") from None
 
 
-def remove_spec(plan: Plan, settings: Settings) -> None:
-    bucket, key = split_s3_url(plan.spec_uri)
+def remove_spec(spec_uri: str, settings: Settings) -> None:
+    """A stored spec no submission will run (Ray refused it, or it was taken out of the queue)."""
+    bucket, key = split_s3_url(spec_uri)
     s3_access(settings).client().delete_object(Bucket=bucket, Key=key)
-
-
-def start(plan: Plan, client: JobsClient) -> None:
-    """Hand a stored plan to Ray."""
-    client.ray.submit_job(entrypoint=plan.entrypoint, submission_id=plan.submission_id, metadata=plan.metadata)
 
 
 def read_spec_text(spec_uri: str, settings: Settings) -> str:

@@ -74,20 +74,14 @@ def enqueue_scheduled(queue, spec, settings, client) -> str:
     entry = queue.enqueue(lambda queued: plan_pipeline_submission(spec, settings, client, queued=queued), scheduler)
     audit.record(queue.engine, who=scheduler.name, action="submission.add", target=entry.submission_id, outcome="ok",
                  detail=f"scheduled run of pipeline {spec.name}")
-    try:
-        queue.admit()
-    except Exception:  # the next tick starts it
-        log.exception("could not admit the queued submissions")
+    queue.nudge()
     return entry.submission_id
 
 
 def admit_queued(queue, stop: threading.Event) -> None:
     """Every ADMIT_S: start what waits in the queue and now fits (submissions and stops also start a pass)."""
     while not stop.wait(ADMIT_S):
-        try:
-            queue.admit()
-        except Exception:  # the cluster or the store is down: the next pass tries again
-            log.exception("could not admit the queued submissions")
+        queue.nudge()
 
 
 def enforce_timeouts(engine, stop: threading.Event) -> None:

@@ -5,7 +5,6 @@ token; each names the least role it needs. Refusals (401, 403) and every change 
 import asyncio
 import dataclasses
 import datetime
-import logging
 import re
 from collections.abc import Callable
 from typing import Annotated, Literal
@@ -20,7 +19,6 @@ from server import audit, users
 from server.queue import CANCELLED, PRIORITIES, QUEUED, STARTED, Entry, Queue, Quota
 from server.users import NAME_PATTERN, ROLES, User
 
-log = logging.getLogger(__name__)
 FOLLOW_POLL_S = 1.0
 
 
@@ -226,7 +224,7 @@ def make_app(engine, settings: Callable[[], Settings], queue: Queue, schedules: 
                 raise HTTPException(422, str(error)) from None
             except SubmissionError as error:
                 raise HTTPException(409, str(error)) from None
-            nudge(queue)
+            queue.nudge()
             return queue.find(entry.submission_id)
         entry = done(user, "submission.add", f"{new.kind} ({new.priority})", add,
                      target_of=lambda made: f"{made.submission_id} ({made.priority_class})")
@@ -258,7 +256,7 @@ def make_app(engine, settings: Callable[[], Settings], queue: Queue, schedules: 
                                          "stop it")
             return queue.stop(entry, by=user.name)
         ended = done(user, "submission.stop", ref, stop)
-        nudge(queue)  # its room goes to the next in line now
+        queue.nudge()  # its room goes to the next in line now
         return shown(queue.find(ended.submission_id))
 
     def cluster():
@@ -437,14 +435,6 @@ def make_app(engine, settings: Callable[[], Settings], queue: Queue, schedules: 
             lambda: rollback_model(settings(), name=model, reason=_signed(asked.reason, user)))))
 
     return app
-
-
-def nudge(queue: Queue) -> None:
-    """An admission pass now, not at the next tick; a cluster that is down leaves it to the tick."""
-    try:
-        queue.admit()
-    except Exception:
-        log.exception("could not admit the queued submissions")
 
 
 def _registry(operation):

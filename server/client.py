@@ -31,26 +31,24 @@ class ServerClient:
     def request(self, method: str, path: str, body: dict | None = None, **params: Any) -> Any:
         import requests
 
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
             response = requests.request(method, f"{self.url}{path}", json=body, params=params or None,
-                                        headers=headers, timeout=120)
+                                        headers=self._headers(), timeout=120)
         except requests.RequestException as error:
             raise ServerError(f"cannot reach the compound server at {self.url} ({type(error).__name__}): start the "
                               "local stack with `compound up`, or set COMPOUND_SERVER_URL") from None
-        if response.status_code == 422 and _spec_problems(response):
-            raise ServerError(_spec_problems(response), 422)  # a submitted spec's, as `validate` prints them
+        if response.status_code == 422 and (problems := _spec_problems(response)):
+            raise ServerError(problems, 422)  # a submitted spec's, as `validate` prints them
         if response.status_code >= 400:
             raise ServerError(f"the server answered {response.status_code}: {_detail(response)}", response.status_code)
         return response.json()
-
 
     def stream(self, path: str) -> Iterator[str]:
         """A text the server sends as it grows (a log), chunk by chunk."""
         import requests
 
         try:
-            with requests.get(f"{self.url}{path}", headers={"Authorization": f"Bearer {self.token}"}, stream=True,
+            with requests.get(f"{self.url}{path}", headers=self._headers(), stream=True,
                               timeout=(30, None)) as response:
                 if response.status_code >= 400:
                     raise ServerError(f"the server answered {response.status_code}: {_detail(response)}",
@@ -59,6 +57,10 @@ class ServerClient:
         except requests.RequestException as error:
             raise ServerError(f"lost the compound server at {self.url} ({type(error).__name__}) while following; "
                               "follow again with `compound job logs REF --follow`") from None
+
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
 
 def _spec_problems(response) -> str | None:

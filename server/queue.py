@@ -278,6 +278,13 @@ class Queue:
             room = {name: float("inf") for name in {*room, *(n for resources, _ in self._groups for n in resources)}}
         return room
 
+    def nudge(self) -> None:
+        """An admission pass now, not at the next tick; a cluster that is down leaves it to the tick."""
+        try:
+            self.admit()
+        except Exception:
+            log.exception("could not admit the queued submissions")
+
     def latest(self, ref: str) -> Entry | None:
         """The waiting or running entry with this submission id, or the latest of the job of this name."""
         entries = self.entries(QUEUED, STARTED)
@@ -290,11 +297,9 @@ class Queue:
         with self.lock:  # not while a pass may be starting it
             entry = self.find(entry.submission_id)
             if entry.state == QUEUED:
-                from cluster.storage import split_s3_url
-                from jobs.s3 import s3_access
+                from jobs.submit import remove_spec
 
-                bucket, key = split_s3_url(self._plan(entry)["spec_uri"])
-                s3_access(self.settings()).client().delete_object(Bucket=bucket, Key=key)
+                remove_spec(self._plan(entry)["spec_uri"], self.settings())
                 self._set(entry, state=CANCELLED, reason=f"taken out of the queue by {by}")
                 return self.find(entry.submission_id)
         from jobs.submit import SubmissionError
@@ -327,12 +332,10 @@ class Queue:
 
     def _retry(self, entry: Entry, lost: str, known: dict[str, Submission]) -> None:
         """Queue the entry's spec again as a new submission, in the entry's place, after its backoff."""
+        from jobs.submit import next_submission_id
         from server import audit
 
-        taken = {s.submission_id for s in known.values()} | {e.submission_id for e in self.named(entry.name)}
-        number = 1 + max((int(i.rsplit("-", 1)[1]) for i in taken if i.rsplit("-", 1)[0] == entry.name
-                          and i.rsplit("-", 1)[1].isdigit()), default=0)
-        retry_id = f"{entry.name}-{number}"
+        retry_id = next_submission_id(entry.name, [*known, *(e.submission_id for e in self.named(entry.name))])
         plan = self._plan(entry)
         words = shlex.split(plan["entrypoint"])
         words[words.index("--submission-id") + 1] = retry_id

@@ -13,7 +13,6 @@ from infra.settings import Settings
 from jobs.spec import Duration
 from jobs.submit import MAX_RUNTIME_KEY, JobsClient, Plan, Queued, plan_job, plan_sweep
 
-KINDS = ("job", "sweep", "pipeline")
 DEFAULT_MAX_RUNTIME_ENV = "COMPOUND_SERVER_MAX_RUNTIME"  # e.g. 1d: a submission whose spec names none gets it
 
 

@@ -108,6 +108,26 @@ def fail_on_spec_error(error: Exception) -> None:
 spec_errors = exits_cleanly_on("jobs.spec.SpecError", end=fail_on_spec_error)
 
 
+def _spec_refused(error: Exception) -> None:
+    """A spec the server refused (422: its problems) exits 2, as one refused here does; else exit 1."""
+    if getattr(error, "status", None) == 422:
+        fail_on_spec_error(error)
+    _fail(error)
+
+
+# The server refused or failed a request, or does not answer: its message and exit 1.
+server_errors = exits_cleanly_on("server.client.ServerError")
+# The same for commands that send the server a spec (submit, schedule): its problems exit 2.
+server_spec_errors = exits_cleanly_on("server.client.ServerError", end=_spec_refused)
+
+
+def server_of(home: Path | None):
+    """The compound server the stack's settings name, as its client."""
+    from server.client import ServerClient
+
+    return ServerClient.of(settings_of(home))
+
+
 def spec_argument(function):
     return click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))(function)
 

@@ -21,6 +21,8 @@ from compound.cli.common import (
     log_kept,
     print_dry_run,
     read_spec,
+    server_errors,
+    server_spec_errors,
     settings_of,
     spec_argument,
     spec_errors,
@@ -28,13 +30,7 @@ from compound.cli.common import (
     submit_and_print,
     wait_for_run,
 )
-from compound.cli.queue import (
-    follow_through_server,
-    queue_options,
-    server_errors,
-    submit_through_server,
-    through_server,
-)
+from compound.cli.queue import follow_through_server, queue_options, submit_through_server, through_server
 from server.client import ServerClient
 
 EPOCH_COLUMNS = (  # what a person reads after a run: (header, (metric, format))
@@ -112,7 +108,7 @@ def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | No
 @home_option
 @spec_errors
 @submission_errors
-@server_errors
+@server_spec_errors
 def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, priority: str | None, key: str | None,
            home: Path | None) -> None:
     """Submit SPEC to the Ray cluster as a Ray job running `compound job run`: through the compound server's
@@ -246,10 +242,11 @@ def logs(ref: str, address: str | None, follow: bool, home: Path | None) -> None
 @address_option
 @home_option
 @submission_errors
+@server_errors
 def stop(ref: str, address: str | None, home: Path | None) -> None:
     """Stop a submission, by submission id or job name; its checkpoints stay, so submitting again resumes it.
     One waiting in the server's queue is taken out of it."""
-    from server.client import ServerClient, ServerError
+    from server.client import ServerError
 
     settings = settings_of(home)
     if through_server(settings, address=address):
@@ -257,7 +254,7 @@ def stop(ref: str, address: str | None, home: Path | None) -> None:
             ended = ServerClient.of(settings).request("POST", f"/api/submissions/{ref}/stop")
         except ServerError as error:
             if error.status != 404:  # 404: not the queue's (submitted straight to Ray): stopped there
-                raise click.ClickException(str(error)) from None
+                raise
         else:
             state = "CANCELLED (taken out of the queue)" if ended["state"] == "cancelled" else ended["reason"]
             console.print(f"submission {ended['submission_id']} of {ended['kind']} {ended['name']}: {state}",

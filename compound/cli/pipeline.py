@@ -20,13 +20,14 @@ from compound.cli.common import (
     local_time,
     log_kept,
     read_spec,
+    server_spec_errors,
     settings_of,
     spec_argument,
     spec_errors,
     submission_errors,
     submit_and_print,
 )
-from compound.cli.queue import queue_options, server_errors, submit_through_server, through_server
+from compound.cli.queue import queue_options, submit_through_server, through_server
 
 
 @click.group()
@@ -133,7 +134,7 @@ def _figures_table(title: str, figures: dict[str, dict[str, float]]) -> Table:
 @home_option
 @spec_errors
 @submission_errors
-@server_errors
+@server_spec_errors
 def submit(spec_path: Path, data: str | None, from_stage: str | None, address: str | None, follow: bool,
            priority: str | None, key: str | None, home: Path | None) -> None:
     """Submit the pipeline SPEC to the Ray cluster as a Ray job running `compound pipeline run` (through

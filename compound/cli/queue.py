@@ -13,23 +13,14 @@ from rich.table import Table
 
 from compound.cli.common import (
     console,
-    exits_cleanly_on,
-    fail_on_spec_error,
     home_option,
     jobs_client,
     json_option,
     local_time,
-    settings_of,
+    server_errors,
+    server_of,
 )
 from server.queue import PRIORITIES
-
-server_errors = exits_cleanly_on("server.client.ServerError")
-
-
-def server_of(home: Path | None):
-    from server.client import ServerClient
-
-    return ServerClient.of(settings_of(home))
 
 
 def queue_options(function):
@@ -61,17 +52,12 @@ def submit_through_server(kind: str, spec, settings, *, priority: str | None, ke
     """Send the spec (its files read in) to the server's queue and print what became of it; with `follow`,
     wait while it is queued, then print its log until it ends (exit 1 unless it succeeds)."""
     from jobs.spec import dump_spec
-    from server.client import ServerClient, ServerError
+    from server.client import ServerClient
 
     server = ServerClient.of(settings)
-    try:
-        made = server.request("POST", "/api/submissions", {
-            "kind": kind, "spec": dump_spec(spec), "priority": priority or "normal", "key": key,
-            "from_stage": from_stage})
-    except ServerError as error:
-        if error.status == 422:
-            fail_on_spec_error(error)
-        raise
+    made = server.request("POST", "/api/submissions", {"kind": kind, "spec": dump_spec(spec),
+                                                       "priority": priority or "normal", "key": key,
+                                                       "from_stage": from_stage})
     console.print(f"submitted {kind} {made['name']} as [bold]{made['submission_id']}[/bold]", highlight=False,
                   soft_wrap=True)
     if made["state"] == "queued":

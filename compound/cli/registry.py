@@ -11,7 +11,14 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from compound.cli.common import console, exits_cleanly_on, home_option, json_option, settings_of
+from compound.cli.common import (
+    console,
+    exits_cleanly_on,
+    home_option,
+    json_option,
+    server_errors,
+    settings_of,
+)
 
 REJECTED_EXIT = 3  # a promotion the gate refused: not an error, but not what was asked
 
@@ -50,12 +57,13 @@ def _registry_errors(function):
 @json_option
 @home_option
 @_registry_errors
+@server_errors
 def list_(as_json: bool, home: Path | None) -> None:
     """Every registered model, its latest version and its aliases."""
     from pipelines.registry import models as registered_models
 
     settings = settings_of(home)
-    models = _read_through_server(settings, "/api/registry")
+    models = _through_server(settings, "GET", "/api/registry")
     if models is None:
         models = registered_models(_mlflow(settings))
     if as_json:
@@ -74,6 +82,7 @@ def list_(as_json: bool, home: Path | None) -> None:
 @json_option
 @home_option
 @_registry_errors
+@server_errors
 def show(name: str, as_json: bool, home: Path | None) -> None:
     """NAME's versions: aliases, figures, lineage, the last promotion decision; and the champion history."""
     from jobs.tags import CODE_VERSION_TAG
@@ -89,7 +98,7 @@ def show(name: str, as_json: bool, home: Path | None) -> None:
     )
 
     settings = settings_of(home)
-    found = _read_through_server(settings, f"/api/registry/{name}")
+    found = _through_server(settings, "GET", f"/api/registry/{name}")
     if found is None:
         found = model_view(_mlflow(settings), name)
     shown, changes = found["versions"], found["history"]
@@ -127,6 +136,7 @@ def show(name: str, as_json: bool, home: Path | None) -> None:
 @json_option
 @home_option
 @_registry_errors
+@server_errors
 def promote(name: str, version: int, force: bool, reason: str | None, as_json: bool, home: Path | None) -> None:
     """Make version V of NAME the champion if its gate holds (the gate its pipeline recorded on it).
 
@@ -135,7 +145,7 @@ def promote(name: str, version: int, force: bool, reason: str | None, as_json: b
     if force and not reason:
         raise click.UsageError("--force needs a --reason: it is recorded with the decision")
     settings = settings_of(home)
-    decision = _through_server(settings, f"/api/registry/{name}/promote",
+    decision = _through_server(settings, "POST", f"/api/registry/{name}/promote",
                                {"version": version, "force": force, "reason": reason})
     if decision is None:  # no server in the settings: promoted here, as the promoter the settings name
         from pipelines.registry import promote as promote_version
@@ -152,10 +162,11 @@ def promote(name: str, version: int, force: bool, reason: str | None, as_json: b
 @json_option
 @home_option
 @_registry_errors
+@server_errors
 def rollback(name: str, reason: str | None, as_json: bool, home: Path | None) -> None:
     """Make the previous champion of NAME champion again, recorded as a rollback."""
     settings = settings_of(home)
-    decision = _through_server(settings, f"/api/registry/{name}/rollback", {"reason": reason})
+    decision = _through_server(settings, "POST", f"/api/registry/{name}/rollback", {"reason": reason})
     if decision is None:
         from pipelines.registry import rollback as rollback_model
 
@@ -163,30 +174,12 @@ def rollback(name: str, reason: str | None, as_json: bool, home: Path | None) ->
     _print_decision(decision, as_json)
 
 
-def _through_server(settings, path: str, body: dict) -> dict | None:
-    """The server's decision, where the settings name a server (it checks the caller's role, audits, and
-    promotes as the promoter); None where they name none."""
-    from server.client import ServerClient, ServerError
+def _through_server(settings, method: str, path: str, body: dict | None = None):
+    """What the server answers, where the settings name one (it checks the caller's role, audits changes,
+    promotes as the promoter and reads MLflow with its own login); None where they name none."""
+    from server.client import ServerClient
 
-    if settings.server_url is None:
-        return None
-    try:
-        return ServerClient.of(settings).request("POST", path, body)
-    except ServerError as error:
-        raise click.ClickException(str(error)) from None
-
-
-def _read_through_server(settings, path: str):
-    """What the server answers, where the settings name one (it reads MLflow with its own login); None
-    where they name none."""
-    from server.client import ServerClient, ServerError
-
-    if settings.server_url is None:
-        return None
-    try:
-        return ServerClient.of(settings).request("GET", path)
-    except ServerError as error:
-        raise click.ClickException(str(error)) from None
+    return ServerClient.of(settings).request(method, path, body) if settings.server_url else None
 
 
 def _print_decision(decision: dict, as_json: bool) -> None:

@@ -15,6 +15,7 @@ from compound.cli.common import (
     fail_on_spec_error,
     home_option,
     json_option,
+    server_spec_errors,
     settings_of,
     spec_argument,
 )
@@ -38,16 +39,6 @@ class _Schedules:
         self.home, self.settings = home, settings_of(home)
         self.server = ServerClient.of(self.settings) if self.settings.server_url else None
 
-    def _ask(self, method: str, path: str, body: dict | None = None, **params):
-        from server.client import ServerError
-
-        try:
-            return self.server.request(method, path, body, **params)
-        except ServerError as error:
-            if error.status == 422:
-                fail_on_spec_error(error)
-            raise click.ClickException(str(error)) from None
-
     @property
     def store(self) -> str:
         from pipelines.scheduler import store_url
@@ -59,22 +50,24 @@ class _Schedules:
         from pipelines.scheduler import schedule_pipeline, shown
 
         if self.server:
-            return self._ask("POST", "/api/schedules", {"spec": dump_spec(spec), **how})
+            return self.server.request("POST", "/api/schedules", {"spec": dump_spec(spec), **how})
         return shown(schedule_pipeline(self.store, spec, self.settings, home=str(self.home) if self.home else None,
                                        **how))
 
     def list(self) -> list[dict]:
         from pipelines.scheduler import list_schedules, shown
 
-        return self._ask("GET", "/api/schedules") if self.server else [shown(s) for s in list_schedules(self.store)]
+        if self.server:
+            return self.server.request("GET", "/api/schedules")
+        return [shown(s) for s in list_schedules(self.store)]
 
     def change(self, name: str, action: str) -> dict | None:
         """pause, resume or remove."""
         from pipelines.scheduler import pause_schedule, remove_schedule, resume_schedule, shown
 
         if self.server:
-            return self._ask("DELETE" if action == "remove" else "POST",
-                             f"/api/schedules/{name}" + ("" if action == "remove" else f"/{action}"))
+            return self.server.request("DELETE" if action == "remove" else "POST",
+                                       f"/api/schedules/{name}" + ("" if action == "remove" else f"/{action}"))
         done = {"pause": pause_schedule, "resume": resume_schedule, "remove": remove_schedule}[action](self.store, name)
         return shown(done) if done is not None else None
 
@@ -82,7 +75,7 @@ class _Schedules:
         from pipelines.scheduler import history, jsonable
 
         if self.server:
-            return self._ask("GET", "/api/schedules/history", **({"name": name} if name else {}), limit=limit)
+            return self.server.request("GET", "/api/schedules/history", **({"name": name} if name else {}), limit=limit)
         return [jsonable(row) for row in history(self.store, name, limit)]
 
 
@@ -97,6 +90,7 @@ class _Schedules:
 @click.option("--replace", is_flag=True, help="Replace a schedule of the same name.")
 @home_option
 @_schedule_errors
+@server_spec_errors
 def add(spec_path: Path, cron: str | None, data_prefix: str | None, poll_s: float, name: str | None, replace: bool,
         home: Path | None) -> None:
     """Schedule the pipeline SPEC. The spec is checked now and stored with the schedule: later edits of
@@ -118,6 +112,7 @@ def add(spec_path: Path, cron: str | None, data_prefix: str | None, poll_s: floa
 @schedule.command("list")
 @json_option
 @home_option
+@server_spec_errors
 def list_(as_json: bool, home: Path | None) -> None:
     """Every schedule: its pipeline, trigger and next run (paused: none)."""
     schedules = _Schedules(home).list()
@@ -134,6 +129,7 @@ def list_(as_json: bool, home: Path | None) -> None:
 @click.argument("name")
 @home_option
 @_schedule_errors
+@server_spec_errors
 def pause(name: str, home: Path | None) -> None:
     """Stop NAME firing until it is resumed."""
     _Schedules(home).change(name, "pause")
@@ -144,6 +140,7 @@ def pause(name: str, home: Path | None) -> None:
 @click.argument("name")
 @home_option
 @_schedule_errors
+@server_spec_errors
 def resume(name: str, home: Path | None) -> None:
     """Let NAME fire again, from its next time on."""
     resumed = _Schedules(home).change(name, "resume")
@@ -154,6 +151,7 @@ def resume(name: str, home: Path | None) -> None:
 @click.argument("name")
 @home_option
 @_schedule_errors
+@server_spec_errors
 def remove(name: str, home: Path | None) -> None:
     """Delete NAME (its history stays)."""
     _Schedules(home).change(name, "remove")
@@ -165,6 +163,7 @@ def remove(name: str, home: Path | None) -> None:
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
 @json_option
 @home_option
+@server_spec_errors
 def history_(name: str | None, limit: int, as_json: bool, home: Path | None) -> None:
     """What NAME's firings did (every schedule's without NAME), newest first: submitted, skipped, failed."""
     rows = _Schedules(home).history(name, limit)

@@ -18,13 +18,14 @@ from compound.cli.common import (
     log_kept,
     print_dry_run,
     read_spec,
+    server_spec_errors,
     settings_of,
     spec_argument,
     spec_errors,
     submission_errors,
     submit_and_print,
 )
-from compound.cli.queue import queue_options, server_errors, submit_through_server, through_server
+from compound.cli.queue import queue_options, submit_through_server, through_server
 
 
 @click.group()
@@ -99,7 +100,7 @@ def run(spec_ref: str, as_json: bool, submission_id: str | None, home: Path | No
 @home_option
 @spec_errors
 @submission_errors
-@server_errors
+@server_spec_errors
 def submit(spec_path: Path, address: str | None, dry_run: bool, follow: bool, priority: str | None, key: str | None,
            home: Path | None) -> None:
     """Submit the sweep SPEC to the Ray cluster as a Ray job running `compound sweep run` (through the

@@ -9,16 +9,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from compound.cli.common import console, exits_cleanly_on, home_option, json_option, settings_of
+from compound.cli.common import console, home_option, json_option, server_errors, server_of
 from server.users import ROLES
-
-server_errors = exits_cleanly_on("server.client.ServerError")
-
-
-def _server(home: Path | None):
-    from server.client import ServerClient
-
-    return ServerClient.of(settings_of(home))
 
 
 @click.group()
@@ -35,7 +27,7 @@ def user() -> None:
 @server_errors
 def add(name: str, team: str, role: str, as_json: bool, home: Path | None) -> None:
     """Add a user; prints their token and MLflow password once (neither is kept in the clear)."""
-    made = _server(home).request("POST", "/api/users", {"name": name, "team": team, "role": role})
+    made = server_of(home).request("POST", "/api/users", {"name": name, "team": team, "role": role})
     if as_json:
         click.echo(json.dumps(made))
         return
@@ -51,7 +43,7 @@ def add(name: str, team: str, role: str, as_json: bool, home: Path | None) -> No
 @server_errors
 def list_(as_json: bool, home: Path | None) -> None:
     """Every user, revoked ones included."""
-    found = _server(home).request("GET", "/api/users")
+    found = server_of(home).request("GET", "/api/users")
     if as_json:
         click.echo(json.dumps(found))
         return
@@ -67,7 +59,7 @@ def list_(as_json: bool, home: Path | None) -> None:
 @server_errors
 def revoke(name: str, home: Path | None) -> None:
     """Revoke NAME's token and remove their MLflow login."""
-    _server(home).request("POST", f"/api/users/{name}/revoke")
+    server_of(home).request("POST", f"/api/users/{name}/revoke")
     console.print(f"user {name}: revoked")
 
 
@@ -78,7 +70,7 @@ def revoke(name: str, home: Path | None) -> None:
 @server_errors
 def audit(limit: int, as_json: bool, home: Path | None) -> None:
     """The server's audit log: who did what, when, and how it ended (refusals included)."""
-    entries = _server(home).request("GET", "/api/audit", limit=limit)
+    entries = server_of(home).request("GET", "/api/audit", limit=limit)
     if as_json:
         click.echo(json.dumps(entries))
         return
@@ -94,5 +86,5 @@ def audit(limit: int, as_json: bool, home: Path | None) -> None:
 @server_errors
 def whoami(as_json: bool, home: Path | None) -> None:
     """The user the settings' token belongs to."""
-    me = _server(home).request("GET", "/api/whoami")
+    me = server_of(home).request("GET", "/api/whoami")
     click.echo(json.dumps(me) if as_json else f"{me['name']} ({me['role']}, team {me['team']})")
