@@ -71,6 +71,12 @@ SERVICE_NAMES = ("s3", "mlflow", "ray", "server")  # start order: the store firs
 # Ray Train's controller moves a job through its states one poll of the workers at a time, every 2 s
 # by default: seconds at every start and finish of a job (a smoke job, measured: 54 s → 46 s at 0.5).
 RAY_HEAD_ENV = {"RAY_worker_niceness": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# `weed mini` otherwise allows as many volumes as the disk has free GiB at its start, one per bucket at
+# least: on a disk with a few GiB free, the checkpoints bucket found no volume to grow into once its first
+# filled, and every write failed with S3's InternalError (CI, 18 min into `make test`). Volumes are
+# sparse files; what guards the disk is SeaweedFS's own minimum of free space (1 %), which it keeps.
+WEED_VOLUME_MB = 256
+WEED_MAX_VOLUMES = 400
 
 
 class StackError(RuntimeError):
@@ -283,6 +289,7 @@ class Stack:
                 f"-filer.port={ports.weed_filer}", f"-filer.port.grpc={ports.weed_filer + GRPC_OFFSET}",
                 f"-admin.port={ports.weed_admin}", f"-admin.port.grpc={ports.weed_admin + GRPC_OFFSET}",
                 "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                f"-master.volumeSizeLimitMB={WEED_VOLUME_MB}", f"-volume.max={WEED_MAX_VOLUMES}",
             ],
             health_url=f"http://{HOST}:{ports.s3}/",
             healthy_statuses=(403,),  # anonymous requests are refused once the keys are loaded
