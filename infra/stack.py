@@ -480,10 +480,10 @@ class Stack:
         process.terminate()  # the leader stops its children itself (Ray drains its node first)
         with contextlib.suppress(psutil.TimeoutExpired):
             process.wait(grace_s)
+        left = _group_members(group)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)  # whatever of the group is left
-        with contextlib.suppress(psutil.TimeoutExpired):
-            process.wait(KILL_WAIT_S)  # gone, its ports free, before a restart binds them
+        psutil.wait_procs([process, *left], timeout=KILL_WAIT_S)  # all gone, their ports free, before a restart
         self._pid_file(name).unlink(missing_ok=True)
         return True
 
@@ -491,6 +491,16 @@ class Stack:
         path = self.log_file(name)
         lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:] if path.is_file() else []
         return f"last lines of {path}:\n" + "\n".join("    " + line for line in lines)
+
+
+def _group_members(group: int) -> list[psutil.Process]:
+    """The live processes of a process group (a service's, all started in its session)."""
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) == group:
+                members.append(process)
+    return members
 
 
 def port_is_free(port: int) -> bool:

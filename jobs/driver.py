@@ -42,6 +42,10 @@ class ClusterUnreachableError(ConnectionError):
     """The configured Ray cluster does not answer; the message says where and what to do."""
 
 
+class ClusterFailedError(JobFailedError):
+    """The cluster, not the job, ended training: its workers' nodes went, or it could not place them again."""
+
+
 @dataclass(frozen=True)
 class JobOutcome:
     spec: JobSpec
@@ -110,10 +114,45 @@ def train_job(job: ResolvedJob, *, s3: S3Access, tracking_uri: str, source: str,
                            tracking=spec.tracking, callbacks=callbacks)
     try:
         result = trainer.fit()
-    except TrainingFailedError as error:
+    except Exception as error:
+        cause = cluster_failure(error)
+        if cause is None and not isinstance(error, TrainingFailedError):
+            raise
         finish_run(run, status="FAILED", required=False)
+        if cause is not None:
+            raise ClusterFailedError(f"job {spec.name} stopped: {cause}; it resumes from its latest checkpoint "
+                                     f"when launched again\n{error}") from error
         raise JobFailedError(f"job {spec.name} failed: {error}") from error
     return TrainedJob(job=job, launch=launch, run=run, result=result)
+
+
+def cluster_failure(error: BaseException) -> str | None:
+    """How the cluster ended training (`error`: what `trainer.fit` raised), or None if the job's own code or
+    spec did. Ray Train reports a worker whose process or node died as a failed health check, and one it
+    could not place again as a failed or timed-out start; its controller lost (a drained head) surfaces
+    as Ray's own error. Anything a worker raised is the job's."""
+    from ray.exceptions import NodeDiedError, RayActorError, RaySystemError, WorkerCrashedError
+    from ray.train import ControllerError, PreemptionError, WorkerGroupError
+    from ray.train.v2._internal.exceptions import (
+        WorkerGroupStartupFailedError,
+        WorkerGroupStartupTimeoutError,
+        WorkerHealthCheckFailedError,
+        WorkerHealthCheckTimeoutError,
+    )
+
+    if isinstance(error, PreemptionError):
+        return "a node it ran on was preempted"
+    if isinstance(error, (RayActorError, NodeDiedError, RaySystemError, WorkerCrashedError)):
+        return f"the cluster lost its Ray Train controller ({type(error).__name__})"
+    if isinstance(error, ControllerError) and isinstance(
+            error.controller_failure, (WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError)):
+        return "the cluster could not start its workers again"
+    if isinstance(error, WorkerGroupError):
+        lost = [rank for rank, failure in error.worker_failures.items()
+                if isinstance(failure, (WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError, RayActorError))]
+        if lost:
+            return f"the cluster lost its worker{'s' if len(lost) > 1 else ''} of rank {', '.join(map(str, lost))}"
+    return None
 
 
 def finish_job(trained: TrainedJob, *, s3: S3Access, log_model: bool = True) -> JobOutcome:

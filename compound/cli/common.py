@@ -43,7 +43,7 @@ def exits_cleanly_on(*errors: str, end=_fail):
             try:
                 return function(*args, **kwargs)
             except Exception as error:
-                if not _named(error, errors):
+                if not any(_named(link, errors) for link in _chain(error)):
                     raise
                 end(error)
         return wrapper
@@ -51,6 +51,13 @@ def exits_cleanly_on(*errors: str, end=_fail):
 
 
 submission_errors = exits_cleanly_on("jobs.submit.SubmissionError")
+def _chain(error: BaseException):
+    """The error and what it was raised from: a pipeline's stage failure carries its job's."""
+    while error is not None:
+        yield error
+        error = error.__cause__
+
+
 def _fail_for_now(error: Exception) -> None:
     """The cluster or a service failed the driver: exit 75 (`jobs.submit.INFRASTRUCTURE_EXIT`), which the
     compound server retries."""
@@ -65,8 +72,8 @@ def _fail_for_now(error: Exception) -> None:
 def driver_errors(function):
     failed = exits_cleanly_on("infra.settings.ConfigError", "jobs.driver.JobFailedError", "jobs.sweep.SweepFailedError",
                               "pipelines.runner.StageFailedError", "jobs.lease.LeaseHeld")
-    unavailable = exits_cleanly_on("jobs.driver.ClusterUnreachableError", "jobs.tracking.TrackingUnavailableError",
-                                   end=_fail_for_now)
+    unavailable = exits_cleanly_on("jobs.driver.ClusterUnreachableError", "jobs.driver.ClusterFailedError",
+                                   "jobs.tracking.TrackingUnavailableError", end=_fail_for_now)
     return failed(unavailable(function))
 
 

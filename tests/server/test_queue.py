@@ -153,8 +153,9 @@ def test_the_ray_head_restarted_mid_job_the_server_resubmits_it_and_every_log_is
                                 checkpoint={"every_steps": 10})
     first = submit(spec_path, stack, settings)
     wait_for(lambda: latest_uploaded(s3, spec) >= (0, 0), "a first checkpoint", first, timeout_s=200)
-    # Killed, not drained: a drain can fail the driver (exit 1) before the head goes, which the server does not
-    # retry yet (see the stop note of 2026-12-07).
+    # Killed: drained instead (`ray stop`), the head lets the job run on for half a minute, in which a job this
+    # short may finish. A driver that finds its workers or its Ray Train controller lost exits 75 and is
+    # retried as well (test_cluster_failures.py).
     stack.stop_service("ray", grace_s=0)
     stack.up()  # a new head, which knows nothing of either job: the server submits the running one again
 

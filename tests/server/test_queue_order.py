@@ -1,9 +1,13 @@
 """The queue's decisions alone (`server.queue.decide`): priority classes, first in first out within one,
-no backfill past a submission that waits for room, and team quotas that hold back only their team."""
+no backfill past a submission that waits for room, and team quotas that hold back only their team; and
+which ended submissions it retries (`infrastructure_failure`)."""
 
 from __future__ import annotations
 
-from server.queue import PRIORITIES, QUEUED, STARTED, Entry, Quota, decide
+import pytest
+
+from jobs.submit import INFRASTRUCTURE_EXIT, Submission
+from server.queue import PRIORITIES, QUEUED, STARTED, Entry, Quota, decide, infrastructure_failure
 
 CLUSTER = {"CPU": 4.0, "GPU": 2.0}
 
@@ -75,3 +79,23 @@ def test_room_counts_the_nodes_an_autoscaler_may_add(monkeypatch) -> None:
     queue._groups_read = -1e9  # read again: a group without a limit
     monkeypatch.setattr(capacity, "autoscaling_groups", lambda address: [({"CPU": 8.0, "GPU": 1.0}, -1)])
     assert queue._room(alive) == {"CPU": float("inf"), "GPU": float("inf")}
+
+
+def _ended(status: str, exit_code: int | None, error_type: str | None = None) -> Submission:
+    return Submission(submission_id="j-1", job="j", status=status, message="", start_time=1.0, end_time=2.0,
+                      experiment=None, spec=None, exit_code=exit_code, error_type=error_type)
+
+
+@pytest.mark.parametrize(("submission", "retried"), [
+    (None, True),  # a restarted head no longer knows it
+    (_ended("FAILED", -9), True),  # its driver was killed
+    (_ended("FAILED", 137), True),
+    (_ended("FAILED", None, "JOB_SUPERVISOR_ACTOR_DIED"), True),
+    (_ended("FAILED", INFRASTRUCTURE_EXIT), True),  # the driver says the cluster or a service failed it
+    (_ended("FAILED", 1, "JOB_ENTRYPOINT_COMMAND_ERROR"), False),  # the job's own failure
+    (_ended("FAILED", 2), False),  # a wrong spec
+    (_ended("STOPPED", None), False),
+    (_ended("SUCCEEDED", 0), False),
+])
+def test_only_what_the_cluster_failed_is_retried(submission, retried) -> None:
+    assert (infrastructure_failure(submission) is not None) == retried
