@@ -19,6 +19,12 @@ How one epoch is laid out (all of it computed from the manifest, before a byte i
   batches, worker w has produced ceil((step - w) / workers) of them. The loader state is
   therefore just (epoch, step); resuming regenerates each slot's order, skips what was used, and
   rotates which worker reads which slot so the round-robin picks up where it stopped.
+
+When the world size changes mid-epoch (an elastic job resumed on more or fewer workers), what each
+slot has not yet yielded is known from that count alone. The rest of the epoch becomes a *phase*:
+those unseen runs of the first plan's slots (`Run`s), laid end to end and cut again into slots for
+the new ranks. Its runs always refer to the first plan's slots, so a second resize cuts the rest of
+the phase the same way, and every sample of the epoch is still trained on exactly once.
 """
 
 from __future__ import annotations
@@ -48,6 +54,20 @@ log = logging.getLogger(__name__)
 SHARD_ATTEMPTS = 3
 
 
+Run = tuple[int, int, int]  # (slot of the epoch's first plan, start, stop): positions [start, stop) of its order
+
+
+class Phase(BaseModel):
+    """The rest of an epoch, re-planned at step `start` for another number of slots."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: int = Field(ge=0, description="the epoch's step at which the phase began")
+    slots: int = Field(ge=1, description="slots the phase is cut into: ranks × loader workers")
+    rest: tuple[Run, ...] = Field(description="what the epoch had not yet yielded when the phase began, as runs "
+                                  "of the slots it was first planned for")
+
+
 class LoaderState(BaseModel):
     """Where a rank is in the data: goes into every checkpoint."""
 
@@ -55,6 +75,9 @@ class LoaderState(BaseModel):
 
     epoch: int = Field(default=0, ge=0)
     step: int = Field(default=0, ge=0, description="batches this rank has consumed in the epoch")
+    slots: int | None = Field(default=None, ge=1, description="slots the epoch was first planned for; None: "
+                              "this loader's ranks × loader workers")
+    phase: Phase | None = None  # None: the epoch runs as first planned
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,50 @@ def plan_epoch(
 
 
 @dataclass(frozen=True)
+class PhasePlan:
+    """Which runs of the first plan's slots each slot of a phase reads, and how many batches every slot yields."""
+
+    slots: tuple[tuple[Run, ...], ...]
+    batches_per_slot: int
+
+    def slot_samples(self, slot: int) -> int:
+        return sum(stop - start for _, start, stop in self.slots[slot])
+
+
+def plan_phase(rest: tuple[Run, ...], *, num_slots: int, batch_size: int) -> PhasePlan:
+    """`rest` laid end to end and cut into `num_slots` slots of equal size (± 1)."""
+    total = sum(stop - start for _, start, stop in rest)
+    bounds = [slot * total // num_slots for slot in range(num_slots + 1)]
+    slots: list[list[Run]] = [[] for _ in range(num_slots)]
+    slot, offset = 0, 0
+    for first_slot, start, stop in rest:
+        while start < stop:
+            while offset == bounds[slot + 1]:  # slots left empty when fewer samples than slots remain
+                slot += 1
+            end = min(stop, start + bounds[slot + 1] - offset)
+            slots[slot].append((first_slot, start, end))
+            offset += end - start
+            start = end
+    return PhasePlan(tuple(tuple(s) for s in slots), math.ceil(-(-total // num_slots) / batch_size))
+
+
+def unseen(plan: PhasePlan, steps: int, *, workers: int, batch_size: int) -> tuple[Run, ...]:
+    """What the phase's slots have not yielded after each rank consumed `steps` batches: worker w of a rank
+    has produced ceil((steps - w) / workers) batches of its slot, so that many samples are gone."""
+    rest: list[Run] = []
+    for slot, runs in enumerate(plan.slots):
+        produced = max(0, -(-(steps - slot % workers) // workers))
+        skip = produced * batch_size
+        for first_slot, start, stop in runs:
+            if skip >= stop - start:
+                skip -= stop - start
+                continue
+            rest.append((first_slot, start + skip, stop))
+            skip = 0
+    return tuple(rest)
+
+
+@dataclass(frozen=True)
 class Batch:
     """One rank's batch. B = batch size, R = resolution."""
 
@@ -140,10 +207,10 @@ class Batch:
 
 
 class _SlotStream(IterableDataset):
-    """Inside one DataLoader worker: the batches of its slot, from a given batch on."""
+    """Inside one DataLoader worker: the batches of its slot of the phase, from a given batch of it on."""
 
-    def __init__(self, loader: ShardLoader, plan: EpochPlan, epoch: int, start_step: int) -> None:
-        self.loader, self.plan, self.epoch, self.start_step = loader, plan, epoch, start_step
+    def __init__(self, loader: ShardLoader, first: EpochPlan, phase: PhasePlan, epoch: int, start_step: int) -> None:
+        self.loader, self.first, self.phase, self.epoch, self.start_step = loader, first, phase, epoch, start_step
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -155,7 +222,7 @@ class _SlotStream(IterableDataset):
         slot = loader.rank * workers + slot_worker
         first_batch = max(0, math.ceil((self.start_step - slot_worker) / workers))
         positions = self._positions(slot, first_batch * loader.batch_size)
-        for batch_index in range(first_batch, self.plan.batches_per_slot):
+        for batch_index in range(first_batch, self.phase.batches_per_slot):
             samples = list(itertools.islice(positions, loader.batch_size))
             yield loader.collate(samples, seed=f"{loader.seed}:{self.epoch}:{slot}:{batch_index}")
 
@@ -163,14 +230,19 @@ class _SlotStream(IterableDataset):
         """(raw sample, loss weight) for positions start.. of the slot, padding included.
 
         Padding (weight 0, never trained on) cycles through the slot's last real samples, at most a
-        batch of them, kept from the pass over them: a padded slot is read once, not twice.
+        batch of them, kept from the pass over them: a padded slot is read once, not twice. A slot
+        left empty (fewer samples remained than slots) pads with the phase's first sample.
         """
-        real = self.plan.slot_samples(slot)
-        total = self.plan.batches_per_slot * self.loader.batch_size
+        real = self.phase.slot_samples(slot)
+        total = self.phase.batches_per_slot * self.loader.batch_size
+        if real == 0:
+            filler = next(self._sequence(next(s for s in range(len(self.phase.slots)) if self.phase.slot_samples(s)), 0))
+            yield from ((filler, 0.0) for _ in range(start, total))
+            return
         replayed = min(total - real, real, self.loader.batch_size)
         tail: list[dict] = []
         first = min(start, real - replayed)  # a resume inside the tail or the padding reads the tail again
-        for position, sample in enumerate(self._shuffled(slot, first), start=first):
+        for position, sample in enumerate(self._sequence(slot, first), start=first):
             if position >= real - replayed:
                 tail.append(sample)
             if position >= start:
@@ -178,11 +250,20 @@ class _SlotStream(IterableDataset):
         for position in range(max(start, real), total):
             yield tail[(position - real) % replayed], 0.0
 
+    def _sequence(self, slot: int, start: int) -> Iterator[dict]:
+        """The phase slot's samples from position `start`: its runs of the first plan's slots, in order."""
+        for first_slot, run_start, run_stop in self.phase.slots[slot]:
+            if start >= run_stop - run_start:
+                start -= run_stop - run_start
+                continue
+            yield from itertools.islice(self._shuffled(first_slot, run_start + start), run_stop - run_start - start)
+            start = 0
+
     def _shuffled(self, slot: int, start: int) -> Iterator[dict]:
-        """The slot's samples from position `start`, in seeded block-shuffled order."""
+        """The first plan's slot's samples from position `start`, in seeded block-shuffled order."""
         buffer = self.loader.shuffle_buffer if self.loader.shuffle else 1
         block = start // buffer
-        stream = self._read(self.plan.slots[slot], skip=block * buffer)
+        stream = self._read(self.first.slots[slot], skip=block * buffer)
         skip = start - block * buffer
         while chunk := list(itertools.islice(stream, buffer)):
             if self.loader.shuffle:
@@ -286,8 +367,8 @@ class ShardLoader:
         if s3 is not None:
             s3.client()  # loads boto3's models once, here, for every forked loader worker
 
-    def _plan(self, epoch: int) -> EpochPlan:
-        return plan_epoch(self.shards, epoch=epoch, seed=self.seed, num_slots=self.world_size * self._workers,
+    def _plan(self, epoch: int, slots: int | None = None) -> EpochPlan:
+        return plan_epoch(self.shards, epoch=epoch, seed=self.seed, num_slots=slots or self._slots,
                           batch_size=self.batch_size, shuffle=self.shuffle)
 
     @property
@@ -295,18 +376,42 @@ class ShardLoader:
         return max(1, self.loader_workers)
 
     @property
+    def _slots(self) -> int:
+        return self.world_size * self._workers
+
+    def _plans(self, state: LoaderState) -> tuple[EpochPlan, PhasePlan, int]:
+        """The epoch's first plan, the plan of the phase `state` is in, and the step the phase began at."""
+        first = self._plan(state.epoch, state.slots)
+        if state.phase is None:
+            whole = tuple(((slot, 0, first.slot_samples(slot)),) for slot in range(len(first.slots)))
+            return first, PhasePlan(whole, first.batches_per_slot), 0
+        return first, plan_phase(state.phase.rest, num_slots=state.phase.slots, batch_size=self.batch_size), \
+            state.phase.start
+
+    @property
     def steps_per_epoch(self) -> int:
         """Batches every rank gets in the current epoch (the same on all ranks; may vary by epoch)."""
-        return self.steps_in_epoch(self.state.epoch)
+        _, phase, start = self._plans(self.state)
+        return start + phase.batches_per_slot * self._workers
 
     def steps_in_epoch(self, epoch: int) -> int:
+        """Batches every rank gets in `epoch` as first planned for this loader's ranks."""
         return self._plan(epoch).batches_per_slot * self._workers
 
     def state_dict(self) -> dict:
-        return self.state.model_dump()
+        return self.state.model_copy(update={"slots": self.state.slots or self._slots}).model_dump(mode="json")
 
     def load_state_dict(self, state: dict) -> None:
-        self.state = LoaderState.model_validate(state)
+        """Resume at a saved point. One saved with another number of ranks re-plans the rest of its epoch
+        for this loader's (a new phase), from what that number of ranks had not yet consumed."""
+        loaded = LoaderState.model_validate(state)
+        planned_for = loaded.phase.slots if loaded.phase is not None else (loaded.slots or self._slots)
+        if planned_for != self._slots:
+            first, phase, start = self._plans(loaded)
+            rest = unseen(phase, loaded.step - start, workers=self._workers, batch_size=self.batch_size)
+            loaded = loaded.model_copy(update={"slots": len(first.slots), "phase": Phase(
+                start=loaded.step, slots=self._slots, rest=rest)})
+        self.state = loaded
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -319,9 +424,10 @@ class ShardLoader:
             self._prefetched = (self.state, self._batches())
 
     def _batches(self) -> Iterator[Batch]:
-        epoch, start = self.state.epoch, self.state.step
+        first, phase, start = self._plans(self.state)
         return iter(DataLoader(
-            _SlotStream(self, self._plan(epoch), epoch, start), batch_size=None, num_workers=self.loader_workers,
+            _SlotStream(self, first, phase, self.state.epoch, self.state.step - start), batch_size=None,
+            num_workers=self.loader_workers,
             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.loader_workers else None,
             persistent_workers=False,
         ))
@@ -331,9 +437,9 @@ class ShardLoader:
         prefetched, self._prefetched = self._prefetched, None
         batches = prefetched[1] if prefetched is not None and prefetched[0] == self.state else self._batches()
         for batch in batches:
-            self.state = LoaderState(epoch=epoch, step=self.state.step + 1)
+            self.state = self.state.model_copy(update={"step": self.state.step + 1})
             yield batch
-        self.state = LoaderState(epoch=epoch + 1, step=0)
+        self.state = LoaderState(epoch=epoch + 1)
 
     def collate(self, samples: list[tuple[dict, float]], *, seed: str) -> Batch:
         """Decode, transform and stack one batch; augmentation is seeded by the batch's place."""

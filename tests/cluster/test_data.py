@@ -13,7 +13,7 @@ import webdataset
 from click.testing import CliRunner
 from PIL import Image
 
-from cluster.data.loader import Batch, ShardLoader, read_shard
+from cluster.data.loader import Batch, ShardLoader, plan_phase, read_shard, unseen
 from cluster.data.manifest import ManifestError, ShardManifest, SplitInfo, dataset_id, load_manifest, verify_shards
 from cluster.data.s3 import RetryingS3Reader, ShardReadError
 from cluster.data.sources import DigitsSource, ImageFolderSource, TarSource
@@ -186,7 +186,7 @@ def test_mid_epoch_resume_sees_the_rest_exactly_once_in_the_same_order(
     interrupted = _loader(manifest, s3, loader_workers=workers, augment=augment)
     before = list(itertools.islice(iter(interrupted), stop_after))
     state = interrupted.state_dict()
-    assert state == {"epoch": 0, "step": stop_after}
+    assert (state["epoch"], state["step"], state["phase"]) == (0, stop_after, None)
 
     resumed = _loader(manifest, s3, loader_workers=workers, augment=augment)
     resumed.load_state_dict(state)
@@ -197,7 +197,60 @@ def test_mid_epoch_resume_sees_the_rest_exactly_once_in_the_same_order(
     assert [b.keys for b in before + after] == [b.keys for b in uninterrupted]  # the padding too
     assert sorted(_real_keys(before + after)) == sorted(manifest_keys(manifest, s3))
     torch.testing.assert_close(after[0].images, uninterrupted[stop_after].images)  # same augmentation too
-    assert resumed.state_dict() == {"epoch": 1, "step": 0}
+    assert (resumed.state_dict()["epoch"], resumed.state_dict()["step"]) == (1, 0)
+
+
+def _ranks(manifest: ShardManifest, s3: S3Access, world_size: int, state: dict | None, steps: int | None,
+           **options) -> tuple[list[str], dict, int]:
+    """Every rank of a world of `world_size` from `state` for `steps` batches (None: to the epoch's end): the
+    real keys they trained on, the state they stopped at (the same on every rank), and their steps in the epoch."""
+    keys, states, lengths = [], [], set()
+    for rank in range(world_size):
+        loader = _loader(manifest, s3, rank=rank, world_size=world_size, **options)
+        if state is not None:
+            loader.load_state_dict(state)
+        lengths.add(loader.steps_per_epoch)
+        keys += _real_keys(list(itertools.islice(iter(loader), steps)))
+        states.append(loader.state_dict() if steps is not None else None)
+    assert len(lengths) == 1, f"ranks disagree on the epoch's steps: {lengths}"  # DDP would hang
+    assert all(s == states[0] for s in states)
+    return keys, states[0], lengths.pop()
+
+
+@pytest.mark.parametrize(("worlds", "stops", "workers"), [
+    ((3, 2), (9,), 0),  # a node lost
+    ((2, 3), (5,), 2),  # a node back, with loader workers
+    ((3, 2, 3), (4, 3), 2),  # lost, then back: the second resize re-plans the first's rest
+    ((2, 5), (-1,), 0),  # in the padding: nothing real is left but the new ranks' padding
+])
+def test_an_epoch_resumed_on_another_number_of_ranks_trains_on_every_sample_exactly_once(
+        digits, s3: S3Access, worlds: tuple[int, ...], stops: tuple[int, ...], workers: int) -> None:
+    manifest, _ = digits
+    options = {"loader_workers": workers, "shuffle_buffer": 40}
+    seen, state, done = [], None, 0
+    for world_size, stop in zip(worlds, (*stops, None), strict=True):
+        if stop is not None and stop < 0:
+            stop += _loader(manifest, s3, world_size=world_size, **options).steps_per_epoch
+        keys, state, steps = _ranks(manifest, s3, world_size, state, stop, **options)
+        seen += keys
+        if stop is not None:
+            done += stop
+            assert state["step"] == done  # counted over the whole epoch: checkpoint names keep their order
+    assert sorted(seen) == sorted(manifest_keys(manifest, s3))  # every sample once, none twice
+    assert steps > done
+
+
+def test_a_phase_cuts_what_is_left_evenly_and_knows_what_each_slot_has_not_yet_yielded() -> None:
+    rest = ((0, 5, 9), (1, 0, 3), (2, 7, 8))  # 8 samples left in three slots of the first plan
+    plan = plan_phase(rest, num_slots=3, batch_size=2)
+    assert plan.slots == (((0, 5, 7),), ((0, 7, 9), (1, 0, 1)), ((1, 1, 3), (2, 7, 8)))
+    assert plan.batches_per_slot == 2  # the longest slot (3) in batches of 2
+    # Two loader workers (rank 0 reads slots 0 and 1, rank 1 slot 2): after one batch of each rank, worker 0
+    # made one batch of its slot and worker 1 none; after three, worker 0 two and worker 1 one.
+    assert unseen(plan, 1, workers=2, batch_size=2) == ((0, 7, 9), (1, 0, 1), (2, 7, 8))
+    assert unseen(plan, 3, workers=2, batch_size=2) == ((1, 0, 1),)
+    sparse = plan_phase(((4, 0, 2),), num_slots=4, batch_size=2)  # fewer samples than slots
+    assert [len(slot) for slot in sparse.slots] == [0, 1, 0, 1] and sparse.batches_per_slot == 1
 
 
 def test_a_prefetched_pass_is_the_pass_it_was_started_for(digits, s3: S3Access) -> None:
