@@ -1,7 +1,8 @@
 """The local stack: SeaweedFS (S3 API), an MLflow server, a Ray head and the compound server, all on 127.0.0.1.
 
 `up` starts what is not running, waits for each health check and writes the settings file;
-`down` stops what `up` started, by the pids it recorded. Data, logs and pid files live under the
+`down` stops what `up` started, by the pids it recorded, and the extra Ray nodes `add_node` started
+beside the head (the drills of a cluster that loses and regains nodes). Data, logs and pid files live under the
 state dir (`$COMPOUND_HOME`, default `~/.compound`):
 
     settings.json  endpoints and S3 keys (0600)     ports.json  the ports the stack uses
@@ -66,6 +67,7 @@ MLFLOW_LOGIN_CACHE_S = 300
 SQLITE_BUSY_S = 60
 KILL_WAIT_S = 10.0
 SERVICE_NAMES = ("s3", "mlflow", "ray", "server")  # start order: the store first, the server last
+NODE_PREFIX = "ray-node-"  # the service name of an extra Ray node (`Stack.add_node`)
 # Ray starts its workers at nice 15 so a busy node's control plane stays responsive; on a laptop the
 # workers are the point, and at nice 15 the head's own processes (and the store) preempt training.
 # Ray Train's controller moves a job through its states one poll of the workers at a time, every 2 s
@@ -330,11 +332,7 @@ class Stack:
             health_url=f"http://{HOST}:{ports.ray_dashboard}/api/gcs_healthz",  # open; the rest asks for the token
             ports={"Ray GCS": ports.ray, "Ray dashboard": ports.ray_dashboard, "Ray client": ports.ray_client,
                    "Ray dashboard agent": ports.ray_agent},
-            # The cluster's environment: jobs run with this interpreter and find the stack's settings in
-            # COMPOUND_HOME; workers take the S3 keys from AWS_*, as they would on Kubernetes.
-            env={**RAY_CLIENT_ENV, **RAY_HEAD_ENV, **settings.s3_env(), **settings.mlflow_env(), **settings.ray_env(),
-                 "COMPOUND_HOME": str(self.home),
-                 "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
+            env=self._ray_env(settings),  # jobs run with this interpreter (PATH)
         )
         server = Service(
             name="server",
@@ -403,7 +401,7 @@ class Stack:
         """Stop the services this state dir's `up` started; returns the names stopped. Each may take
         `grace_s` to exit before it is killed (0: killed at once, its state not needed again)."""
         stopped = []
-        for name in reversed(SERVICE_NAMES):  # clients first, the store last
+        for name in [*self.nodes(), *reversed(SERVICE_NAMES)]:  # the head's extra nodes, clients, the store last
             if self.stop_service(name, grace_s=grace_s):
                 stopped.append(name)
         return stopped
@@ -419,6 +417,53 @@ class Stack:
             healthy = process is not None and name in urls and _answers(*urls[name])
             result.append(ServiceStatus(name, process.pid if process else None, healthy, self.log_file(name)))
         return result
+
+    # -- extra Ray nodes (drills of a changing cluster) ---------------------------------------------
+    def add_node(self, name: str, *, num_cpus: int = 1, resources: dict[str, float] | None = None,
+                 timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Start one more Ray node on this machine, `name` in the cluster, and wait until the head has it.
+        Stopped with `stop_service(NODE_PREFIX + name)` (drained, or killed with grace_s=0) and by `down`."""
+        ports, settings = self.saved_ports(), None
+        if ports is None or self._process("ray") is None:
+            raise StackError("the stack's Ray head is not running: `compound up` first")
+        settings = self.settings_for(ports)
+        address = f"{HOST}:{ports.ray}"
+        service = Service(
+            name=NODE_PREFIX + name,
+            command=[sys.executable, "-m", "infra.ray_node", "start", f"--address={address}", "--block",
+                     "--disable-usage-stats", f"--num-cpus={num_cpus}", f"--node-ip-address={HOST}",
+                     f"--node-name={name}", "--dashboard-agent-listen-port=0",
+                     *([f"--resources={json.dumps(resources)}"] if resources else [])],
+            health_url="", ports={},
+            env={**self._ray_env(settings), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},
+        )
+        self._start(service)
+        self._node_command("wait", address, name, str(timeout_s), settings=settings)
+
+    def drain_node(self, name: str, *, deadline_s: float) -> None:
+        """Tell the cluster that node `name` goes in `deadline_s`, as a spot reclaim would (Ray's drain)."""
+        ports = self.saved_ports()
+        assert ports is not None
+        self._node_command("drain", f"{HOST}:{ports.ray}", name, str(deadline_s), settings=self.settings_for(ports))
+
+    def nodes(self) -> list[str]:
+        """The service names of the extra Ray nodes running."""
+        run = self.home / "run"
+        names = [path.stem for path in run.glob(f"{NODE_PREFIX}*.pid")] if run.is_dir() else []
+        return sorted(name for name in names if self._process(name) is not None)
+
+    def _node_command(self, *args: str, settings: Settings) -> None:
+        result = subprocess.run([sys.executable, "-m", "infra.ray_node", *args], capture_output=True, text=True,
+                                check=False, env={**os.environ, **self._ray_env(settings)}, cwd=self.home)
+        if result.returncode:
+            raise StackError(f"ray node {args[0]} failed: {(result.stderr or result.stdout).strip()[-2000:]}")
+
+    def _ray_env(self, settings: Settings) -> dict[str, str]:
+        """What the cluster's processes run with: jobs find the stack's settings in COMPOUND_HOME, workers take
+        the S3 keys from AWS_* (as on Kubernetes) and everything the Ray token."""
+        bin_dir = Path(sysconfig.get_path("scripts"))
+        return {**RAY_CLIENT_ENV, **RAY_HEAD_ENV, **settings.s3_env(), **settings.mlflow_env(), **settings.ray_env(),
+                "COMPOUND_HOME": str(self.home), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     # -- processes ---------------------------------------------------------------------------------
     def _start(self, service: Service) -> None:

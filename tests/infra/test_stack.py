@@ -31,7 +31,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from compound.cli import cli
 from infra import seaweed
 from infra.settings import RAY_CLIENT_ENV, Settings, load_settings, write_private
-from infra.stack import GRPC_OFFSET, Stack, StackError, StackPorts, ephemeral_ports_start
+from infra.stack import GRPC_OFFSET, NODE_PREFIX, Stack, StackError, StackPorts, ephemeral_ports_start
 
 
 def test_s3_put_get_list(settings: Settings) -> None:
@@ -159,6 +159,35 @@ def test_ray_job_succeeds_and_its_logs_are_readable(settings: Settings) -> None:
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs
     assert "cpus " in logs
+
+
+def _cluster_resources(settings: Settings) -> dict[str, float]:
+    client = JobSubmissionClient(settings.ray_dashboard_url)
+    job_id = client.submit_job(entrypoint="python -c \"import json, ray; ray.init(); "
+                                          "print('resources', json.dumps(ray.cluster_resources()))\"")
+    deadline = time.monotonic() + 120
+    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, "the job did not finish in 120 s"
+        time.sleep(0.5)
+    line = next(line for line in client.get_job_logs(job_id).splitlines() if line.startswith("resources "))
+    return json.loads(line.removeprefix("resources "))
+
+
+def test_extra_ray_nodes_join_the_head_and_drain_or_die_on_demand(stack: Stack, settings: Settings) -> None:
+    try:
+        for name in ("drill-a", "drill-b"):
+            stack.add_node(name, num_cpus=1, resources={"drill": 1})
+        assert stack.nodes() == [f"{NODE_PREFIX}drill-a", f"{NODE_PREFIX}drill-b"]
+        assert _cluster_resources(settings)["drill"] == 2
+        stack.drain_node("drill-a", deadline_s=30)  # accepted by Ray: as a spot reclaim's notice
+        with pytest.raises(StackError, match="no alive Ray node named 'nowhere'"):
+            stack.drain_node("nowhere", deadline_s=30)
+        assert stack.stop_service(f"{NODE_PREFIX}drill-a")  # drained, then gone
+        assert stack.stop_service(f"{NODE_PREFIX}drill-b", grace_s=0)  # killed without notice
+        assert stack.nodes() == []
+    finally:
+        for node in stack.nodes():  # the session's other tests count on the head alone
+            stack.stop_service(node, grace_s=0)
 
 
 def test_services_listen_on_loopback_only(stack: Stack) -> None:
