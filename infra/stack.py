@@ -72,7 +72,10 @@ NODE_PREFIX = "ray-node-"  # the service name of an extra Ray node (`Stack.add_n
 # workers are the point, and at nice 15 the head's own processes (and the store) preempt training.
 # Ray Train's controller moves a job through its states one poll of the workers at a time, every 2 s
 # by default: seconds at every start and finish of a job (a smoke job, measured: 54 s → 46 s at 0.5).
-RAY_HEAD_ENV = {"RAY_worker_niceness": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# A worker group placed on a node that just joined waits for its first Python worker there (a minute and more
+# on two busy cores): Ray Train's 60 s start-up limit would shrink an elastic job back instead of growing it.
+RAY_HEAD_ENV = {"RAY_worker_niceness": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180"}
 # `weed mini` otherwise allows as many volumes as the disk has free GiB at its start, one per bucket at
 # least: on a disk with a few GiB free, the checkpoints bucket found no volume to grow into once its first
 # filled, and every write failed with S3's InternalError (CI, 18 min into `make test`). Volumes are

@@ -54,8 +54,8 @@ def worker_slots(spec: JobSpec, nodes: list[dict[str, float]],
 
 
 def job_needs(spec: JobSpec) -> dict[str, float]:
-    """What the job's workers hold together while it runs."""
-    return scaled(spec.scaling.worker_resources, spec.scaling.num_workers)
+    """What the job's workers hold together when it starts (an elastic job: its fewest)."""
+    return scaled(spec.scaling.worker_resources, spec.scaling.min_workers)
 
 
 def scaled(resources: dict[str, float], times: int) -> dict[str, float]:
@@ -68,13 +68,13 @@ def fits(spec: JobSpec, nodes: list[dict[str, float]],
     None if they can."""
     room = worker_slots(spec, nodes, groups)
     scaling = spec.scaling
-    if room is None or room >= scaling.num_workers:
+    if room is None or room >= scaling.min_workers:  # an elastic job starts with its fewest
         return None
     need = spec.scaling.worker_resources
     wanted = ", ".join(_amount(name, amount) for name, amount in need.items())
     totals = ", ".join(_amount(name, sum(node.get(name, 0.0) for node in nodes)) for name in need)
     scaled = " and the node groups its autoscaler may add" if groups else ""
-    return (f"it needs {scaling.num_workers} workers of {wanted} each, and its {len(nodes)} node(s){scaled} hold at "
+    return (f"it needs {scaling.min_workers} workers of {wanted} each, and its {len(nodes)} node(s){scaled} hold at "
             f"most {room} (alive now: {totals}); lower scaling.num_workers or the resources per worker, or add nodes")
 
 

@@ -101,8 +101,7 @@ def train_job(job: ResolvedJob, *, s3: S3Access, tracking_uri: str, source: str,
 
     spec = job.spec
     launch = check_relaunch(job, s3=s3, source=source)
-    run = open_run(job, tracking_uri=tracking_uri, recorded_run_id=launch.run_id,
-                   world_size=spec.scaling.num_workers, submission_id=submission_id)
+    run = open_run(job, tracking_uri=tracking_uri, recorded_run_id=launch.run_id, submission_id=submission_id)
     record_launch(job, launch, s3=s3, run_id=run.run_id)
     if launch.resumes:
         log.info("job %s was launched before: resuming from its latest checkpoint", spec.name)
@@ -161,8 +160,7 @@ def finish_job(trained: TrainedJob, *, s3: S3Access, log_model: bool = True) -> 
 
     spec, run, result = trained.job.spec, trained.run, trained.result
     filesystem = s3.filesystem()
-    final = latest_checkpoint(filesystem, result.path, result.checkpoint.path if result.checkpoint else None,
-                             spec.scaling.num_workers)
+    final = latest_checkpoint(filesystem, result.path, result.checkpoint.path if result.checkpoint else None)
     registered = [c.path for c, _ in result.best_checkpoints or []]
     removed = remove_unregistered(filesystem, result.path, [*registered, final] if final else registered)
     if removed:

@@ -102,7 +102,7 @@ def _check_split(
         problems.append(f"{field}.split: the dataset has no split {ref.split!r}; it has {', '.join(manifest.splits)}")
         return None
     samples = manifest.split(ref.split).samples
-    readers = spec.scaling.num_workers * max(1, spec.data.loader_workers)
+    readers = spec.scaling.max_workers * max(1, spec.data.loader_workers)
     if samples < readers:
         problems.append(
             f"{field}: the {ref.split!r} split has {samples} samples, fewer than the {readers} readers "

@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from cluster.tracking import TrackingSpec
-from cluster.train.config import TrainingSpec
+from cluster.train.config import FORM_TAGS, TrainingSpec
 from cluster.tune import AshaSpec, Dimension, SearcherSpec
 
 MAX_SPEC_BYTES = 1 << 20
@@ -395,7 +395,8 @@ def _characters(klass: str, *, one: bool = False) -> str:
 
 
 def _path(loc: tuple) -> str:
-    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc
+                   if part not in FORM_TAGS).lstrip(".")
 
 
 def _show(value: object) -> str:

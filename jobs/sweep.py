@@ -183,12 +183,12 @@ def check_concurrency(sweep: SweepSpec, job: JobSpec, nodes: list[dict[str, floa
     problem = fits(job, nodes)
     if problem is not None:
         raise SpecError(source, [f"job.scaling: a trial can never run on the cluster: {problem}"])
-    room = math.floor(worker_slots(job, nodes) / job.scaling.num_workers)
+    room = math.floor(worker_slots(job, nodes) / job.scaling.max_workers)
     asked = sweep.max_concurrent_trials
     if asked is not None and asked > room:
         raise SpecError(source, [(
             f"max_concurrent_trials: {asked}, but the cluster holds at most {room} trial(s) of "
-            f"{job.scaling.num_workers} workers at once; more would hold the trials' drivers while their workers "
+            f"{job.scaling.max_workers} workers at once; more would hold the trials' drivers while their workers "
             "wait for room. Lower it, or leave it out to run as many as fit")])
     return min(asked or room, sweep.trials)
 

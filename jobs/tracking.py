@@ -59,7 +59,7 @@ class TrackingUnavailableError(ConnectionError):
     """The MLflow server does not answer; the message says where and what to do."""
 
 
-def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None, world_size: int,
+def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None,
              submission_id: str | None) -> RunRef:
     """The job's one MLflow run (found or created), marked running, with its params, tags and spec."""
     from mlflow import MlflowClient
@@ -79,7 +79,7 @@ def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None
         run_id = run.info.run_id
         _log_params(client, run_id, flatten(spec.model_dump(mode="json")), logged=run.data.params)
         tags = {**spec.tracking.tags, JOB_TAG: spec.name, CODE_VERSION_TAG: code_version(),
-                WORLD_SIZE_TAG: str(world_size), STRATEGY_TAG: _strategy(spec),
+                WORLD_SIZE_TAG: _world_size(spec.scaling), STRATEGY_TAG: _strategy(spec),
                 CHECKPOINTS_TAG: f"{spec.checkpoint.storage.rstrip('/')}/{spec.name}/",
                 **{f"{DATASET_TAG_PREFIX}{field.split('.')[1]}": identity for field, identity in job.dataset_ids.items()}}
         if submission_id is not None:
@@ -91,7 +91,8 @@ def open_run(job: ResolvedJob, *, tracking_uri: str, recorded_run_id: str | None
         log_tags(client, run_id, tags)
         client.log_text(run_id, dump_spec(spec), "spec.yaml")
         if isinstance(spec.strategy, DeepSpeedStrategy):
-            client.log_text(run_id, json.dumps(deepspeed_config(spec), indent=2), "deepspeed_config.json")
+            config = deepspeed_config(spec, spec.scaling.max_workers)  # on the most workers
+            client.log_text(run_id, json.dumps(config, indent=2), "deepspeed_config.json")
     except MlflowException as error:
         raise TrackingUnavailableError(
             f"cannot use the MLflow server at {tracking_uri}: {str(error).splitlines()[0][:300]}. Start the local "
@@ -194,10 +195,15 @@ def _log_params(client, run_id: str, params: dict[str, str], *, logged: dict[str
     _log_in_batches(client, run_id, params=new)
 
 
+def _world_size(scaling) -> str:
+    """Workers as the spec asks for them: a number, or MIN-MAX for an elastic job."""
+    return f"{scaling.min_workers}-{scaling.max_workers}" if scaling.elastic else str(scaling.max_workers)
+
+
 def describe(spec: JobSpec) -> str:
     """The run's description: what is trained, how, on what — what a person reads first."""
     model, scaling = spec.model, spec.scaling
-    devices = f"{scaling.num_workers} GPU workers" if scaling.use_gpu else f"{scaling.num_workers} CPU workers"
+    devices = f"{_world_size(scaling)} {'GPU' if scaling.use_gpu else 'CPU'} workers"
     return (f"{model.arch} ({model.num_classes} classes, {model.resolution} px), {spec.optim.epochs} epochs of "
             f"{spec.data.train.manifest} (split {spec.data.train.split}), {_strategy(spec)} on {devices}, "
             f"{spec.precision.dtype}, global batch {spec.global_batch}. "

@@ -42,7 +42,7 @@ def _stage_needs(inputs: dict, nodes: list[dict[str, float]]) -> dict[str, float
         scaling = ScalingSpec.model_validate(job.get("scaling") or {})
     except ValidationError:
         return {}  # the stage itself names the problem when it runs
-    one = scaled(scaling.worker_resources, scaling.num_workers)
+    one = scaled(scaling.worker_resources, scaling.min_workers)
     if not isinstance(sweep, dict):
         return one
     room = min((math.floor(sum(n.get(k, 0.0) for n in nodes) / v) for k, v in one.items() if v > 0), default=1)

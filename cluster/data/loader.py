@@ -394,9 +394,15 @@ class ShardLoader:
         _, phase, start = self._plans(self.state)
         return start + phase.batches_per_slot * self._workers
 
-    def steps_in_epoch(self, epoch: int) -> int:
-        """Batches every rank gets in `epoch` as first planned for this loader's ranks."""
-        return self._plan(epoch).batches_per_slot * self._workers
+    def steps_in_epoch(self, epoch: int, *, world_size: int | None = None) -> int:
+        """Batches every rank gets in `epoch` as first planned for `world_size` ranks (default: this loader's)."""
+        slots = world_size * self._workers if world_size else None
+        return self._plan(epoch, slots).batches_per_slot * self._workers
+
+    @property
+    def phase_start(self) -> int:
+        """The step of the current epoch where its plan last changed (0: it runs as first planned)."""
+        return self.state.phase.start if self.state.phase is not None else 0
 
     def state_dict(self) -> dict:
         return self.state.model_copy(update={"slots": self.state.slots or self._slots}).model_dump(mode="json")

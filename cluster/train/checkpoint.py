@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,10 @@ class EpochTally:
     bad_samples: int = 0
     teacher_hits: int = 0  # a distillation job's: samples its teacher labels right
 
+    def plus(self, other: EpochTally) -> EpochTally:
+        return EpochTally(self.samples + other.samples, self.loss_sum + other.loss_sum,
+                          self.bad_samples + other.bad_samples, self.teacher_hits + other.teacher_hits)
+
 
 @dataclass
 class Progress:
@@ -66,13 +71,16 @@ class Progress:
     optimizer_steps: int = 0
     tally: EpochTally = field(default_factory=EpochTally)  # this rank's
     history: list[dict] = field(default_factory=list)  # the metrics of every finished epoch
+    world_size: int = 1  # of the worker group that reached this point
+    loader: dict | None = None  # the training loader's state mid-epoch (its plan after a change of world size)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "optimizer_steps": self.optimizer_steps,
-                "history": self.history}
+                "history": self.history, "world_size": self.world_size, "loader": self.loader}
 
     def next_epoch(self) -> Progress:
-        return Progress(epoch=self.epoch + 1, optimizer_steps=self.optimizer_steps, history=self.history)
+        return Progress(epoch=self.epoch + 1, optimizer_steps=self.optimizer_steps, history=self.history,
+                        world_size=self.world_size)
 
     @property
     def name(self) -> str:
@@ -96,20 +104,28 @@ def save_progress(directory: Path, progress: Progress, *, rank: int, spec_json: 
         (directory / PROGRESS_FILE).write_text(json.dumps(record, indent=2))
 
 
-def load_progress(directory: Path, *, rank: int) -> Progress:
-    """The progress a checkpoint holds, with this rank's RNG restored and its tally."""
+def load_progress(directory: Path, *, rank: int, world_size: int) -> Progress:
+    """The progress a checkpoint holds, with this rank's RNG restored and its tally. Resumed on another
+    number of ranks, rank r takes the tallies of the old ranks r, r + world_size, … (the epoch's sums stay
+    whole) and, if it is new, a fresh RNG."""
     record = json.loads((directory / PROGRESS_FILE).read_text())
     if record.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{directory} is not a compound training checkpoint (format {record.get('format')!r})")
+    saved_world = record.get("world_size", world_size)
     progress = Progress(epoch=record["epoch"], step=record["step"], optimizer_steps=record["optimizer_steps"],
-                        history=record["history"])
-    rank_file = directory / f"rank-{rank}.pt"
-    if rank_file.is_file():
-        state = torch.load(rank_file, weights_only=True)
-        torch.set_rng_state(state["rng"])
-        random.setstate(state["python_rng"])
-        progress.tally = EpochTally(**state["tally"])
+                        history=record["history"], world_size=saved_world, loader=record.get("loader"))
+    for old_rank in range(rank, saved_world, world_size):
+        if not (path := directory / f"rank-{old_rank}.pt").is_file():
+            continue
+        state = torch.load(path, weights_only=True)
+        if old_rank == rank:
+            torch.set_rng_state(state["rng"])
+            random.setstate(state["python_rng"])
+        progress.tally = progress.tally.plus(EpochTally(**state["tally"]))
     return progress
+
+
+UPLOAD_MARKER = re.compile(r"uploaded-\d+-of-(\d+)")
 
 
 def upload_marker(rank: int, world_size: int) -> str:
@@ -152,29 +168,34 @@ def checkpoint_folders(filesystem, experiment_path: str) -> list[str]:
                   and e.base_name.startswith(CHECKPOINT_PREFIX))
 
 
-def newest_uploaded(filesystem, experiment_path: str, world_size: int) -> str | None:
-    """The path of the newest checkpoint folder that every one of `world_size` ranks marked uploaded."""
+def newest_uploaded(filesystem, experiment_path: str) -> str | None:
+    """The path of the newest checkpoint folder that every rank of the world that wrote it marked uploaded
+    (an elastic job's checkpoints come from worlds of different sizes)."""
     from pyarrow.fs import FileSelector
 
-    markers = {upload_marker(rank, world_size) for rank in range(world_size)}
     for name in reversed(checkpoint_folders(filesystem, experiment_path)):
         path = f"{experiment_path}/{name}"
-        if markers <= {e.base_name for e in filesystem.get_file_info(FileSelector(path))}:
+        if _all_uploaded({e.base_name for e in filesystem.get_file_info(FileSelector(path))}):
             return path
     return None
 
 
-def latest_checkpoint(filesystem, experiment_path: str, latest_registered: str | None, world_size: int) -> str | None:
+def _all_uploaded(files: set[str]) -> bool:
+    sizes = {int(match.group(1)) for f in files if (match := UPLOAD_MARKER.fullmatch(f))}
+    return any({upload_marker(rank, size) for rank in range(size)} <= files for size in sizes)
+
+
+def latest_checkpoint(filesystem, experiment_path: str, latest_registered: str | None) -> str | None:
     """Ray's latest registered checkpoint, or a newer one every rank had uploaded when a failure cut its
     registration short: where a restart resumes, and where a finished run ended (a restart with nothing
     left to train reports nothing more)."""
-    uploaded = newest_uploaded(filesystem, experiment_path, world_size)
+    uploaded = newest_uploaded(filesystem, experiment_path)
     if uploaded is not None and (latest_registered is None or Path(uploaded).name > Path(latest_registered).name):
         return uploaded
     return latest_registered
 
 
-def resume_point(registered, *, rank: int, world_size: int, device: torch.device):
+def resume_point(registered, *, rank: int, device: torch.device):
     """The checkpoint a (re)started worker group resumes from: Ray's latest registered one, or a newer one
     every rank had finished uploading when a failure cut its registration short. The same on every rank."""
     import ray.train
@@ -184,7 +205,7 @@ def resume_point(registered, *, rank: int, world_size: int, device: torch.device
     choice: list[str | None] = [None]
     if rank == 0:
         latest = latest_checkpoint(storage.storage_filesystem, storage.experiment_fs_path,
-                                   registered.path if registered else None, world_size)
+                                   registered.path if registered else None)
         if latest is not None and (registered is None or Path(latest).name != Path(registered.path).name):
             choice = [latest]
     if dist.is_initialized():

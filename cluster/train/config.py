@@ -12,7 +12,7 @@ import importlib
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from cluster.data.spec import DataSpec
 from effnet import VARIANTS
@@ -203,17 +203,58 @@ def _check_section(section: str, options: dict[str, Any], model: tuple[str, str,
 Strategy = Annotated[DDPStrategy | DeepSpeedStrategy, Field(discriminator="name")]
 
 
+class WorkerRange(_Section):
+    """An elastic job's workers: it starts with what the cluster can give (at least `min`), shrinks when a node
+    goes and grows back to `max` when one returns."""
+
+    min: int = Field(ge=1, le=4096)
+    max: int = Field(ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkerRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is more than max ({self.max})")
+        return self
+
+
+def _workers_form(value: object) -> str:
+    return "range" if isinstance(value, dict | WorkerRange) else "count"
+
+
+# The tags pydantic puts into an error's path inside a field of two forms: a message leaves them out.
+FORM_TAGS = ("count", "range")
+
+
 class ScalingSpec(_Section):
-    num_workers: int = Field(default=2, ge=1, le=4096)
+    num_workers: Annotated[
+        Annotated[int, Field(ge=1, le=4096), Tag("count")] | Annotated[WorkerRange, Tag("range")],
+        Discriminator(_workers_form),
+    ] = Field(default=2, description="a number, or {min, max} for an elastic job")
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=1.0, gt=0, description="with use_gpu")
     memory_per_worker_gb: float | None = Field(default=None, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources a worker takes, e.g. {spot: 1} for nodes so labelled")
+    grow_check_s: float = Field(default=60.0, gt=0, le=3600,
+                                description="how often an elastic job below its most workers looks for room to grow")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, WorkerRange)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers.min if isinstance(self.num_workers, WorkerRange) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers.max if isinstance(self.num_workers, WorkerRange) else self.num_workers
 
     @property
     def worker_resources(self) -> dict[str, float]:
         """What one worker takes from a node, in Ray's resource names (memory in bytes)."""
-        resources = {"CPU": self.cpus_per_worker}
+        resources = {**self.resources_per_worker, "CPU": self.cpus_per_worker}
         if self.use_gpu:
             resources["GPU"] = self.gpus_per_worker
         if self.memory_per_worker_gb is not None:
@@ -231,6 +272,8 @@ class CheckpointSpec(_Section):
 
 class FailureSpec(_Section):
     max_failures: int = Field(default=3, ge=0, description="worker-group restarts before the job fails")
+    max_preemptions: int = Field(default=-1, ge=-1, description="restarts after nodes were preempted or drained, "
+                                 "counted apart from max_failures (-1: any number)")
 
 
 class FeatureDistillSpec(_Section):
@@ -294,6 +337,9 @@ class TrainingSpec(_Section):
         if every is not None and every % self.optim.grad_accumulation:
             raise ValueError(f"checkpoint.every_steps ({every}) must be a multiple of optim.grad_accumulation "
                              f"({self.optim.grad_accumulation}): checkpoints fall on optimiser steps")
+        if self.scaling.elastic and deepspeed:
+            raise ValueError("an elastic scaling.num_workers needs strategy ddp for now: a DeepSpeed checkpoint holds "
+                             "one shard of the optimiser per worker, and DeepSpeed resumes it only on as many")
         if self.distill is not None and self.distill.features is not None and not self.model.is_efficientnet:
             raise ValueError(f"distill.features needs an EfficientNet student, not {self.model.arch}; "
                              "remove distill.features")
@@ -301,14 +347,21 @@ class TrainingSpec(_Section):
 
     @property
     def global_batch(self) -> int:
-        return self.data.batch_size * self.scaling.num_workers * self.optim.grad_accumulation
+        """Samples per optimiser step: data.batch_size on each of the (most) workers, optim.grad_accumulation times."""
+        return self.data.batch_size * self.scaling.max_workers * self.optim.grad_accumulation
+
+    def accumulation_at(self, world_size: int) -> int:
+        """Micro-batches per optimiser step on `world_size` workers: what keeps the global batch when an elastic
+        job runs on fewer than its most (exactly when world_size divides max × grad_accumulation, else the
+        next larger batch)."""
+        return -(-self.scaling.max_workers * self.optim.grad_accumulation // world_size)
 
     def steps_per_epoch(self, train_samples: int) -> int:
-        """Optimiser steps in an epoch over a split of `train_samples`, as the loop counts them: each of the
-        num_workers × loader_workers readers takes an equal share in batches, a step every grad_accumulation
-        batches of its rank."""
+        """Optimiser steps in an epoch over a split of `train_samples`, as the loop counts them on the most
+        workers: each of the workers × loader_workers readers takes an equal share in batches, a step every
+        grad_accumulation batches of its rank."""
         readers = max(1, self.data.loader_workers)
-        share = -(-train_samples // (self.scaling.num_workers * readers))
+        share = -(-train_samples // (self.scaling.max_workers * readers))
         batches = -(-share // self.data.batch_size) * readers
         return -(-batches // self.optim.grad_accumulation)
 

@@ -5,7 +5,7 @@ One epoch on one rank:
     for each batch of the rank's ShardLoader (equal steps on every rank, resumable mid-epoch):
         micro-step: forward, loss weighted by the batch weights (padding and bad images count 0), backward
         every `grad_accumulation` micro-steps (and at the end of the epoch): optimiser step at lr(step), EMA
-        every `checkpoint.every_steps`: checkpoint
+        every `checkpoint.every_steps`, and when Ray says a node of the group goes: checkpoint
     all-reduce what every rank trained on → `train_samples_epoch`
     evaluate the model (and its EMA) on the validation split
     report the epoch's metrics with a checkpoint
@@ -19,6 +19,11 @@ Every rank calls `ray.train.report` at the same steps (it is a barrier). A resta
 starts from its latest checkpoint (`checkpoint.resume_point`): model, optimiser, EMA, scaler, RNG,
 and the loader at the exact batch, so the interrupted epoch trains on every sample once. Rank 0's MLflow outbox (what the
 server has not acknowledged yet) is saved with every checkpoint and queued again on restart.
+
+An elastic job (`scaling.num_workers: {min, max}`) may restart on another number of workers: the loader
+re-plans the rest of the epoch over them, and each optimiser step accumulates as many micro-batches as keep
+the global batch (`TrainingSpec.accumulation_at`); the LR schedule counts steps on the most workers, so it
+goes on where it was.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from cluster.train.distill import (
     teacher_url,
 )
 from cluster.train.models import build_model, count_parameters
+from cluster.train.preemption import Action, PreemptionGuard
 from cluster.train.schedule import LrSchedule
 from cluster.train.strategy import DTYPES, Strategy, WeightEMA, make_strategy
 
@@ -122,13 +128,19 @@ def train_loop_per_worker(config: dict) -> None:
     schedule = _schedule(spec, train_loader)
 
     progress, pending = Progress(), None
-    checkpoint = resume_point(ray.train.get_checkpoint(), rank=rank, world_size=world_size, device=device)
+    checkpoint = resume_point(ray.train.get_checkpoint(), rank=rank, device=device)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            progress = _restore(Path(directory), strategy, ema, rank)
+            progress = _restore(Path(directory), strategy, ema, rank, world_size)
             pending = _unsent(Path(directory)) if rank == 0 else None
         if rank == 0:
             log.info("resumed from checkpoint %s: epoch %d, step %d", checkpoint.path, progress.epoch, progress.step)
+    before, progress.world_size = progress.world_size, world_size
+    global_batch = spec.data.batch_size * world_size * strategy.accumulation
+    if rank == 0 and checkpoint is not None and before != world_size:
+        log.info("%d workers now, %d before: the rest of epoch %d is re-planned over them; each optimiser step "
+                 "accumulates %d micro-batches of %d per worker: a global batch of %d (the spec's %d)", world_size,
+                 before, progress.epoch, strategy.accumulation, spec.data.batch_size, global_batch, spec.global_batch)
 
     logger = None
     if rank == 0 and job.run is not None:
@@ -138,6 +150,7 @@ def train_loop_per_worker(config: dict) -> None:
                             calibration_loader)
     if logger is not None:  # an epoch logged before the restart is redone, not logged again
         trainer.epochs_logged = logger.last_step(EPOCH_METRIC)
+        logger.log_metrics({"world_size": world_size, "global_batch": global_batch}, step=progress.optimizer_steps)
     try:
         for epoch in range(progress.epoch, spec.optim.epochs):
             trainer.train_epoch(train_loader, progress)
@@ -231,9 +244,11 @@ def _expected_manifest(job: WorkerJob, field: str, url: str) -> ShardManifest:
 
 
 def _schedule(spec: TrainingSpec, loader: ShardLoader) -> LrSchedule:
-    """Warm-up then cosine over every optimiser step of the run (epochs may differ by a step or two)."""
+    """Warm-up then cosine over every optimiser step of the run on its most workers (epochs may differ by a
+    step or two; an elastic job on fewer keeps its global batch, so its steps, and the schedule goes on)."""
     accumulation = spec.optim.grad_accumulation
-    per_epoch = [math.ceil(loader.steps_in_epoch(epoch) / accumulation) for epoch in range(spec.optim.epochs)]
+    per_epoch = [math.ceil(loader.steps_in_epoch(epoch, world_size=spec.scaling.max_workers) / accumulation)
+                 for epoch in range(spec.optim.epochs)]
     warmup = spec.optim.warmup_steps
     if warmup is None:
         warmup = round(spec.optim.warmup_epochs * per_epoch[0])
@@ -247,11 +262,11 @@ def _unsent(directory: Path) -> list[dict] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _restore(directory: Path, strategy: Strategy, ema: WeightEMA | None, rank: int) -> Progress:
+def _restore(directory: Path, strategy: Strategy, ema: WeightEMA | None, rank: int, world_size: int) -> Progress:
     strategy.load(directory)
     if ema is not None:
         ema.load_state_dict(torch.load(directory / EMA_FILE, map_location="cpu", weights_only=True))
-    return load_progress(directory, rank=rank)
+    return load_progress(directory, rank=rank, world_size=world_size)
 
 
 def _fold(sums: torch.Tensor, tally: EpochTally) -> None:
@@ -287,15 +302,21 @@ class _EpochTrainer:
         self.train_seconds = 0.0
         self.confusion: torch.Tensor | None = None  # of the last evaluation: [true class, predicted class]
         self.epochs_logged = 0  # epochs already in the MLflow run
+        self.guard = PreemptionGuard(rank, device)
 
     def _loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return weighted_loss(logits, batch, self.spec.optim.label_smoothing)
 
     def train_epoch(self, loader: ShardLoader, progress: Progress) -> None:
         spec = self.spec
-        loader.load_state_dict({"epoch": progress.epoch, "step": progress.step})
-        steps = loader.steps_per_epoch
+        loader.load_state_dict({**(progress.loader or {}), "epoch": progress.epoch, "step": progress.step})
+        steps, start = loader.steps_per_epoch, loader.phase_start
+        # Micro-steps count from the start of the loader's phase (a change of world size), where an optimiser
+        # step ended; on fewer workers than its most, an elastic job accumulates more of them per step.
+        accumulation = self.strategy.accumulation
         every = spec.checkpoint.every_steps
+        if every is not None:
+            every = every // spec.optim.grad_accumulation * accumulation
         log_every = max(1, steps // PROGRESS_LINES_PER_EPOCH)
         metrics_every = self.job.tracking.metrics_every_steps
         self.strategy.module.train()
@@ -307,7 +328,7 @@ class _EpochTrainer:
         window_samples = 0
         for batch in loader:
             step = progress.step + 1
-            sync = step % spec.optim.grad_accumulation == 0 or step == steps
+            sync = (step - start) % accumulation == 0 or step == steps
             batch, loss_fn = batch.to(self.device, memory_format=self.memory_format), self._loss
             if self.distiller is not None:
                 batch, loss_fn, teacher_hits = self.distiller.prepare(batch, self.strategy.module, self._loss)
@@ -335,16 +356,26 @@ class _EpochTrainer:
                 window_started, window_samples = now, 0
             if self.sample_log is not None:
                 self.sample_log.write(json.dumps({"epoch": progress.epoch, "step": step, "rank": self.rank,
-                                                  "pid": os.getpid(), "keys": batch.real_keys()}) + "\n")
+                                                  "pid": os.getpid(), "time": time.time(),
+                                                  "keys": batch.real_keys()}) + "\n")
                 self.sample_log.flush()
             if self.rank == 0 and (step % log_every == 0 or step == steps):
                 log.info("epoch %d step %d/%d  loss %.4f  lr %.2e  %.1f img/s", progress.epoch, step, steps,
                          loss.item() * batch.weights.numel() / max(real, 1), self.schedule(progress.optimizer_steps),
                          real * self.world_size / (time.perf_counter() - step_started))
-            if every is not None and step % every == 0 and step < steps:
+            action = self.guard.at_optimizer_step() if sync and step < steps else Action.TRAIN
+            due = every is not None and (step - start) % every == 0 and step < steps
+            if action is not Action.TRAIN or due:
+                if action is Action.CHECKPOINT and self.logger is not None:
+                    self.logger.log_metrics({"preemption_notices": self.guard.notices}, step=progress.optimizer_steps)
                 _fold(sums, progress.tally)
                 self.train_seconds += time.perf_counter() - started
+                progress.loader = loader.state_dict()
+                checkpoint_started = time.perf_counter()
                 self.report({"epoch": progress.epoch, "step": step}, progress, with_checkpoint=True)
+                self.guard.checkpointed(time.perf_counter() - checkpoint_started)
+                if action is Action.CHECKPOINT_AND_HOLD:
+                    self.guard.hold()
                 started = time.perf_counter()
             step_started = time.perf_counter()
         _fold(sums, progress.tally)

@@ -106,9 +106,9 @@ class DDP(Strategy):
             module = module.to(memory_format=torch.channels_last)
         self.module, self.device = module, device
         self.dtype = DTYPES[spec.precision.dtype]
-        self.accumulation = spec.optim.grad_accumulation
+        self.accumulation = spec.accumulation_at(_world_size())
         self.clip = spec.optim.grad_clip_norm
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        distributed = _world_size() > 1
         # Gradients as views of DDP's buckets (laid out like the weights when DDP is built): no copy into them.
         self.model = (nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
                                                           gradient_as_bucket_view=True)
@@ -150,13 +150,15 @@ class DDP(Strategy):
         self.scaler.load_state_dict(state["scaler"])
 
 
-def deepspeed_config(spec: TrainingSpec) -> dict[str, Any]:
-    """The DeepSpeed config for a spec: generated from its sections, then the expert override merged in."""
+def deepspeed_config(spec: TrainingSpec, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for a spec on `world_size` workers: generated from its sections, then the expert
+    override merged in."""
     assert isinstance(spec.strategy, DeepSpeedStrategy)
+    accumulation = spec.accumulation_at(world_size)
     generated = {
         "train_micro_batch_size_per_gpu": spec.data.batch_size,
-        "gradient_accumulation_steps": spec.optim.grad_accumulation,
-        "train_batch_size": spec.global_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": spec.data.batch_size * world_size * accumulation,
         # The loop decides which micro-step ends an accumulation (and flushes a partial one at the end of an
         # epoch), exactly as with DDP.
         "managed_gradient_accumulation": False,
@@ -194,8 +196,8 @@ class DeepSpeed(Strategy):
             _skip_shared_memory_all_reduce()
         self.device = device
         self.dtype = DTYPES[spec.precision.dtype]
-        self.accumulation = spec.optim.grad_accumulation
-        self.config = deepspeed_config(spec)
+        self.accumulation = spec.accumulation_at(_world_size())
+        self.config = deepspeed_config(spec, _world_size())
         if spec.strategy.zero_stage == 3:
             _declare_borrowed_parameters(module)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -231,6 +233,10 @@ class DeepSpeed(Strategy):
     def load(self, directory: Path) -> None:
         self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _declare_borrowed_parameters(module: nn.Module) -> None:

@@ -49,12 +49,15 @@ def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: s
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=scaling.worker_resources),
+        scaling_config=ScalingConfig(
+            num_workers=(scaling.min_workers, scaling.max_workers) if scaling.elastic else scaling.max_workers,
+            use_gpu=scaling.use_gpu, resources_per_worker=scaling.worker_resources,
+            elastic_resize_monitor_interval_s=scaling.grow_check_s),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=spec.name, storage_path=storage_path(storage), storage_filesystem=s3.filesystem(),
-            failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+            failure_config=FailureConfig(max_failures=spec.failure.max_failures,
+                                         max_preemption_failures=spec.failure.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             worker_runtime_env={"env_vars": worker_env(spec)}, callbacks=list(callbacks),
         ),

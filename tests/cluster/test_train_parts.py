@@ -123,13 +123,23 @@ def test_deepspeed_config_comes_from_the_spec_with_the_expert_override_merged() 
                                                                              "steps_per_print": 10}},
                  precision={"dtype": "bf16"}, optim={"grad_accumulation": 2, "grad_clip_norm": 1.0},
                  scaling={"num_workers": 4}, data={**DATA, "batch_size": 8})
-    config = deepspeed_config(spec)
+    config = deepspeed_config(spec, 4)
     assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
             config["train_batch_size"]) == (8, 2, 64)
     assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
     assert config["data_types"] == {"buffer_dtype": "bf16"} and config["gradient_clipping"] == 1.0
     assert config["steps_per_print"] == 10
+
+
+def test_an_elastic_job_keeps_its_global_batch_on_fewer_workers_by_accumulating_more() -> None:
+    spec = _spec(optim={"grad_accumulation": 2}, scaling={"num_workers": {"min": 1, "max": 3}},
+                 data={**DATA, "batch_size": 8})
+    assert spec.global_batch == 48 and [spec.accumulation_at(w) for w in (3, 2, 1)] == [2, 3, 6]  # 48 each
+    assert _spec(scaling={"num_workers": {"min": 2, "max": 4}}).accumulation_at(3) == 2  # 2 × 3 = 6 ≥ 4: next larger
+    fixed = _spec(strategy={"name": "deepspeed"}, optim={"grad_accumulation": 2}, scaling={"num_workers": 3},
+                  data={**DATA, "batch_size": 8})
+    assert deepspeed_config(fixed, 3)["train_batch_size"] == 48
 
 
 def test_efficientnet_from_torchvision_weights_gets_a_new_head_and_frozen_stages(tmp_path: Path) -> None:
@@ -180,10 +190,20 @@ def test_progress_round_trip_restores_each_ranks_random_state(tmp_path: Path) ->
     save_progress(tmp_path, progress, rank=0, spec_json='{"name": "unit"}')
     expected = (torch.rand(3), random.random())
     torch.manual_seed(0)
-    restored = load_progress(tmp_path, rank=0)
+    restored = load_progress(tmp_path, rank=0, world_size=1)
     assert (torch.rand(3).tolist(), random.random()) == (expected[0].tolist(), expected[1])
     assert restored.state() == progress.state() and restored.tally == progress.tally
     assert restored.name == "epoch0002-step0000017" and math.isclose(restored.tally.loss_sum, 99.5)
+
+
+def test_resumed_on_fewer_or_more_ranks_the_epochs_tallies_stay_whole(tmp_path: Path) -> None:
+    for rank in range(3):  # three ranks wrote the checkpoint
+        save_progress(tmp_path, Progress(epoch=1, step=8, tally=EpochTally(samples=10 + rank, loss_sum=1.0),
+                                         world_size=3), rank=rank, spec_json='{"name": "unit"}')
+    two = [load_progress(tmp_path, rank=rank, world_size=2).tally for rank in range(2)]
+    assert [t.samples for t in two] == [10 + 12, 11] and sum(t.loss_sum for t in two) == 3.0
+    four = [load_progress(tmp_path, rank=rank, world_size=4) for rank in range(4)]
+    assert [p.tally.samples for p in four] == [10, 11, 12, 0] and four[0].world_size == 3
 
 
 def test_deepspeed_on_cpu_starts_without_building_its_shared_memory_op(tmp_path: Path,
@@ -228,16 +248,18 @@ def test_a_run_ends_at_a_checkpoint_every_rank_uploaded_even_when_ray_never_regi
     from pyarrow.fs import LocalFileSystem
 
     filesystem, run = LocalFileSystem(), str(tmp_path)
-    for name, ranks in (("epoch0000-step0000040", 2), ("epoch0001-step0000000", 2), ("epoch0001-step0000010", 1)):
+    # (An elastic job: its world was 3 workers, then 2.)
+    for name, ranks, world in (("epoch0000-step0000040", 3, 3), ("epoch0001-step0000000", 2, 2),
+                               ("epoch0001-step0000010", 1, 2)):
         (tmp_path / name).mkdir()
         for rank in range(ranks):
-            (tmp_path / name / upload_marker(rank, 2)).touch()
+            (tmp_path / name / upload_marker(rank, world)).touch()
     registered = f"{run}/epoch0000-step0000040"
 
-    final = latest_checkpoint(filesystem, run, registered, world_size=2)
+    final = latest_checkpoint(filesystem, run, registered)
     assert final == f"{run}/epoch0001-step0000000"  # the newest one half uploaded is not a checkpoint
-    assert latest_checkpoint(filesystem, run, None, world_size=2) == final
-    assert latest_checkpoint(filesystem, run, f"{run}/epoch0001-step0000010", world_size=2).endswith("step0000010")
+    assert latest_checkpoint(filesystem, run, None) == final
+    assert latest_checkpoint(filesystem, run, f"{run}/epoch0001-step0000010").endswith("step0000010")
     assert remove_unregistered(filesystem, run, [registered, final]) == ["epoch0001-step0000010"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch0000-step0000040", "epoch0001-step0000000"]
 
@@ -246,7 +268,7 @@ def test_every_deepspeed_key_generated_from_the_spec_is_refused_in_the_override(
     # The refusal table in config.py and the generator in strategy.py must not drift apart.
     tunable = {"zero_allow_untested_optimizer", "steps_per_print", "wall_clock_breakdown"}
     generated = set()
-    for key, value in deepspeed_config(_spec(strategy={"name": "deepspeed"}, precision={"dtype": "bf16"})).items():
+    for key, value in deepspeed_config(_spec(strategy={"name": "deepspeed"}, precision={"dtype": "bf16"}), 2).items():
         if key not in tunable:
             generated |= {(key, inner) for inner in value} if isinstance(value, dict) else {(key,)}
     assert generated <= set(DEEPSPEED_KEYS_FROM_THE_SPEC), generated - set(DEEPSPEED_KEYS_FROM_THE_SPEC)

@@ -89,7 +89,7 @@ def experiment_path(spec: dict) -> str:
 
 def latest_uploaded(s3: S3Access, spec: dict) -> tuple[int, int]:
     """(epoch, step) of the newest checkpoint every rank has uploaded (what a restart resumes from)."""
-    path = newest_uploaded(s3.filesystem(), experiment_path(spec), spec["scaling"]["num_workers"])
+    path = newest_uploaded(s3.filesystem(), experiment_path(spec))
     return _point(path.rsplit("/", 1)[1]) if path else (-1, -1)
 
 
@@ -113,18 +113,32 @@ def split_keys(manifest: ShardManifest, s3: S3Access) -> collections.Counter:
                                for s in read_shard(shard, access=s3))
 
 
+GROUP_START_S = 15  # the workers of one group take their first step within this of each other
+
+
 def check_lineage(log: list[dict], expected: collections.Counter, epochs: int) -> dict[int, int]:
-    """Every epoch's lineage trains each sample once; returns the steps each rank ran more than once."""
-    lineage: dict[tuple[int, int, int], list[str]] = {}
-    runs = collections.Counter()
-    for record in log:
-        place = (record["epoch"], record["step"], record["rank"])
-        runs[place] += 1
-        lineage[place] = record["keys"]  # the last run of a step is the one the model kept
+    """Every epoch's lineage trains each sample once; returns the steps each rank ran more than once.
+
+    A restarted worker group (new pids, perhaps another number of them) resumes after its checkpoint: what
+    an earlier group trained from that point on was lost with it, whichever ranks it had."""
+    first: dict[int, tuple] = {}  # pid → (epoch, step, time) of its first step
+    for record in sorted(log, key=lambda r: r["time"]):
+        first.setdefault(record["pid"], (record["epoch"], record["step"], record["time"]))
+    groups: list[tuple[tuple, float, set[int]]] = []  # (where it started, when, pids), in the order they started
+    for pid, (epoch, step, started) in sorted(first.items(), key=lambda item: item[1][2]):
+        if groups and groups[-1][0] == (epoch, step) and started - groups[-1][1] < GROUP_START_S:
+            groups[-1][2].add(pid)
+        else:
+            groups.append(((epoch, step), started, {pid}))
+    kept = []
+    for index, (_, _, pids) in enumerate(groups):
+        until = groups[index + 1][0] if index + 1 < len(groups) else (epochs, 0)
+        kept += [r for r in log if r["pid"] in pids and (r["epoch"], r["step"]) < until]
     for epoch in range(epochs):
-        trained = collections.Counter(k for (e, _, _), keys in lineage.items() if e == epoch for k in keys)
+        trained = collections.Counter(k for r in kept if r["epoch"] == epoch for k in r["keys"])
         assert trained == expected, (f"epoch {epoch}: lost {sorted(expected - trained)[:5]}, "
                                      f"twice {sorted(k for k, n in trained.items() if n > 1)[:5]}")
+    runs = collections.Counter((r["epoch"], r["step"], r["rank"]) for r in log)
     redone = collections.Counter()
     for (_, _, rank), count in runs.items():
         redone[rank] += count - 1

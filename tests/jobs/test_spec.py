@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from cluster.data.loader import plan_epoch
 from cluster.data.manifest import ShardInfo
 from compound.cli import cli
-from jobs.spec import MAX_SPEC_BYTES, JobSpec, SpecError, load_job_spec, load_sweep_spec
+from jobs.spec import MAX_SPEC_BYTES, JobSpec, SpecError, dump_spec, load_job_spec, load_sweep_spec
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "jobs" / "examples").glob("*.yaml"))
 SWEEP_EXAMPLES = [path for path in EXAMPLES if path.stem.endswith("-sweep")]
@@ -61,6 +61,16 @@ def test_peak_lr_scales_with_the_global_batch() -> None:
     spec = JobSpec.model_validate({**MINIMAL, "optim": {"lr": 0.1, "lr_reference_batch": 256, "grad_accumulation": 2},
                                    "data": {**MINIMAL["data"], "batch_size": 64}, "scaling": {"num_workers": 4}})
     assert spec.global_batch == 512 and spec.peak_lr == pytest.approx(0.2)
+
+
+def test_an_elastic_job_counts_its_batch_and_its_steps_on_its_most_workers() -> None:
+    spec = JobSpec.model_validate({**MINIMAL, "scaling": {"num_workers": {"min": 2, "max": 4}},
+                                   "data": {**MINIMAL["data"], "batch_size": 8}})
+    assert (spec.scaling.elastic, spec.scaling.min_workers, spec.scaling.max_workers) == (True, 2, 4)
+    assert spec.global_batch == 32 and spec.steps_per_epoch(320) == 10
+    assert JobSpec.model_validate(yaml.safe_load(dump_spec(spec))) == spec  # what `validate` prints reads back
+    fixed = JobSpec.model_validate({**MINIMAL, "scaling": {"num_workers": 3}}).scaling
+    assert (fixed.elastic, fixed.min_workers, fixed.max_workers) == (False, 3, 3)
 
 
 @pytest.mark.parametrize(("samples", "workers", "loader_workers", "batch_size", "accumulation"), [

@@ -1,0 +1,68 @@
+"""An elastic job on a cluster that changes under it: three one-CPU Ray nodes beside the stack's head, one
+drained as a spot reclaim would, brought back, and another killed without notice."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from cluster.data.manifest import ShardManifest
+from cluster.storage import S3Access
+from infra.settings import Settings
+from infra.stack import NODE_PREFIX, Stack
+from tests.jobs.helpers import check_lineage, make_spec, reached, sample_log, split_keys, submit, wait_for
+
+NODES = ("elastic-1", "elastic-2", "elastic-3", "elastic-4")  # the fourth replaces the third
+DRAIN_DEADLINE_S = 20
+NODE_RESOURCE = "elastic-node"  # only the drill's nodes have it: the workers run there, not on the head
+
+
+def test_an_elastic_job_checkpoints_on_a_drain_notice_shrinks_grows_and_survives_a_kill_training_each_sample_once(
+        stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path) -> None:
+    # Two micro-batches a step on 3 workers: 3 on 2 keep the global batch of 96 exactly.
+    spec_path, _ = make_spec(
+        tmp_path, model={"resolution": 32}, optim={"epochs": 4, "grad_accumulation": 2},
+        checkpoint={"every_steps": 6}, data={"batch_size": 16, "loader_workers": 0},
+        scaling={"num_workers": {"min": 2, "max": 3}, "cpus_per_worker": 1,
+                 "resources_per_worker": {NODE_RESOURCE: 1}, "grow_check_s": 5})
+    try:
+        for node in NODES[:3]:
+            stack.add_node(node, num_cpus=1, resources={NODE_RESOURCE: 1})
+        job = submit(spec_path, stack, settings)
+        wait_for(reached(tmp_path, epoch=0, step=4), "training on 3 workers", job)
+        assert {r["rank"] for r in sample_log(tmp_path)} == {0, 1, 2}
+
+        # A drain notice: the job checkpoints at once, trains on while the deadline leaves room, checkpoints as
+        # late as it allows and waits; the restart on the 2 nodes left redoes at most the step under way.
+        first_group = {r["pid"] for r in sample_log(tmp_path)}
+        deadline = time.monotonic() + DRAIN_DEADLINE_S
+        stack.drain_node(NODES[2], deadline_s=DRAIN_DEADLINE_S)
+        wait_for(lambda: "checkpointing now" in job.logs(), "a checkpoint on the drain notice", job, timeout_s=60)
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        stack.stop_service(NODE_PREFIX + NODES[2], grace_s=0)  # reclaimed at its deadline
+        wait_for(lambda: "2 workers now, 3 before" in job.logs(), "the job on 2 workers", job, timeout_s=240)
+        assert "global batch of 96 (the spec's 96)" in job.logs()
+        wait_for(lambda: any(r["pid"] not in first_group for r in sample_log(tmp_path)), "steps on 2 workers", job)
+        log = sample_log(tmp_path)
+        last = max((r["epoch"], r["step"]) for r in log if r["pid"] in first_group)
+        resumed = min((r["epoch"], r["step"]) for r in log if r["pid"] not in first_group)
+        assert last[0] == resumed[0] and last[1] - (resumed[1] - 1) <= 2, (last, resumed)  # ≤ 1 optimiser step lost
+
+        # A node in its place: the job grows to 3 again.
+        before = {r["pid"] for r in sample_log(tmp_path)}
+        stack.add_node(NODES[3], num_cpus=1, resources={NODE_RESOURCE: 1})
+        wait_for(lambda: len([r for r in sample_log(tmp_path) if r["pid"] not in before and r["rank"] == 2]) >= 2,
+                 "two steps on 3 workers again", job, timeout_s=180)
+        assert "3 workers now, 2 before" in job.logs()
+
+        # A node killed without notice: the job resumes from its last checkpoint on the 2 left.
+        stack.stop_service(NODE_PREFIX + NODES[1], grace_s=0)
+        wait_for(lambda: job.logs().count("2 workers now, 3 before") >= 2, "the job on 2 workers again", job,
+                 timeout_s=180)
+        assert job.wait() == "SUCCEEDED", job.logs()[-6000:]
+    finally:
+        for node in stack.nodes():  # the session's other tests count on the head alone
+            stack.stop_service(node, grace_s=0)
+
+    check_lineage(sample_log(tmp_path), split_keys(digits, s3), epochs=4)  # every sample once, each epoch
+    assert "Source: preemption" in job.logs()  # counted apart from max_failures
