@@ -86,8 +86,10 @@ def one_round(stack, settings, model: str, folder: Path) -> dict[str, float]:
         stack.add_node(node, num_cpus=1, resources={NODE_RESOURCE: 1})
     try:
         submitted = time.time()
-        subprocess.run([COMPOUND, "job", "submit", str(spec_path), "--home", str(stack.home)], check=True,
-                       env=stack_env(), capture_output=True)
+        done = subprocess.run([COMPOUND, "job", "submit", str(spec_path), "--home", str(stack.home)], check=False,
+                              env=stack_env(), capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"compound job submit {name} exited {done.returncode}: {done.stderr[-2000:]}")
         first = _wait(lambda: min((r["time"] for r in _records(folder)), default=None), "the first step")
         _wait(lambda: max((r["step"] for r in _records(folder)), default=0) >= 3, "a few steps")
         before = newest_uploaded(filesystem, experiment)
