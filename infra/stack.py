@@ -426,11 +426,7 @@ class Stack:
                  timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         """Start one more Ray node on this machine, `name` in the cluster, and wait until the head has it.
         Stopped with `stop_service(NODE_PREFIX + name)` (drained, or killed with grace_s=0) and by `down`."""
-        ports, settings = self.saved_ports(), None
-        if ports is None or self._process("ray") is None:
-            raise StackError("the stack's Ray head is not running: `compound up` first")
-        settings = self.settings_for(ports)
-        address = f"{HOST}:{ports.ray}"
+        address, settings = self._running_head()
         service = Service(
             name=NODE_PREFIX + name,
             command=[sys.executable, "-m", "infra.ray_node", "start", f"--address={address}", "--block",
@@ -445,15 +441,21 @@ class Stack:
 
     def drain_node(self, name: str, *, deadline_s: float) -> None:
         """Tell the cluster that node `name` goes in `deadline_s`, as a spot reclaim would (Ray's drain)."""
-        ports = self.saved_ports()
-        assert ports is not None
-        self._node_command("drain", f"{HOST}:{ports.ray}", name, str(deadline_s), settings=self.settings_for(ports))
+        address, settings = self._running_head()
+        self._node_command("drain", address, name, str(deadline_s), settings=settings)
 
     def nodes(self) -> list[str]:
         """The service names of the extra Ray nodes running."""
         run = self.home / "run"
         names = [path.stem for path in run.glob(f"{NODE_PREFIX}*.pid")] if run.is_dir() else []
         return sorted(name for name in names if self._process(name) is not None)
+
+    def _running_head(self) -> tuple[str, Settings]:
+        """The Ray head's GCS address and the stack's settings; `StackError` if the head is not running."""
+        ports = self.saved_ports()
+        if ports is None or self._process("ray") is None:
+            raise StackError("the stack's Ray head is not running: `compound up` first")
+        return f"{HOST}:{ports.ray}", self.settings_for(ports)
 
     def _node_command(self, *args: str, settings: Settings) -> None:
         result = subprocess.run([sys.executable, "-m", "infra.ray_node", *args], capture_output=True, text=True,
