@@ -74,8 +74,10 @@ NODE_PREFIX = "ray-node-"  # the service name of an extra Ray node (`Stack.add_n
 # by default: seconds at every start and finish of a job (a smoke job, measured: 54 s → 46 s at 0.5).
 # A worker group placed on a node that just joined waits for its first Python worker there (a minute and more
 # on two busy cores): Ray Train's 60 s start-up limit would shrink an elastic job back instead of growing it.
+# Ray Train asks for drained nodes every 5 s by default: a fifth of a short drain deadline gone before a job
+# hears of it (the drills drain with 20 s).
 RAY_HEAD_ENV = {"RAY_worker_niceness": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180"}
+                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
 # `weed mini` otherwise allows as many volumes as the disk has free GiB at its start, one per bucket at
 # least: on a disk with a few GiB free, the checkpoints bucket found no volume to grow into once its first
 # filled, and every write failed with S3's InternalError (CI, 18 min into `make test`). Volumes are

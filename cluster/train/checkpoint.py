@@ -73,14 +73,16 @@ class Progress:
     history: list[dict] = field(default_factory=list)  # the metrics of every finished epoch
     world_size: int = 1  # of the worker group that reached this point
     loader: dict | None = None  # the training loader's state mid-epoch (its plan after a change of world size)
+    goodput: dict | None = None  # the job's `GoodputLedger` as of this point
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "optimizer_steps": self.optimizer_steps,
-                "history": self.history, "world_size": self.world_size, "loader": self.loader}
+                "history": self.history, "world_size": self.world_size, "loader": self.loader,
+                "goodput": self.goodput}
 
     def next_epoch(self) -> Progress:
         return Progress(epoch=self.epoch + 1, optimizer_steps=self.optimizer_steps, history=self.history,
-                        world_size=self.world_size)
+                        world_size=self.world_size, goodput=self.goodput)
 
     @property
     def name(self) -> str:
@@ -113,7 +115,8 @@ def load_progress(directory: Path, *, rank: int, world_size: int) -> Progress:
         raise ValueError(f"{directory} is not a compound training checkpoint (format {record.get('format')!r})")
     saved_world = record.get("world_size", world_size)
     progress = Progress(epoch=record["epoch"], step=record["step"], optimizer_steps=record["optimizer_steps"],
-                        history=record["history"], world_size=saved_world, loader=record.get("loader"))
+                        history=record["history"], world_size=saved_world, loader=record.get("loader"),
+                        goodput=record.get("goodput"))
     for old_rank in range(rank, saved_world, world_size):
         if not (path := directory / f"rank-{old_rank}.pt").is_file():
             continue

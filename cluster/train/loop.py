@@ -24,6 +24,9 @@ An elastic job (`scaling.num_workers: {min, max}`) may restart on another number
 re-plans the rest of the epoch over them, and each optimiser step accumulates as many micro-batches as keep
 the global batch (`TrainingSpec.accumulation_at`); the LR schedule counts steps on the most workers, so it
 goes on where it was.
+
+Every checkpoint carries the job's goodput ledger (`cluster.train.goodput`), and rank 0 logs it with the
+world size: MLflow shows `goodput`, `world_size`, `preemptions`, and per restart `restarts` and `restart_lost_s`.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from cluster.train.distill import (
     student_state,
     teacher_url,
 )
+from cluster.train.goodput import GoodputClock
 from cluster.train.models import build_model, count_parameters
 from cluster.train.preemption import Action, PreemptionGuard
 from cluster.train.schedule import LrSchedule
@@ -101,6 +105,7 @@ class WorkerJob:
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
+    started_at = time.time()
     job: WorkerJob = config["job"]
     spec = job.spec
     _log_to_stderr()
@@ -146,7 +151,9 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and job.run is not None:
         logger = RunLogger(job.run, pending=pending, system_metrics=job.tracking.system_metrics)
         log.info("MLflow run: %s", job.run.url)
-    trainer = _EpochTrainer(job, strategy, ema, schedule, rank, world_size, device, logger, distiller,
+    clock = GoodputClock(progress.goodput, started_at=started_at, world_size=world_size, world_before=before,
+                         resumed=checkpoint is not None)
+    trainer = _EpochTrainer(job, strategy, ema, schedule, clock, rank, world_size, device, logger, distiller,
                             calibration_loader)
     if logger is not None:  # an epoch logged before the restart is redone, not logged again
         trainer.epochs_logged = logger.last_step(EPOCH_METRIC)
@@ -291,11 +298,11 @@ class _EpochTrainer:
     """The steps of one epoch, the end-of-epoch evaluation, and reports."""
 
     def __init__(self, job: WorkerJob, strategy: Strategy, ema: WeightEMA | None, schedule: LrSchedule,
-                 rank: int, world_size: int, device: torch.device, logger: RunLogger | None,
+                 clock: GoodputClock, rank: int, world_size: int, device: torch.device, logger: RunLogger | None,
                  distiller: Distiller | None = None, calibration: ShardLoader | None = None) -> None:
         self.job, self.spec, self.logger, self.distiller = job, job.spec, logger, distiller
         self.calibration = calibration
-        self.strategy, self.ema, self.schedule = strategy, ema, schedule
+        self.strategy, self.ema, self.schedule, self.clock = strategy, ema, schedule, clock
         self.rank, self.world_size, self.device = rank, world_size, device
         self.memory_format = torch.channels_last if self.spec.precision.channels_last else torch.contiguous_format
         self.sample_log = _open_sample_log(self.spec.data.sample_log, rank)
@@ -341,6 +348,8 @@ class _EpochTrainer:
                 if self.ema is not None:
                     self.ema.update(self.strategy.module)
             progress.step = step
+            if not self.clock.stepping:
+                self._first_step_done(progress, time.perf_counter() - step_started)
             real = batch.real_samples
             progress.tally.samples += real
             progress.tally.bad_samples += len(batch.bad_keys)
@@ -366,8 +375,8 @@ class _EpochTrainer:
             action = self.guard.at_optimizer_step() if sync and step < steps else Action.TRAIN
             due = every is not None and (step - start) % every == 0 and step < steps
             if action is not Action.TRAIN or due:
-                if action is Action.CHECKPOINT and self.logger is not None:
-                    self.logger.log_metrics({"preemption_notices": self.guard.notices}, step=progress.optimizer_steps)
+                if action is Action.CHECKPOINT:
+                    self.clock.ledger.preemptions += 1
                 _fold(sums, progress.tally)
                 self.train_seconds += time.perf_counter() - started
                 progress.loader = loader.state_dict()
@@ -375,11 +384,24 @@ class _EpochTrainer:
                 self.report({"epoch": progress.epoch, "step": step}, progress, with_checkpoint=True)
                 self.guard.checkpointed(time.perf_counter() - checkpoint_started)
                 if action is Action.CHECKPOINT_AND_HOLD:
+                    held = time.perf_counter()
                     self.guard.hold()
+                    self.clock.overhead(time.perf_counter() - held)
                 started = time.perf_counter()
             step_started = time.perf_counter()
         _fold(sums, progress.tally)
         self.train_seconds += time.perf_counter() - started
+
+    def _first_step_done(self, progress: Progress, step_s: float) -> None:
+        lost = self.clock.first_step_done(step_s)
+        if lost is None or self.rank != 0:
+            return
+        ledger = self.clock.ledger
+        log.info("restart %d: %.1f s lost, from the checkpoint it resumed from to its first step", ledger.restarts,
+                 lost)
+        if self.logger is not None:
+            self.logger.log_metrics({"restarts": ledger.restarts, "restart_lost_s": lost},
+                                    step=progress.optimizer_steps)
 
     def finish_epoch(self, val_loader: ShardLoader, progress: Progress) -> dict[str, float]:
         """All-reduce the epoch's tallies and evaluate; the metrics rank 0 reports."""
@@ -488,6 +510,12 @@ class _EpochTrainer:
         if not with_checkpoint:
             ray.train.report(metrics)
             return
+        started = time.perf_counter()
+        ledger = self.clock.close_books()
+        progress.goodput = ledger.state()
+        if self.logger is not None:
+            self.logger.log_metrics({"goodput": ledger.goodput, "world_size": self.world_size,
+                                     "preemptions": ledger.preemptions}, step=progress.optimizer_steps)
         directory = new_checkpoint_dir()
         self.strategy.save(directory, rank=self.rank)
         save_progress(directory, progress, rank=self.rank, spec_json=self.job.spec_json,
@@ -503,6 +531,7 @@ class _EpochTrainer:
             checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
             checkpoint_upload_fn=upload_with_retries(self.job.s3.retry_window_s),
         )
+        self.clock.overhead(time.perf_counter() - started)
 
     def _save_weights(self, directory: Path) -> None:
         """The weights alone, as a file any later stage can load (every rank joins a ZeRO-3 gather)."""

@@ -33,7 +33,6 @@ class PreemptionGuard:
     def __init__(self, rank: int, device: torch.device) -> None:
         self.rank, self.device = rank, device
         self.notice = None  # the notice acted on (ray.train.PreemptionInfo)
-        self.notices = 0
         self.step_s = 0.0  # a step's time, estimated
         self.checkpoint_s = 0.0  # the last checkpoint's time
         self._last: float | None = None
@@ -52,7 +51,7 @@ class PreemptionGuard:
         if notice is None:
             return Action.TRAIN
         if notice != self.notice:
-            self.notice, self.notices, self._held = notice, self.notices + 1, False
+            self.notice, self._held = notice, False
             if self.rank == 0:
                 deadline = f"at {time.strftime('%H:%M:%S', time.localtime(notice.deadline_ms / 1000))}" \
                     if notice.deadline_ms else "without a deadline"

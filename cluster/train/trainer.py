@@ -1,4 +1,4 @@
-"""A Ray Train `TorchTrainer` for a resolved training spec.
+"""A Ray Train `TorchTrainer` for a resolved training spec (elastic jobs size themselves as `scaling` says).
 
 The run is named after the job and stores its checkpoints under `<storage>/<job name>/` on S3
 through a pyarrow filesystem. Launching the same job again (same name, same storage) after its
@@ -41,12 +41,14 @@ def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: s
                  dataset_ids: dict[str, str], run: RunRef | None = None,
                  tracking: TrackingSpec | None = None, callbacks: Sequence = ()):  # -> TorchTrainer
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from cluster.train.scaling import ElasticTorchTrainer
 
     scaling = spec.scaling
     job = WorkerJob(spec=spec, s3=s3, spec_json=spec_json, threads_per_worker=threads_per_worker(spec),
                     dataset_ids=dataset_ids, run=run, tracking=tracking or TrackingSpec())
-    return TorchTrainer(
+    return ElasticTorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(
