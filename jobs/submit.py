@@ -108,6 +108,9 @@ class Queued:
     name: str
 
 
+MAX_NODES_LISTED = 10_000  # the most Ray's state API answers with; the dead nodes it remembers count too
+
+
 class JobsClient:
     """The Ray Jobs API of one cluster, seen as compound jobs (Ray jobs with compound metadata)."""
 
@@ -175,8 +178,10 @@ class JobsClient:
         """The total resources of every alive node."""
         from ray.util.state import list_nodes
 
-        nodes = list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], detail=True)
-        return [dict(node.resources_total) for node in nodes]
+        # Every node, dead ones too, filtered here: with a state filter Ray compares the alive nodes it returns
+        # with all it has ever had, and calls a cluster that lost a node a truncated answer (an exception).
+        nodes = list_nodes(address=self.address, detail=True, limit=MAX_NODES_LISTED)
+        return [dict(node.resources_total) for node in nodes if node.state == "ALIVE"]
 
 
 def plan_submission(spec_path: Path, settings: Settings, client: JobsClient, *, gcs_address: str | None,

@@ -337,9 +337,10 @@ class TrainingSpec(_Section):
         if every is not None and every % self.optim.grad_accumulation:
             raise ValueError(f"checkpoint.every_steps ({every}) must be a multiple of optim.grad_accumulation "
                              f"({self.optim.grad_accumulation}): checkpoints fall on optimiser steps")
-        if self.scaling.elastic and deepspeed:
-            raise ValueError("an elastic scaling.num_workers needs strategy ddp for now: a DeepSpeed checkpoint holds "
-                             "one shard of the optimiser per worker, and DeepSpeed resumes it only on as many")
+        if self.scaling.elastic and deepspeed and (self.strategy.zero_stage == 3 or self.optim.optimizer != "adamw"):
+            raise ValueError("an elastic scaling.num_workers with DeepSpeed needs zero_stage 1 or 2 and optim.optimizer "
+                             "adamw (a resized job resumes from DeepSpeed's universal checkpoint, which holds those); "
+                             "or use strategy ddp")
         if self.distill is not None and self.distill.features is not None and not self.model.is_efficientnet:
             raise ValueError(f"distill.features needs an EfficientNet student, not {self.model.arch}; "
                              "remove distill.features")

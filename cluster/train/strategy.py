@@ -8,9 +8,12 @@ step from the pure schedule, so neither keeps a scheduler of its own.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import logging
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINING_STATE_FILE = "training.pt"
 DEEPSPEED_TAG = "deepspeed"
+OPTIMIZER_SHARDS = "*_optim_states.pt"  # a DeepSpeed checkpoint's: one per data-parallel rank
 ADAMW_EPS, RMSPROP_EPS = 1e-8, 1e-3  # RMSprop's as in the EfficientNet paper
 
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
@@ -231,8 +235,35 @@ class DeepSpeed(Strategy):
         return self.module.state_dict()
 
     def load(self, directory: Path) -> None:
-        self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                    load_lr_scheduler_states=False)
+        saved_world = len(list((directory / DEEPSPEED_TAG).glob(OPTIMIZER_SHARDS)))
+        if saved_world in (0, _world_size()):
+            self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
+            return
+        # An elastic job on another number of workers: DeepSpeed resumes optimiser shards only on as many ranks
+        # as wrote them, but reads its universal checkpoint (each parameter's state whole) on any number.
+        with tempfile.TemporaryDirectory(prefix="compound-universal-") as universal:
+            _to_universal(directory / DEEPSPEED_TAG, Path(universal) / DEEPSPEED_TAG)
+            self.engine._config.load_universal_checkpoint = True  # read only by load_checkpoint
+            try:
+                self.engine.load_checkpoint(universal, tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
+            finally:
+                self.engine._config.load_universal_checkpoint = False
+        log.info("DeepSpeed state of %d workers resharded over %d", saved_world, _world_size())
+
+
+def _to_universal(checkpoint: Path, universal: Path) -> None:
+    """DeepSpeed's `ds_to_universal`, in this process (the cores this worker was given: no pool of its own).
+    Without tensor or pipeline parallelism the checkpoint needs no layout notes of ours: DeepSpeed's own
+    `inject_missing_state` adds the version record it asks for."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    arguments = argparse.Namespace(input_folder=str(checkpoint), output_folder=str(universal), num_extract_workers=1,
+                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                   inject_missing_state=True)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines
+        ds_to_universal.main(arguments)
 
 
 def _world_size() -> int:

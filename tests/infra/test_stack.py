@@ -32,6 +32,7 @@ from compound.cli import cli
 from infra import seaweed
 from infra.settings import RAY_CLIENT_ENV, Settings, load_settings, write_private
 from infra.stack import GRPC_OFFSET, NODE_PREFIX, Stack, StackError, StackPorts, ephemeral_ports_start
+from jobs.submit import JobsClient
 
 
 def test_s3_put_get_list(settings: Settings) -> None:
@@ -185,6 +186,11 @@ def test_extra_ray_nodes_join_the_head_and_drain_or_die_on_demand(stack: Stack, 
         assert stack.stop_service(f"{NODE_PREFIX}drill-a")  # drained, then gone
         assert stack.stop_service(f"{NODE_PREFIX}drill-b", grace_s=0)  # killed without notice
         assert stack.nodes() == []
+        # What the queue admits by: the head alone once Ray knows the others dead (they are still listed, dead).
+        client, deadline = JobsClient(settings.ray_dashboard_url, settings.ray_token), time.monotonic() + 60
+        while len(capacity := client.capacity()) > 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert [node.get("drill", 0) for node in capacity] == [0]
     finally:
         for node in stack.nodes():  # the session's other tests count on the head alone
             stack.stop_service(node, grace_s=0)
