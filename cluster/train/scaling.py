@@ -7,6 +7,10 @@ new group waits out Ray Train's whole start-up limit for a worker with nowhere t
 smaller. Taking draining and dead nodes out of that view first makes the restart ask for what is there,
 and keeps a growing job off a node that is about to leave.
 
+Growing restarts the group from its latest checkpoint too, whenever Ray sees the room, so it would redo the
+steps since that checkpoint. The policy holds a decision to grow until the workers report a checkpoint (it
+is on storage by then: uploads finish before their report) and grows at that boundary.
+
 Installed through `TorchTrainer._initialize_and_run_controller`, the one place Ray builds its policy
 (Ray is pinned; the trainer test fails if that seam moves).
 """
@@ -15,7 +19,12 @@ from __future__ import annotations
 
 import ray
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+from ray.train.v2._internal.execution.scaling_policy import (
+    ElasticScalingPolicy,
+    NoopDecision,
+    ResizeDecision,
+    ScalingDecision,
+)
 
 
 def leaving_nodes() -> set[str]:
@@ -25,7 +34,33 @@ def leaving_nodes() -> set[str]:
 
 
 class StayingNodesPolicy(ElasticScalingPolicy):
-    """`ElasticScalingPolicy` over the nodes that are neither draining nor dead."""
+    """`ElasticScalingPolicy` over the nodes that are neither draining nor dead, growing at checkpoints."""
+
+    def __init__(self, scaling_config) -> None:
+        super().__init__(scaling_config)
+        self.growth: ResizeDecision | None = None  # held until the next checkpoint
+        self.checkpointed: set[int] = set()  # the ranks that have reported their part of it
+
+    def make_decision_for_non_running_worker_group(self) -> ScalingDecision:
+        self.growth, self.checkpointed = None, set()
+        return super().make_decision_for_non_running_worker_group()
+
+    def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status) -> ScalingDecision:
+        decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
+        if isinstance(decision, ResizeDecision):
+            if decision.num_workers < worker_group_state.num_workers:
+                return decision
+            if self.growth is None:
+                self.checkpointed = set()
+            self.growth = decision
+        if self.growth is None:
+            return NoopDecision()
+        self.checkpointed |= {rank for rank, status in worker_group_status.worker_statuses.items()
+                              if status.training_report is not None and status.training_report.checkpoint is not None}
+        if len(self.checkpointed) < worker_group_state.num_workers:
+            return NoopDecision()
+        decision, self.growth, self.checkpointed = self.growth, None, set()
+        return decision
 
     def _get_reserved_resources(self):
         reserved = super()._get_reserved_resources()

@@ -12,8 +12,9 @@ import torch
 import torch.multiprocessing as mp
 
 from cluster.train.config import TrainingSpec
+from cluster.train.loop import weighted_loss
 from cluster.train.strategy import DEEPSPEED_TAG, OPTIMIZER_SHARDS, make_strategy
-from tests.cluster.test_multi_rank import MICRO_BATCH, _batch, _data, _model, _step
+from tests.cluster.test_multi_rank import MICRO_BATCH, _batch, _data, _model
 
 MOST, ACCUMULATION, LR = 2, 2, 0.01
 
@@ -41,8 +42,6 @@ def _micro_batches(step: int, rank: int, world: int) -> list:
 
 def _step_lr(strategy, parts) -> None:
     for index, (images, labels) in enumerate(parts):
-        from cluster.train.loop import weighted_loss
-
         strategy.micro_step(_batch(images, labels), lambda logits, batch: weighted_loss(logits, batch, 0.0),
                             sync=index == len(parts) - 1)
     strategy.optimizer_step(lr=LR)

@@ -23,13 +23,18 @@ NODE_RESOURCE = "elastic-node"  # only the drill's nodes have it: the workers ru
 
 # Four epochs and three restarts of the worker group on two busy cores: about 5 minutes here, more on a slower
 # machine.
+# ZeRO-2 takes the same path but for its checkpoint, resharded by DeepSpeed's universal checkpoint on a resize
+# (tests/cluster/test_zero_resize.py checks the numbers): its drill runs with `make test-all`.
 @pytest.mark.timeout(1200)
+@pytest.mark.parametrize("strategy", [pytest.param({"name": "ddp"}, id="ddp"),
+                                      pytest.param({"name": "deepspeed", "zero_stage": 2}, id="zero2",
+                                                   marks=pytest.mark.slow)])
 def test_an_elastic_job_checkpoints_on_a_drain_notice_shrinks_grows_and_survives_a_kill_training_each_sample_once(
-        stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path) -> None:
+        stack: Stack, settings: Settings, s3: S3Access, digits: ShardManifest, tmp_path: Path, strategy: dict) -> None:
     # Two micro-batches a step on 3 workers: 3 on 2 keep the global batch of 96 exactly.
     spec_path, spec = make_spec(
         tmp_path, model={"resolution": 32}, optim={"epochs": 4, "grad_accumulation": 2},
-        checkpoint={"every_steps": 6}, data={"batch_size": 16, "loader_workers": 0},
+        checkpoint={"every_steps": 6}, data={"batch_size": 16, "loader_workers": 0}, strategy=strategy,
         scaling={"num_workers": {"min": 2, "max": 3}, "cpus_per_worker": 1,
                  "resources_per_worker": {NODE_RESOURCE: 1}, "grow_check_s": 5})
     try:
