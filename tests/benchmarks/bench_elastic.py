@@ -96,9 +96,9 @@ def _stop(stack, name: str) -> None:
         stack.stop_service(node, grace_s=0)
 
 
-def goodput_run(stack, settings, folder: Path, *, minutes: float, losses: bool) -> float:
+def goodput_run(stack, settings, folder: Path, *, minutes: float, losses: bool) -> tuple[float, list[dict]]:
     """The goodput of a B0 job trained for `minutes` (from its first step), losing a node every 2 minutes or
-    none; read from its last checkpoint's ledger."""
+    none, and its epochs' figures; read from its last checkpoint (its ledger and history)."""
     from cluster.train.checkpoint import PROGRESS_FILE, newest_uploaded
     from cluster.train.goodput import GoodputLedger
     from infra.stack import NODE_PREFIX
@@ -128,9 +128,10 @@ def goodput_run(stack, settings, folder: Path, *, minutes: float, losses: bool) 
         path = newest_uploaded(filesystem, experiment)
         assert path is not None, f"{name} wrote no checkpoint"
         with filesystem.open_input_stream(f"{path}/{PROGRESS_FILE}") as stream:
-            ledger = GoodputLedger(**json.loads(stream.read())["goodput"])
+            progress = json.loads(stream.read())
+        ledger = GoodputLedger(**progress["goodput"])
         log.info("%s: %s", "with losses" if losses else "without", ledger)
-        return ledger.goodput
+        return ledger.goodput, progress["history"]
     finally:
         _stop(stack, name)
 
@@ -178,6 +179,7 @@ def main() -> None:
     from jobs.s3 import s3_access
 
     figures: dict[str, list[dict[str, float]]] = {}
+    goodput: dict[bool, list[tuple[float, list[dict]]]] = {True: [], False: []}  # with losses, without
     with local_stack("bench-elastic-", keep=args.keep_stack) as (stack, settings):
         write_digits(s3_access(settings), resolution=64, shard_mb=0.25)
         for round_index in range(args.rounds):
@@ -186,13 +188,11 @@ def main() -> None:
                 folder.mkdir()
                 figures.setdefault(model, []).append(one_round(stack, settings, model, folder))
                 log.info("%s round %d: %s", model, round_index + 1, figures[model][-1])
-            if args.goodput_minutes:
-                for losses in (True, False):
-                    folder = stack.home / f"round{round_index}-goodput-{'losses' if losses else 'none'}"
-                    folder.mkdir()
-                    figures.setdefault(f"goodput {losses}", []).append(
-                        {"goodput": goodput_run(stack, settings, folder, minutes=args.goodput_minutes, losses=losses)})
-    goodput = {losses: [row["goodput"] for row in figures.pop(f"goodput {losses}", [])] for losses in (True, False)}
+            for losses in (True, False) if args.goodput_minutes else ():
+                folder = stack.home / f"round{round_index}-goodput-{'losses' if losses else 'none'}"
+                folder.mkdir()
+                goodput[losses].append(goodput_run(stack, settings, folder, minutes=args.goodput_minutes,
+                                                   losses=losses))
     print()
     for model, rows in figures.items():
         short = model.rsplit("_", 1)[1].upper()
@@ -204,10 +204,21 @@ def main() -> None:
         colds = ", ".join(f"{row['cold_s']:.1f}" for row in rows)
         print(f"{'':44}restart {restarts} s, cold start {colds} s")
     if goodput[True]:
-        print(bar_line(f"B0 goodput, a node lost every {LOSS_EVERY_S // 60} min ÷ none", ratios(goodput[True], goodput[False]),
+        lossy, steady = ([g for g, _ in goodput[losses]] for losses in (True, False))
+        print(bar_line(f"B0 goodput, a node lost every {LOSS_EVERY_S // 60} min ÷ none", ratios(lossy, steady),
                        GOODPUT_BAR))
-        print(f"{'':44}goodput {', '.join(f'{g:.3f}' for g in goodput[True])} with losses, "
-              f"{', '.join(f'{g:.3f}' for g in goodput[False])} without")
+        print(f"{'':44}goodput {', '.join(f'{g:.3f}' for g in lossy)} with losses, "
+              f"{', '.join(f'{g:.3f}' for g in steady)} without")
+        for (_, with_losses), (_, without) in zip(goodput[True], goodput[False], strict=True):
+            _print_curves(with_losses, without)
+
+
+def _print_curves(with_losses: list[dict], without: list[dict]) -> None:
+    """The epochs both runs finished, side by side: the same seed, one of them resized every 2 minutes."""
+    print(f"{'epoch':>8} {'train loss':>22} {'val top-1':>18}   (with losses / without)")
+    for lossy, steady in zip(with_losses, without, strict=False):
+        print(f"{lossy['epoch']:>8} {lossy['train_loss']:>10.4f} / {steady['train_loss']:<9.4f}"
+              f"{lossy['val_top1']:>8.3f} / {steady['val_top1']:<8.3f}")
 
 
 if __name__ == "__main__":
