@@ -381,8 +381,10 @@ class _EpochTrainer:
                 self.train_seconds += time.perf_counter() - started
                 progress.loader = loader.state_dict()
                 checkpoint_started = time.perf_counter()
+                # Once a node is going, every checkpoint uploads before training goes on: any may be the last,
+                # and the guard times the whole of it.
                 self.report({"epoch": progress.epoch, "step": step}, progress, with_checkpoint=True,
-                            upload_now=action is not Action.TRAIN)
+                            upload_now=self.guard.notice is not None)
                 self.guard.checkpointed(time.perf_counter() - checkpoint_started)
                 if action is Action.CHECKPOINT_AND_HOLD:
                     held = time.perf_counter()

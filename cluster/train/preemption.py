@@ -19,6 +19,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 MARGIN_S = 2.0  # beyond one more step and a checkpoint: the upload of the last one must land before the node goes
+CHECKPOINT_SLACK = 2.0  # × the last checkpoint's time: the last one may be slower (the ranks' uploads contend)
 HOLD_PAST_DEADLINE_S = 120.0  # a node drained but still up this long after its deadline: train on
 STEP_TIME_WEIGHT = 0.3  # of the newest step in the running estimate of a step's time
 
@@ -34,7 +35,7 @@ class PreemptionGuard:
         self.rank, self.device = rank, device
         self.notice = None  # the notice acted on (ray.train.PreemptionInfo)
         self.step_s = 0.0  # a step's time, estimated
-        self.checkpoint_s = 0.0  # the last checkpoint's time
+        self.checkpoint_s = 0.0  # the last checkpoint's time, upload included (they upload at once after a notice)
         self._last: float | None = None
         self._held = False
 
@@ -61,7 +62,8 @@ class PreemptionGuard:
         if notice.deadline_ms is None or self._held:
             return Action.TRAIN
         left = notice.deadline_ms / 1000 - time.time()
-        late = torch.tensor([float(left < 2 * self.step_s + self.checkpoint_s + MARGIN_S)], device=self.device)
+        needed = 2 * self.step_s + CHECKPOINT_SLACK * self.checkpoint_s + MARGIN_S
+        late = torch.tensor([float(left < needed)], device=self.device)
         if dist.is_initialized():
             dist.broadcast(late, src=0)  # the ranks' clocks and estimates differ: rank 0 decides for all
         if not late.item():
