@@ -8,7 +8,9 @@ checkpoints, not waiting out a drain. A restart resumes from a checkpoint taken 
 from there to the new group's start (the steps redone, noticing the failure, starting again) was
 allocated to the old group's workers and lost; `lost_s` adds the new group's start-up, up to its first
 step. The ledger lives in the checkpoint, so it goes on across restarts and counts only what a checkpoint
-kept: the steps after the last one are redone, and counted when they are done again.
+kept: the steps after the last one are redone, and counted when they are done again. A worker group that
+never wrote a checkpoint is so not in it at all: its time is in the loss of the restart after it, and
+`restarts` counts the restarts the kept history went through.
 """
 
 from __future__ import annotations

@@ -94,7 +94,9 @@ def _check_goodput(settings: Settings, job: str) -> None:
     sizes = [int(size) for size, _ in itertools.groupby(history("world_size"))]
     assert sizes == [3, 2, 3, 2], sizes
     assert max(history("preemptions")) == 1
+    # One entry a restart; the count is the ledger's, which a restart takes from the checkpoint it resumes: a group
+    # killed before its first checkpoint (the grown one may be) is not in it, its time is in the next one's loss.
     restarts, lost = history("restarts"), history("restart_lost_s")
-    assert restarts[-1] >= 3 and len(lost) == len(restarts) and all(0 < s < 600 for s in lost), (restarts, lost)
+    assert len(lost) == len(restarts) >= 3 and restarts[-1] >= 2 and all(0 < s < 600 for s in lost), (restarts, lost)
     goodput = history("goodput")[-1]
     assert 0.05 < goodput < 1, goodput
