@@ -11,8 +11,8 @@ Growing restarts the group from its latest checkpoint too, whenever Ray sees the
 steps since that checkpoint. The policy holds a decision to grow until the workers report a checkpoint (it
 is on storage by then: uploads finish before their report) and grows at that boundary.
 
-Installed through `TorchTrainer._initialize_and_run_controller`, the one place Ray builds its policy
-(Ray is pinned; the trainer test fails if that seam moves).
+Installed through `TorchTrainer._initialize_and_run_controller`, the one place Ray builds its policy (Ray
+is pinned; if that seam moves, the elastic drill's restart waits out the start-up limit and fails).
 """
 
 from __future__ import annotations
