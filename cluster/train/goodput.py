@@ -16,7 +16,7 @@ never wrote a checkpoint is so not in it at all: its time is in the loss of the 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -26,13 +26,21 @@ class GoodputLedger:
     productive_worker_s: float = 0.0
     allocated_worker_s: float = 0.0
     restarts: int = 0  # worker groups started from a checkpoint
-    preemptions: int = 0  # drain notices acted on
+    preempted_nodes: list[str] = field(default_factory=list)  # the nodes whose drain notice the job acted on
     lost_s: float = 0.0  # over all restarts
     saved_at: float | None = None  # time.time() of the checkpoint this ledger is in
 
     @property
     def goodput(self) -> float:
         return self.productive_worker_s / self.allocated_worker_s if self.allocated_worker_s else 1.0
+
+    @property
+    def preemptions(self) -> int:
+        return len(self.preempted_nodes)
+
+    def preempted(self, node_ids: list[str]) -> None:
+        """A drain notice for these nodes (Ray may announce one node's drain again, changed: counted once)."""
+        self.preempted_nodes += [node for node in node_ids if node not in self.preempted_nodes]
 
     def state(self) -> dict:
         return asdict(self)
@@ -43,7 +51,8 @@ class GoodputClock:
 
     def __init__(self, ledger: dict | None, *, started_at: float, world_size: int, world_before: int,
                  resumed: bool) -> None:
-        self.ledger = GoodputLedger(**ledger) if ledger else GoodputLedger()
+        known = {f.name for f in fields(GoodputLedger)}
+        self.ledger = GoodputLedger(**{k: v for k, v in (ledger or {}).items() if k in known})
         self.world_size = world_size
         self._mark = started_at  # time.time() up to which the ledger counts
         self._overhead = 0.0  # seconds since the mark that were not productive

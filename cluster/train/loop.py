@@ -376,7 +376,7 @@ class _EpochTrainer:
             due = every is not None and (step - start) % every == 0 and step < steps
             if action is not Action.TRAIN or due:
                 if action is Action.CHECKPOINT:
-                    self.clock.ledger.preemptions += 1
+                    self.clock.ledger.preempted(self.guard.notice.preempted_node_ids)
                 _fold(sums, progress.tally)
                 self.train_seconds += time.perf_counter() - started
                 progress.loader = loader.state_dict()

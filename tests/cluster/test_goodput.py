@@ -59,3 +59,11 @@ def test_a_group_that_resumes_a_checkpoint_without_a_ledger_counts_from_its_own_
     clock.now += 10
     ledger = group.close_books()
     assert ledger.restarts == 0 and ledger.goodput == 1.0
+
+
+def test_a_node_announced_again_is_one_preemption() -> None:
+    ledger = GoodputClock(None, started_at=0.0, world_size=3, world_before=3, resumed=False).ledger
+    ledger.preempted(["node-a"])
+    ledger.preempted(["node-a"])  # the same drain, its notice changed (a later deadline, other ranks)
+    ledger.preempted(["node-a", "node-b"])
+    assert ledger.preemptions == 2

@@ -79,10 +79,10 @@ def test_an_elastic_job_checkpoints_on_a_drain_notice_shrinks_grows_and_survives
 
     check_lineage(sample_log(tmp_path), split_keys(digits, s3), epochs=4)  # every sample once, each epoch
     assert "Source: preemption" in job.logs()  # counted apart from max_failures
-    _check_goodput(settings, spec["name"])
+    _check_goodput(settings, spec["name"], job.logs())
 
 
-def _check_goodput(settings: Settings, job: str) -> None:
+def _check_goodput(settings: Settings, job: str, logs: str) -> None:
     """MLflow shows the world size over the steps, the preemption, each restart and what it cost, and goodput."""
     client = MlflowClient(settings.mlflow_tracking_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
@@ -93,7 +93,7 @@ def _check_goodput(settings: Settings, job: str) -> None:
 
     sizes = [int(size) for size, _ in itertools.groupby(history("world_size"))]
     assert sizes == [3, 2, 3, 2], sizes
-    assert max(history("preemptions")) == 1
+    assert max(history("preemptions")) == 1, [line for line in logs.splitlines() if "checkpointing now" in line]
     # One entry a restart; the count is the ledger's, which a restart takes from the checkpoint it resumes: a group
     # killed before its first checkpoint (the grown one may be) is not in it, its time is in the next one's loss.
     restarts, lost = history("restarts"), history("restart_lost_s")
