@@ -529,9 +529,10 @@ class Stack:
             return False
         log.info("stopping %s (pid %d)", name, process.pid)
         group = os.getpgid(process.pid)
-        process.terminate()  # the leader stops its children itself (Ray drains its node first)
-        with contextlib.suppress(psutil.TimeoutExpired):
-            process.wait(grace_s)
+        if grace_s > 0:  # none: killed outright (a raylet told to stop first drains its node: a notice)
+            process.terminate()  # the leader stops its children itself (Ray drains its node first)
+            with contextlib.suppress(psutil.TimeoutExpired):
+                process.wait(grace_s)
         left = _group_members(group)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)  # whatever of the group is left
