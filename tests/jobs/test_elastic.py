@@ -14,7 +14,7 @@ from cluster.data.manifest import ShardManifest
 from cluster.storage import S3Access
 from infra.settings import Settings
 from infra.stack import NODE_PREFIX, Stack
-from tests.jobs.helpers import check_lineage, make_spec, reached, sample_log, split_keys, submit, wait_for
+from tests.jobs.helpers import check_lineage, make_spec, sample_log, split_keys, submit, wait_for
 
 NODES = ("elastic-1", "elastic-2", "elastic-3", "elastic-4")  # the fourth replaces the third
 DRAIN_DEADLINE_S = 20
@@ -41,8 +41,9 @@ def test_an_elastic_job_checkpoints_on_a_drain_notice_shrinks_grows_and_survives
         for node in NODES[:3]:
             stack.add_node(node, num_cpus=1, resources={NODE_RESOURCE: 1})
         job = submit(spec_path, stack, settings)
-        wait_for(reached(tmp_path, epoch=0, step=4), "training on 3 workers", job)
-        assert {r["rank"] for r in sample_log(tmp_path)} == {0, 1, 2}
+        # Ray's view of the cluster may not have the newest node yet: the job may start on 2 and grow to 3.
+        wait_for(lambda: any(r["rank"] == 2 and r["step"] >= 2 for r in sample_log(tmp_path)), "training on 3 workers",
+                 job, timeout_s=420)
 
         # A drain notice: the job checkpoints at once, trains on while the deadline leaves room, checkpoints as
         # late as it allows and waits; the restart on the 2 nodes left redoes at most the step under way.
@@ -92,7 +93,7 @@ def _check_goodput(settings: Settings, job: str, logs: str) -> None:
         return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp)]
 
     sizes = [int(size) for size, _ in itertools.groupby(history("world_size"))]
-    assert sizes == [3, 2, 3, 2], sizes
+    assert sizes in ([3, 2, 3, 2], [2, 3, 2, 3, 2]), sizes  # it may have started on 2 (above)
     assert max(history("preemptions")) == 1, [line for line in logs.splitlines() if "checkpointing now" in line]
     # One entry a restart; the count is the ledger's, which a restart takes from the checkpoint it resumes: a group
     # killed before its first checkpoint (the grown one may be) is not in it, its time is in the next one's loss.

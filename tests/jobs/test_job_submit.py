@@ -210,7 +210,9 @@ def test_a_zero3_job_rides_out_a_store_outage_and_a_worker_kill_and_the_server_r
     log = sample_log(tmp_path)
     assert first_new_step(log, old_pids, rank=0) > latest >= seen
     redone = check_lineage(log, split_keys(digits, s3), epochs=2)
-    assert max(redone.values()) <= 2 * every, f"steps redone per rank (two restarts): {redone}"
+    # A kill while a checkpoint uploads resumes from the one before: up to an interval and an upload's steps each
+    # restart (42 for an interval of 20, once, on a loaded run); from the epoch's start would be more.
+    assert max(redone.values()) <= 3 * every, f"steps redone per rank (two restarts): {redone}"
     check_no_orphans(s3, spec)
     listing = s3.client().list_objects_v2(Bucket="checkpoints", Prefix=f"jobs/{spec['name']}/")["Contents"]
     files = {o["Key"].rsplit("/", 1)[1] for o in listing}
