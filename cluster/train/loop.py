@@ -380,12 +380,11 @@ class _EpochTrainer:
                 _fold(sums, progress.tally)
                 self.train_seconds += time.perf_counter() - started
                 progress.loader = loader.state_dict()
-                checkpoint_started = time.perf_counter()
                 # Once a node is going, every checkpoint uploads before training goes on: any may be the last,
                 # and the guard times the whole of it.
-                self.report({"epoch": progress.epoch, "step": step}, progress, with_checkpoint=True,
-                            upload_now=self.guard.notice is not None)
-                self.guard.checkpointed(time.perf_counter() - checkpoint_started)
+                seconds = self.report({"epoch": progress.epoch, "step": step}, progress, with_checkpoint=True,
+                                      upload_now=self.guard.notice is not None)
+                self.guard.checkpointed(seconds)
                 if action is Action.CHECKPOINT_AND_HOLD:
                     held = time.perf_counter()
                     self.guard.hold()
@@ -504,17 +503,18 @@ class _EpochTrainer:
             metrics["teacher_agreement"] = agreements / count
         return metrics, confusion.view(classes, classes).cpu()
 
-    def report(self, metrics: dict, progress: Progress, *, with_checkpoint: bool, upload_now: bool = False) -> None:
+    def report(self, metrics: dict, progress: Progress, *, with_checkpoint: bool, upload_now: bool = False) -> float:
         """`ray.train.report` on every rank (a barrier), with this rank's part of a checkpoint of `progress`
         (the start of an epoch after an epoch's end). It uploads beside the next steps, or, `upload_now` (a
         node is about to go), before them: that checkpoint is the one that counts, and on busy CPUs an upload
-        beside training takes several times as long (B7's state on 2 cores: 20 s against 5)."""
+        beside training takes several times as long (B7's state on 2 cores: 20 s against 5). Returns the
+        seconds it took (0 without a checkpoint)."""
         import ray.train
         from ray.train import Checkpoint, CheckpointUploadMode
 
         if not with_checkpoint:
             ray.train.report(metrics)
-            return
+            return 0.0
         started = time.perf_counter()
         ledger = self.clock.close_books()
         progress.goodput = ledger.state()
@@ -537,7 +537,9 @@ class _EpochTrainer:
             delete_local_checkpoint_after_upload=True,
             checkpoint_upload_fn=upload_with_retries(self.job.s3.retry_window_s),
         )
-        self.clock.overhead(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.clock.overhead(seconds)
+        return seconds
 
     def _save_weights(self, directory: Path) -> None:
         """The weights alone, as a file any later stage can load (every rank joins a ZeRO-3 gather)."""
