@@ -274,6 +274,9 @@ class FailureSpec(_Section):
     max_failures: int = Field(default=3, ge=0, description="worker-group restarts before the job fails")
     max_preemptions: int = Field(default=-1, ge=-1, description="restarts after nodes were preempted or drained, "
                                  "counted apart from max_failures (-1: any number)")
+    sigterm_grace_s: float = Field(default=30.0, gt=0, le=3600,
+                                   description="a SIGTERM to a worker is a preemption notice: the process goes this "
+                                   "long after it (Slurm's KillWait and Kubernetes' termination grace: 30 s)")
 
 
 class FeatureDistillSpec(_Section):

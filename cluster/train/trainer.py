@@ -44,6 +44,7 @@ def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: s
     from ray.train.torch import TorchConfig
 
     from cluster.train.scaling import ElasticTorchTrainer
+    from cluster.train.sigterm import SigtermNotice
 
     scaling = spec.scaling
     job = WorkerJob(spec=spec, s3=s3, spec_json=spec_json, threads_per_worker=threads_per_worker(spec),
@@ -61,6 +62,7 @@ def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: s
             failure_config=FailureConfig(max_failures=spec.failure.max_failures,
                                          max_preemption_failures=spec.failure.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            worker_runtime_env={"env_vars": worker_env(spec)}, callbacks=list(callbacks),
+            worker_runtime_env={"env_vars": worker_env(spec)},
+            callbacks=[*callbacks, SigtermNotice(spec.failure.sigterm_grace_s)],
         ),
     )

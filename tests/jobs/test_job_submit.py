@@ -41,6 +41,8 @@ from tests.jobs.helpers import (
     wait_for,
 )
 
+SIGTERM_GRACE_S = 10  # the smoke drill's: long enough for a checkpoint on two busy cores, short for CI
+
 
 def _runs_of(client: MlflowClient, job: str) -> list:
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -67,7 +69,8 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
     # The smoke job's three epochs, at the drills' 32 px (CI's time), accumulating two micro-batches a step
     # and keeping an EMA of the weights: both must come through the kill with the rest of the state.
     spec_path, spec = make_spec(tmp_path, model=SMALL["model"], checkpoint=DRILL_CHECKPOINTS,
-                                optim={"grad_accumulation": 2, "ema_decay": 0.9})
+                                optim={"grad_accumulation": 2, "ema_decay": 0.9},
+                                failure={"sigterm_grace_s": SIGTERM_GRACE_S})
     every = spec["checkpoint"]["every_steps"]
     job = submit(spec_path, stack, settings)
     wait_for(reached(tmp_path, epoch=0, step=5), "training to start", job)
@@ -84,13 +87,30 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
         assert job.poll() is None, "the job ended while MLflow was down"
     finally:
         stack.up()
+
+    # A SIGTERM to a worker (as Slurm or a stopped container sends) is a preemption notice: the group
+    # checkpoints at the next step, trains on until its grace runs short, and restarts losing at most one step.
+    restarted = {r["pid"] for r in sample_log(tmp_path)} - old_pids
+    wait_for(lambda: any(r["pid"] in restarted and r["rank"] == 0 for r in sample_log(tmp_path)),
+             "the restarted group's steps", job)
+    noticed = sample_log(tmp_path)
+    assert max(r["epoch"] for r in noticed) < 2, "too late in the job for the SIGTERM to cost a restart"
+    os.kill(max((r["time"], r["pid"]) for r in noticed if r["rank"] == 0)[1], signal.SIGTERM)
+    wait_for(lambda: "got SIGTERM" in job.logs() and "checkpointing now" in job.logs(), "a checkpoint on SIGTERM", job)
+    before_sigterm = {r["pid"] for r in sample_log(tmp_path)}
+    wait_for(lambda: any(r["pid"] not in before_sigterm for r in sample_log(tmp_path)), "the group's restart", job,
+             timeout_s=SIGTERM_GRACE_S + 120)
     assert job.wait() == "SUCCEEDED", job.logs()[-6000:]
 
-    # Exact training through the worker kill, resumed from a mid-epoch checkpoint.
+    # Exact training through the worker kill, resumed from a mid-epoch checkpoint, and through the SIGTERM.
     log = sample_log(tmp_path)
     redone = check_lineage(log, split_keys(digits, s3), epochs=3)
     assert first_new_step(log, old_pids, rank=1) > seen
-    assert max(redone.values()) <= every, f"steps redone per rank: {redone}"
+    last = max((r["epoch"], r["step"]) for r in log if r["pid"] in before_sigterm)
+    resumed = min((r["epoch"], r["step"]) for r in log if r["pid"] not in before_sigterm)
+    assert last[0] == resumed[0] and last[1] - (resumed[1] - 1) <= 2, (last, resumed)  # ≤ 1 optimiser step lost
+    assert max(redone.values()) <= every + 2, f"steps redone per rank: {redone}"
+    assert "Source: preemption" in job.logs()  # counted apart from max_failures
     check_no_orphans(s3, spec)
 
     # One MLflow run, and nothing missing from it.
@@ -98,6 +118,7 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
     (run,) = _runs_of(client, spec["name"])
     run_id, tags, params = run.info.run_id, run.data.tags, run.data.params
     assert run.info.status == "FINISHED"
+    assert max(m.value for m in client.get_metric_history(run_id, "preemptions")) == 1  # the SIGTERM
     assert params["model.arch"] == "efficientnet_b0" and params["optim.epochs"] == "3"
     assert params["scaling.num_workers"] == "2" and params["data.train.manifest"] == "s3://shards/digits/manifest.json"
     _, dataset_id = load_manifest("s3://shards/digits/manifest.json", s3=s3)

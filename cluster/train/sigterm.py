@@ -1,0 +1,70 @@
+"""A SIGTERM to a training worker is a preemption notice, as a node's drain is.
+
+Schedulers that take a node back by signalling its processes (Slurm's preemption, a container stopped)
+send SIGTERM and kill after a grace period. Ray's worker process exits at SIGTERM, which would cost the
+steps since the last checkpoint and count against `max_failures`. Instead every worker of a group marks,
+on SIGTERM, a preemption of its rank with a deadline `grace_s` away on every worker of the group, as Ray's
+drain watcher does for a node: the ranks checkpoint at the next step (`preemption.PreemptionGuard`), Ray
+Train's controller sees the notice in its poll, waits for the deadline and restarts the group, counting a
+preemption.
+
+Python runs a signal's handler in the process's main thread only, when the interpreter next checks for
+signals there; Ray Train trains in a thread of its own while the main thread waits in Ray's task loop, and
+a handler installed there ran 20 s late (at the group's teardown) in the smoke drill. The signal's C
+handler, though, writes its number at once to the wakeup fd (`signal.set_wakeup_fd`), so a thread of
+ours reads it there and sends the notice. Both are set in the worker actor's main thread, through one
+of its methods (`WorkerGroup.execute`), after each group starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+import ray
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+log = logging.getLogger(__name__)
+
+
+class SigtermNotice(WorkerGroupCallback):
+    """Installs `on_sigterm_notify_group` in every worker of each group Ray Train starts."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+
+    def after_worker_group_start(self, worker_group) -> None:
+        peers = [worker.actor for worker in worker_group.get_workers()]
+        worker_group.execute(on_sigterm_notify_group, peers, self.grace_s)
+
+
+def on_sigterm_notify_group(peers: list, grace_s: float) -> None:
+    """Run in a worker actor's main thread: from now on SIGTERM marks this rank preempted on every peer."""
+    from ray.train.v2._internal.execution.context import get_train_context
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    rank = get_train_context().get_world_rank()
+    node = ray.get_runtime_context().get_node_id()
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # the C handler must never block on it
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # what a signal does is `watch`'s, below
+    earlier = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        notice = None  # the first SIGTERM's: a repeat sends the same
+        while received := os.read(read_end, 64):
+            if earlier != -1:  # whoever had the wakeup fd before still gets every signal
+                os.write(earlier, received)
+            if signal.SIGTERM not in received:
+                continue
+            if notice is None:
+                notice = PreemptionInfo(deadline_ms=int((time.time() + grace_s) * 1000),
+                                        preempted_node_to_ranks={node: [rank]})
+                log.warning("rank %d got SIGTERM: a preemption notice, %.0f s to go", rank, grace_s)
+            for peer in peers:
+                peer.mark_preempt.remote(notice)
+
+    threading.Thread(target=watch, name="SIGTERM notice", daemon=True).start()
