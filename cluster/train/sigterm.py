@@ -29,6 +29,9 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
 log = logging.getLogger(__name__)
 
+RESTORE_TIMEOUT_S = 2.0
+_installed: list[tuple] = []  # this process's (Ray's handler, the wakeup fd before, our pipe's write end)
+
 
 class SigtermNotice(WorkerGroupCallback):
     """Installs `on_sigterm_notify_group` in every worker of each group Ray Train starts."""
@@ -40,6 +43,12 @@ class SigtermNotice(WorkerGroupCallback):
         peers = [worker.actor for worker in worker_group.get_workers()]
         worker_group.execute(on_sigterm_notify_group, peers, self.grace_s)
 
+    def before_worker_group_shutdown(self, worker_group) -> None:
+        """Ray ends a group's workers with SIGTERM too: that one is no notice. A dead worker's call fails at
+        once, and nothing here raises: a shutdown must go on."""
+        calls = worker_group.execute_async(restore_sigterm)
+        ray.wait(calls, num_returns=len(calls), timeout=RESTORE_TIMEOUT_S)
+
 
 def on_sigterm_notify_group(peers: list, grace_s: float) -> None:
     """Run in a worker actor's main thread: from now on SIGTERM marks this rank preempted on every peer."""
@@ -50,8 +59,9 @@ def on_sigterm_notify_group(peers: list, grace_s: float) -> None:
     node = ray.get_runtime_context().get_node_id()
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)  # the C handler must never block on it
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # what a signal does is `watch`'s, below
+    handler = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # what a signal does is `watch`'s, below
     earlier = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    _installed.append((handler, earlier, write_end))
 
     def watch() -> None:
         notice = None  # the first SIGTERM's: a repeat sends the same
@@ -66,5 +76,15 @@ def on_sigterm_notify_group(peers: list, grace_s: float) -> None:
                 log.warning("rank %d got SIGTERM: a preemption notice, %.0f s to go", rank, grace_s)
             for peer in peers:
                 peer.mark_preempt.remote(notice)
+        os.close(read_end)
 
     threading.Thread(target=watch, name="SIGTERM notice", daemon=True).start()
+
+
+def restore_sigterm() -> None:
+    """Run in a worker actor's main thread: SIGTERM does what it did before, and `watch` ends."""
+    while _installed:
+        handler, earlier, write_end = _installed.pop()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
+        signal.set_wakeup_fd(earlier)
+        os.close(write_end)  # `watch` reads the end of the pipe

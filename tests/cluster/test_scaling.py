@@ -3,6 +3,7 @@ both on a real cluster)."""
 
 from __future__ import annotations
 
+import socket
 from types import SimpleNamespace
 
 import pytest
@@ -29,13 +30,35 @@ def test_a_restart_asks_only_for_the_workers_the_staying_nodes_hold(monkeypatch:
     assert StayingNodesPolicy(config).make_decision_for_non_running_worker_group().num_workers == 2
 
 
+def test_a_restart_after_a_node_died_without_notice_leaves_out_the_node_before_ray_declares_it_dead(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ElasticScalingPolicy, "_get_reserved_resources", lambda self: NODES)
+    monkeypatch.setattr(ElasticScalingPolicy, "_maybe_send_resource_request", lambda self: None)
+    monkeypatch.setattr(ElasticScalingPolicy, "make_decision_for_running_worker_group", lambda *args: NoopDecision())
+    monkeypatch.setattr(scaling, "leaving_nodes", lambda: set())  # GCS has not noticed yet
+    listening = socket.create_server(("127.0.0.1", 0))
+    closed = socket.create_server(("127.0.0.1", 0))
+    raylets = {"node-0": listening.getsockname(), "node-1": listening.getsockname(), "node-2": closed.getsockname()}
+    closed.close()
+    monkeypatch.setattr(scaling.ray, "nodes", lambda: [
+        {"NodeID": node, "Alive": True, "NodeManagerAddress": host, "NodeManagerPort": port}
+        for node, (host, port) in raylets.items()])
+    policy = StayingNodesPolicy(ScalingConfig(num_workers=(2, 3), resources_per_worker={"CPU": 1, "drill": 1}))
+    workers = [SimpleNamespace(metadata=SimpleNamespace(node_id=node)) for node in NODES]
+    policy.make_decision_for_running_worker_group(SimpleNamespace(num_workers=3, workers=workers), None)
+    try:
+        assert policy.make_decision_for_non_running_worker_group().num_workers == 2
+    finally:
+        listening.close()
+
+
 def test_a_job_grows_at_its_next_checkpoint_not_when_ray_first_sees_the_room(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ElasticScalingPolicy, "_get_reserved_resources", lambda self: NODES)
     monkeypatch.setattr(ElasticScalingPolicy, "_maybe_send_resource_request", lambda self: None)
     monkeypatch.setattr(scaling, "leaving_nodes", lambda: set())
     policy = StayingNodesPolicy(ScalingConfig(num_workers=(2, 3), resources_per_worker={"CPU": 1, "drill": 1},
                                               elastic_resize_monitor_interval_s=0))
-    group = SimpleNamespace(num_workers=2, start_time=0.0)
+    group = SimpleNamespace(num_workers=2, start_time=0.0, workers=[])
 
     def poll(*checkpointed: int) -> WorkerGroupPollStatus:
         return WorkerGroupPollStatus({rank: WorkerStatus(running=True, training_report=_TrainingReport(
