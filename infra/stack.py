@@ -427,7 +427,9 @@ class Stack:
     def add_node(self, name: str, *, num_cpus: int = 1, resources: dict[str, float] | None = None,
                  timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         """Start one more Ray node on this machine, `name` in the cluster, and wait until the head has it.
-        Stopped with `stop_service(NODE_PREFIX + name)` (drained, or killed with grace_s=0) and by `down`."""
+        Stopped with `stop_service(NODE_PREFIX + name)` (drained, or killed with grace_s=0) and by `down`.
+        Give each node a name of its own: one killed moments ago stays alive to Ray under its name until its
+        health checks fail (15 s), and `wait` and `drain_node` would find that one."""
         address, settings = self._running_head()
         service = Service(
             name=NODE_PREFIX + name,

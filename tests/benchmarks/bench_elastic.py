@@ -36,7 +36,6 @@ log = logging.getLogger("bench_elastic")
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "jobs" / "examples" / "b0-cpu-smoke.yaml"
-NODES = ("bench-1", "bench-2", "bench-3")
 NODE_RESOURCE = "bench-node"
 DEADLINE_S = 40  # the drain's: room for the notice's checkpoint before the node goes
 CHECKPOINT_BAR = Bar("<=", 10.0)  # seconds (the issue's bar is B7's)
@@ -107,7 +106,7 @@ def goodput_run(stack, settings, folder: Path, *, minutes: float, losses: bool) 
     spec_path = _spec("efficientnet_b0", folder, every_steps=10, grow_check_s=10, epochs=1000)
     name = yaml.safe_load(spec_path.read_text())["name"]
     filesystem, experiment = s3_access(settings).filesystem(), f"checkpoints/jobs/{name}"
-    nodes = [f"goodput-{i}" for i in range(3)]
+    nodes = [f"goodput-{uuid.uuid4().hex[:4]}-{i}" for i in range(3)]  # new names: see Stack.add_node
     for node in nodes:
         stack.add_node(node, num_cpus=1, resources={NODE_RESOURCE: 1})
     try:
@@ -120,7 +119,8 @@ def goodput_run(stack, settings, folder: Path, *, minutes: float, losses: bool) 
                 stack.drain_node(going, deadline_s=LOSS_DEADLINE_S)
                 time.sleep(LOSS_DEADLINE_S)
                 stack.stop_service(NODE_PREFIX + going, grace_s=0)
-                nodes.append(f"goodput-{int(nodes[-1].rsplit('-', 1)[1]) + 1}")
+                run, number = nodes[-1].rsplit("-", 1)
+                nodes.append(f"{run}-{int(number) + 1}")
                 stack.add_node(nodes[-1], num_cpus=1, resources={NODE_RESOURCE: 1})
                 log.info("lost %s, added %s", going, nodes[-1])
                 next_loss += LOSS_EVERY_S
@@ -144,7 +144,8 @@ def one_round(stack, settings, model: str, folder: Path) -> dict[str, float]:
     spec_path = _spec(model, folder)
     name = yaml.safe_load(spec_path.read_text())["name"]
     filesystem, experiment = s3_access(settings).filesystem(), f"checkpoints/jobs/{name}"
-    for node in NODES:
+    nodes = [f"bench-{uuid.uuid4().hex[:4]}-{i}" for i in range(3)]  # new names: see Stack.add_node
+    for node in nodes:
         stack.add_node(node, num_cpus=1, resources={NODE_RESOURCE: 1})
     try:
         submitted = time.time()
@@ -152,13 +153,13 @@ def one_round(stack, settings, model: str, folder: Path) -> dict[str, float]:
         first = _wait(lambda: min((r["time"] for r in _records(folder)), default=None), "the first step")
         _wait(lambda: max((r["step"] for r in _records(folder)), default=0) >= 3, "a few steps")
         before = newest_uploaded(filesystem, experiment)
-        stack.drain_node(NODES[2], deadline_s=DEADLINE_S)
+        stack.drain_node(nodes[2], deadline_s=DEADLINE_S)
         drained = time.time()
         _wait(lambda: newest_uploaded(filesystem, experiment) not in (None, before), "the notice's checkpoint")
         checkpointed = time.time()
         first_group = {r["pid"] for r in _records(folder)}
         time.sleep(max(0.0, drained + DEADLINE_S - time.time()))
-        stack.stop_service(NODE_PREFIX + NODES[2], grace_s=0)  # reclaimed at its deadline
+        stack.stop_service(NODE_PREFIX + nodes[2], grace_s=0)  # reclaimed at its deadline
         reclaimed = time.time()
         restarted = _wait(lambda: min((r["time"] for r in _records(folder) if r["pid"] not in first_group),
                                       default=None), "the first step on 2 workers")
