@@ -18,6 +18,7 @@ of its methods (`WorkerGroup.execute`), after each group starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -67,7 +68,8 @@ def on_sigterm_notify_group(peers: list, grace_s: float) -> None:
         notice = None  # the first SIGTERM's: a repeat sends the same
         while received := os.read(read_end, 64):
             if earlier != -1:  # whoever had the wakeup fd before still gets every signal
-                os.write(earlier, received)
+                with contextlib.suppress(OSError):
+                    os.write(earlier, received)
             if signal.SIGTERM not in received:
                 continue
             if notice is None:
