@@ -36,6 +36,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[FAILED] = True
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _jobs_a_failed_test_left_are_stopped(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A drill that fails midway leaves its job running on the session's stack, where it would hold the
+    cluster and fail the tests after it too: one failure is reported once."""
+    yield
+    if not request.node.stash.get(FAILED, False) or "stack" not in request.fixturenames:
+        return
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(request.getfixturevalue("settings").ray_dashboard_url)
+    for job in client.list_jobs():
+        if job.submission_id and not job.status.is_terminal():
+            client.stop_job(job.submission_id)
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)

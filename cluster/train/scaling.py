@@ -9,7 +9,9 @@ and keeps a growing job off a node that is about to leave.
 
 Growing restarts the group from its latest checkpoint too, whenever Ray sees the room, so it would redo the
 steps since that checkpoint. The policy holds a decision to grow until the workers report a checkpoint (it
-is on storage by then: uploads finish before their report) and grows at that boundary.
+is on storage by then: uploads finish before their report) and grows at that boundary. It never shrinks a
+running group: a node of it that drains sends its notice (the group checkpoints, then restarts at the
+deadline), and shrinking at once, as this view alone would, lost the steps since the last checkpoint.
 
 A node killed without notice stays alive in GCS's view until its health checks have failed for a while
 (15 s by Ray's defaults), and the worker group fails within a second or two: the restart would ask for the
@@ -85,7 +87,8 @@ class StayingNodesPolicy(ElasticScalingPolicy):
         decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
         if isinstance(decision, ResizeDecision):
             if decision.num_workers < worker_group_state.num_workers:
-                return decision
+                # A draining node, which this view leaves out: its notice makes the checkpoint and the restart.
+                return NoopDecision()
             if self.growth is None:
                 self.checkpointed = set()
             self.growth = decision

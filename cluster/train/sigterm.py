@@ -14,6 +14,10 @@ a handler installed there ran 20 s late (at the group's teardown) in the smoke d
 handler, though, writes its number at once to the wakeup fd (`signal.set_wakeup_fd`), so a thread of
 ours reads it there and sends the notice. Both are set in the worker actor's main thread, through one
 of its methods (`WorkerGroup.execute`), after each group starts.
+
+Ray itself ends workers with SIGTERM too: at a group's shutdown or abort (the handler is taken back first)
+and when their controller is gone (a sweep's trial stopped): a worker whose controller does not answer
+exits, as Ray meant.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 log = logging.getLogger(__name__)
 
 RESTORE_TIMEOUT_S = 2.0
+CONTROLLER_TIMEOUT_S = 5.0
 _installed: list[tuple] = []  # this process's (Ray's handler, the wakeup fd before, our pipe's write end)
 
 
@@ -39,15 +44,25 @@ class SigtermNotice(WorkerGroupCallback):
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
+        self.group = None  # the worker group running
 
     def after_worker_group_start(self, worker_group) -> None:
+        self.group = worker_group
         peers = [worker.actor for worker in worker_group.get_workers()]
         worker_group.execute(on_sigterm_notify_group, peers, self.grace_s)
 
     def before_worker_group_shutdown(self, worker_group) -> None:
+        self._restore()
+
+    def before_worker_group_abort(self, worker_group_context) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
         """Ray ends a group's workers with SIGTERM too: that one is no notice. A dead worker's call fails at
         once, and nothing here raises: a shutdown must go on."""
-        calls = worker_group.execute_async(restore_sigterm)
+        if self.group is None:
+            return
+        calls, self.group = self.group.execute_async(restore_sigterm), None
         ray.wait(calls, num_returns=len(calls), timeout=RESTORE_TIMEOUT_S)
 
 
@@ -56,7 +71,8 @@ def on_sigterm_notify_group(peers: list, grace_s: float) -> None:
     from ray.train.v2._internal.execution.context import get_train_context
     from ray.train.v2.api.preemption import PreemptionInfo
 
-    rank = get_train_context().get_world_rank()
+    context = get_train_context()
+    rank, controller = context.get_world_rank(), context.controller_actor
     node = ray.get_runtime_context().get_node_id()
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)  # the C handler must never block on it
@@ -72,6 +88,8 @@ def on_sigterm_notify_group(peers: list, grace_s: float) -> None:
                     os.write(earlier, received)
             if signal.SIGTERM not in received:
                 continue
+            if not _answers(controller):  # its controller gone (a sweep's trial stopped): Ray ends this worker
+                os._exit(1)
             if notice is None:
                 notice = PreemptionInfo(deadline_ms=int((time.time() + grace_s) * 1000),
                                         preempted_node_to_ranks={node: [rank]})
@@ -90,3 +108,11 @@ def restore_sigterm() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
         signal.set_wakeup_fd(earlier)
         os.close(write_end)  # `watch` reads the end of the pipe
+
+
+def _answers(actor) -> bool:
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=CONTROLLER_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 — dead, or too far gone to answer: either way no one restarts this group
+        return False
+    return True

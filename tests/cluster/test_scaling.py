@@ -67,3 +67,8 @@ def test_a_job_grows_at_its_next_checkpoint_not_when_ray_first_sees_the_room(mon
     assert isinstance(policy.make_decision_for_running_worker_group(group, poll()), NoopDecision)  # room: held
     assert isinstance(policy.make_decision_for_running_worker_group(group, poll(1)), NoopDecision)  # rank 0 uploads
     assert policy.make_decision_for_running_worker_group(group, poll(0)).num_workers == 3  # every rank's part is in
+
+    # A node of the group drains: no shrinking here, the notice's checkpoint and restart come first.
+    monkeypatch.setattr(scaling, "leaving_nodes", lambda: {"node-2"})
+    running = SimpleNamespace(num_workers=3, start_time=0.0, workers=[])
+    assert isinstance(policy.make_decision_for_running_worker_group(running, poll(0, 1)), NoopDecision)
