@@ -94,9 +94,10 @@ class TrainedJob:
 
 
 def train_job(job: ResolvedJob, *, s3: S3Access, tracking_uri: str, source: str, submission_id: str | None = None,
-              callbacks: Sequence = ()) -> TrainedJob:
+              callbacks: Sequence = (), in_sweep: bool = False) -> TrainedJob:
     """Train a resolved job on the Ray cluster this process is connected to, in its one MLflow run:
-    what a job's driver and a sweep's trial both do. `callbacks`: Ray Train callbacks (a sweep's report to Tune)."""
+    what a job's driver and a sweep's trial (`in_sweep`) both do. `callbacks`: Ray Train callbacks (a sweep's
+    report to Tune)."""
     from ray.train import TrainingFailedError
 
     spec = job.spec
@@ -110,7 +111,7 @@ def train_job(job: ResolvedJob, *, s3: S3Access, tracking_uri: str, source: str,
         log.info("teacher pinned at %s", pin_teacher(spec, s3=s3, tracking_uri=tracking_uri))
     trainer = make_trainer(spec, s3=s3.without_keys(), storage=spec.checkpoint.storage,
                            spec_json=spec.model_dump_json(), dataset_ids=job.dataset_ids, run=run,
-                           tracking=spec.tracking, callbacks=callbacks)
+                           tracking=spec.tracking, callbacks=callbacks, sigterm_notice=not in_sweep)
     try:
         result = trainer.fit()
     except Exception as error:

@@ -94,7 +94,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     job = context.trial_job(ray.tune.get_context().get_trial_id(), config)
     trained = train_job(job, s3=context.s3, tracking_uri=context.tracking_uri, source=job.spec.name,
-                        callbacks=[epoch_report_callback(context.sweep.metric)])
+                        callbacks=[epoch_report_callback(context.sweep.metric)], in_sweep=True)
     finish_job(trained, s3=context.s3, log_model=False)  # the sweep's best checkpoint is what later stages take
 
 

@@ -39,7 +39,10 @@ def worker_env(spec: TrainingSpec) -> dict[str, str]:
 
 def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: str,
                  dataset_ids: dict[str, str], run: RunRef | None = None,
-                 tracking: TrackingSpec | None = None, callbacks: Sequence = ()):  # -> TorchTrainer
+                 tracking: TrackingSpec | None = None, callbacks: Sequence = (),
+                 sigterm_notice: bool = True):  # -> TorchTrainer
+    """`sigterm_notice`: a SIGTERM to a worker is a preemption notice (not in a sweep's trials, whose workers
+    Tune ends with SIGTERM when it stops them: there the notice turned a stopped trial into a failed one)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
@@ -63,6 +66,6 @@ def make_trainer(spec: TrainingSpec, *, s3: S3Access, storage: str, spec_json: s
                                          max_preemption_failures=spec.failure.max_preemptions),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             worker_runtime_env={"env_vars": worker_env(spec)},
-            callbacks=[*callbacks, SigtermNotice(spec.failure.sigterm_grace_s)],
+            callbacks=[*callbacks, *([SigtermNotice(spec.failure.sigterm_grace_s)] if sigterm_notice else [])],
         ),
     )
