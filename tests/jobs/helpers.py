@@ -203,3 +203,9 @@ def submit(spec_path: Path, stack: Stack, settings: Settings, *options: str, gro
     submission_id = re.search(r"as (\S+)\n", result.output).group(1)
     assert f"{settings.ray_dashboard_url}/#/jobs/{submission_id}" in result.output
     return Submitted(settings, submission_id)
+
+
+def job_runs(client, job: str) -> list:
+    """The MLflow runs tagged with the job's name, in any experiment."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=f"tags.`compound.job` = '{job}'")

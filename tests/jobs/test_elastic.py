@@ -16,7 +16,7 @@ from cluster.data.manifest import ShardManifest
 from cluster.storage import S3Access
 from infra.settings import Settings
 from infra.stack import NODE_PREFIX, Stack
-from tests.jobs.helpers import check_lineage, make_spec, sample_log, split_keys, submit, wait_for
+from tests.jobs.helpers import check_lineage, job_runs, make_spec, sample_log, split_keys, submit, wait_for
 
 DRAIN_DEADLINE_S = 20
 NODE_RESOURCE = "elastic-node"  # only the drill's nodes have it: the workers run there, not on the head
@@ -114,8 +114,7 @@ def test_an_elastic_job_checkpoints_on_a_drain_notice_shrinks_grows_and_survives
 def _epoch_curve(settings: Settings, job: str) -> dict[str, list[float]]:
     """The job's train loss and validation top-1, epoch by epoch, from its MLflow run."""
     client = MlflowClient(settings.mlflow_tracking_uri)
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                filter_string=f"tags.`compound.job` = '{job}'")
+    (run,) = job_runs(client, job)
     return {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
             for key in ("train_loss", "val_top1")}
 
@@ -123,8 +122,7 @@ def _epoch_curve(settings: Settings, job: str) -> dict[str, list[float]]:
 def _check_goodput(settings: Settings, job: str, logs: str) -> None:
     """MLflow shows the world size over the steps, the preemption, each restart and what it cost, and goodput."""
     client = MlflowClient(settings.mlflow_tracking_uri)
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                filter_string=f"tags.`compound.job` = '{job}'")
+    (run,) = job_runs(client, job)
 
     def history(key: str) -> list[float]:  # in the order logged: a restart logs steps again
         return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp)]

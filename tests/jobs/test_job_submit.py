@@ -29,6 +29,7 @@ from tests.jobs.helpers import (
     check_lineage,
     check_no_orphans,
     first_new_step,
+    job_runs,
     kill_rank,
     latest_uploaded,
     make_spec,
@@ -42,11 +43,6 @@ from tests.jobs.helpers import (
 )
 
 SIGTERM_GRACE_S = 10  # the smoke drill's: long enough for a checkpoint on two busy cores, short for CI
-
-
-def _runs_of(client: MlflowClient, job: str) -> list:
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(experiments, filter_string=f"tags.`compound.job` = '{job}'")
 
 
 def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -112,7 +108,7 @@ def test_a_submitted_smoke_job_is_one_mlflow_run_through_an_mlflow_outage_and_a_
 
     # One MLflow run, and nothing missing from it.
     client = MlflowClient(settings.mlflow_tracking_uri)
-    (run,) = _runs_of(client, spec["name"])
+    (run,) = job_runs(client, spec["name"])
     run_id, tags, params = run.info.run_id, run.data.tags, run.data.params
     assert run.info.status == "FINISHED"
     assert max(m.value for m in client.get_metric_history(run_id, "preemptions")) == 1  # the SIGTERM
@@ -238,7 +234,7 @@ def test_a_zero3_job_rides_out_a_store_outage_and_a_worker_kill_and_the_server_r
     assert len({f for f in files if "zero_pp_rank" in f}) >= 2, files  # ZeRO: every rank saved its own shard
 
     client = MlflowClient(settings.mlflow_tracking_uri)
-    (run,) = _runs_of(client, spec["name"])
+    (run,) = job_runs(client, spec["name"])
     assert run.data.tags["compound.submission_id"] == second.id
     assert run.data.tags["compound.strategy"] == "deepspeed-zero3"
     samples = client.get_metric_history(run.info.run_id, "train_samples_epoch")

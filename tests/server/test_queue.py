@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from compound.cli import cli
 from infra.settings import Settings
 from infra.stack import Stack
-from jobs.driver_log import log_key
+from jobs.driver_log import read_kept
 from jobs.lease import LEASE_FILE, held
 from jobs.submit import JobsClient
 from tests.jobs.helpers import SMOKE
@@ -125,14 +125,6 @@ def test_two_teams_share_room_for_one_job_by_priority_and_quota_and_a_server_res
             ("owner", "quota.set", "ok")} <= seen
 
 
-def _kept_log(s3, settings: Settings, submission_id: str) -> str:
-    try:
-        body = s3.client().get_object(Bucket=settings.checkpoints_bucket, Key=log_key(submission_id))["Body"]
-    except Exception:  # noqa: BLE001 — not copied yet
-        return ""
-    return body.read().decode()
-
-
 def test_the_ray_head_restarted_mid_job_the_server_resubmits_it_and_every_log_is_read_whole(
         settings: Settings, stack: Stack, digits, tmp_path, s3) -> None:
     """A running job whose Ray head restarts is submitted again by the server and completes; a job its lease
@@ -163,7 +155,8 @@ def test_the_ray_head_restarted_mid_job_the_server_resubmits_it_and_every_log_is
     first = submit(spec_path, stack, settings)
     wait_for(lambda: latest_uploaded(s3, spec) >= (0, 0), "a first checkpoint", first, timeout_s=200)
     # The driver copies its log to S3 every UPLOAD_S: the head goes once a copy holds training steps.
-    wait_for(lambda: "epoch 0 step" in _kept_log(s3, settings, first.id), "steps in the kept log", first)
+    wait_for(lambda: "epoch 0 step" in (read_kept(s3, settings.checkpoints_bucket, first.id) or ("", ""))[1],
+             "steps in the kept log", first)
     # Killed: drained instead (`ray stop`), the head lets the job run on for half a minute, in which a job this
     # short may finish. A driver that finds its workers or its Ray Train controller lost exits 75 and is
     # retried as well (test_cluster_failures.py).
