@@ -50,16 +50,33 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 @pytest.fixture(autouse=True)
 def _jobs_a_failed_test_left_are_stopped(request: pytest.FixtureRequest) -> Iterator[None]:
     """A drill that fails midway leaves its job running on the session's stack, where it would hold the
-    cluster and fail the tests after it too: one failure is reported once."""
+    cluster and fail the tests after it too: one failure is reported once. Stopped through the server (its
+    queue frees the room) and in Ray, and waited for: a stopped driver takes seconds to go."""
     yield
     if not request.node.stash.get(FAILED, False) or "stack" not in request.fixturenames:
         return
+    import time
+
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(request.getfixturevalue("settings").ray_dashboard_url)
-    for job in client.list_jobs():
+    from server.client import ServerClient, ServerError
+
+    settings = request.getfixturevalue("settings")
+    server, ray_jobs = ServerClient.of(settings), JobSubmissionClient(settings.ray_dashboard_url)
+    for entry in server.request("GET", "/api/queue"):
+        try:
+            server.request("POST", f"/api/submissions/{entry['submission_id']}/stop")
+        except ServerError as error:
+            if error.status != 404:  # 404: it ended meanwhile
+                raise
+    for job in ray_jobs.list_jobs():
         if job.submission_id and not job.status.is_terminal():
-            client.stop_job(job.submission_id)
+            ray_jobs.stop_job(job.submission_id)
+    deadline = time.monotonic() + 120
+    while (server.request("GET", "/api/queue")
+           or any(job.submission_id and not job.status.is_terminal() for job in ray_jobs.list_jobs())):
+        assert time.monotonic() < deadline, "the jobs a failed test left were stopped but still run after 120 s"
+        time.sleep(1)
 
 
 @pytest.fixture(autouse=True)
