@@ -168,7 +168,10 @@ def train_loop_per_worker(config: dict) -> None:
             trainer.log_epoch(progress.history, train_loader.classes)
             last = epoch + 1 == spec.optim.epochs
             progress = progress.next_epoch()
-            trainer.report(metrics, progress, with_checkpoint=spec.checkpoint.at_epoch_end or last)
+            # After a notice an epoch's checkpoint uploads before training goes on too: it may be the last.
+            if seconds := trainer.report(metrics, progress, with_checkpoint=spec.checkpoint.at_epoch_end or last,
+                                         upload_now=trainer.guard.notice is not None):
+                trainer.guard.checkpointed(seconds)
     except BaseException:
         if logger is not None:  # no waiting for MLflow: what is unsent is in the checkpoint the restart resumes
             logger.close(timeout_s=0)
