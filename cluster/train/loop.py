@@ -160,7 +160,7 @@ def train_loop_per_worker(config: dict) -> None:
         logger.log_metrics({"world_size": world_size, "global_batch": global_batch}, step=progress.optimizer_steps)
     try:
         for epoch in range(progress.epoch, spec.optim.epochs):
-            trainer.train_epoch(train_loader, progress)
+            trainer.train_epoch(train_loader, progress, val_steps=val_loader.steps_per_epoch)
             if epoch + 1 < spec.optim.epochs:
                 train_loader.prefetch()  # the next epoch's first shards are read during the evaluation
             metrics = trainer.finish_epoch(val_loader, progress)
@@ -313,11 +313,12 @@ class _EpochTrainer:
         self.confusion: torch.Tensor | None = None  # of the last evaluation: [true class, predicted class]
         self.epochs_logged = 0  # epochs already in the MLflow run
         self.guard = PreemptionGuard(rank, device)
+        self.epoch_end_s: float | None = None  # the last epoch's evaluation, recalibration included
 
     def _loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return weighted_loss(logits, batch, self.spec.optim.label_smoothing)
 
-    def train_epoch(self, loader: ShardLoader, progress: Progress) -> None:
+    def train_epoch(self, loader: ShardLoader, progress: Progress, val_steps: int) -> None:
         spec = self.spec
         loader.load_state_dict({**(progress.loader or {}), "epoch": progress.epoch, "step": progress.step})
         steps, start = loader.steps_per_epoch, loader.phase_start
@@ -375,7 +376,9 @@ class _EpochTrainer:
                 log.info("epoch %d step %d/%d  loss %.4f  lr %.2e  %.1f img/s", progress.epoch, step, steps,
                          loss.item() * batch.weights.numel() / max(real, 1), self.schedule(progress.optimizer_steps),
                          real * self.world_size / (time.perf_counter() - step_started))
-            action = self.guard.at_optimizer_step() if sync and step < steps else Action.TRAIN
+            # A drain's deadline may fall in the epoch's evaluation: the step before it asks with its time.
+            action = self.guard.at_optimizer_step(self._epoch_end_s(val_steps) if step + accumulation >= steps else 0)\
+                if sync and step < steps else Action.TRAIN
             due = every is not None and (step - start) % every == 0 and step < steps
             if action is not Action.TRAIN or due:
                 if action is Action.CHECKPOINT:
@@ -408,8 +411,16 @@ class _EpochTrainer:
             self.logger.log_metrics({"restarts": ledger.restarts, "restart_lost_s": lost},
                                     step=progress.optimizer_steps)
 
+    def _epoch_end_s(self, val_steps: int) -> float:
+        """The epoch's evaluation: as long as the last one, or, before any, a training micro-step's time for
+        each validation batch and model (forward alone is faster: the guess errs early)."""
+        if self.epoch_end_s is not None:
+            return self.epoch_end_s
+        return self.guard.step_s / self.strategy.accumulation * val_steps * (2 if self.ema is not None else 1)
+
     def finish_epoch(self, val_loader: ShardLoader, progress: Progress) -> dict[str, float]:
         """All-reduce the epoch's tallies and evaluate; the metrics rank 0 reports."""
+        began = time.perf_counter()
         tally = progress.tally
         totals = _all_reduce([tally.samples, tally.loss_sum, tally.bad_samples, tally.teacher_hits, self.train_seconds],
                              self.device)
@@ -432,6 +443,7 @@ class _EpochTrainer:
         if self.rank == 0:
             log.info("epoch %d done: %s", progress.epoch,
                      "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "step")))
+        self.epoch_end_s = time.perf_counter() - began
         return metrics
 
     def log_epoch(self, history: list[dict], classes: list[str]) -> None:

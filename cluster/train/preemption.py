@@ -39,8 +39,9 @@ class PreemptionGuard:
         self._last: float | None = None
         self._held = False
 
-    def at_optimizer_step(self) -> Action:
-        """Called by every rank after every optimiser step."""
+    def at_optimizer_step(self, then_s: float = 0.0) -> Action:
+        """Called by every rank after every optimiser step. `then_s`: what runs after the next step before the
+        next chance to checkpoint (the epoch's evaluation, when the next step ends the epoch)."""
         import ray.train
 
         now = time.monotonic()
@@ -62,7 +63,7 @@ class PreemptionGuard:
         if notice.deadline_ms is None or self._held:
             return Action.TRAIN
         left = notice.deadline_ms / 1000 - time.time()
-        needed = 2 * self.step_s + CHECKPOINT_SLACK * self.checkpoint_s + MARGIN_S
+        needed = 2 * self.step_s + then_s + CHECKPOINT_SLACK * self.checkpoint_s + MARGIN_S
         late = torch.tensor([float(left < needed)], device=self.device)
         if dist.is_initialized():
             dist.broadcast(late, src=0)  # the ranks' clocks and estimates differ: rank 0 decides for all
