@@ -377,8 +377,8 @@ class _EpochTrainer:
                          loss.item() * batch.weights.numel() / max(real, 1), self.schedule(progress.optimizer_steps),
                          real * self.world_size / (time.perf_counter() - step_started))
             # A drain's deadline may fall in the epoch's evaluation: the step before it asks with its time.
-            action = self.guard.at_optimizer_step(self._epoch_end_s(val_steps) if step + accumulation >= steps else 0)\
-                if sync and step < steps else Action.TRAIN
+            then_s = self._epoch_end_s(val_steps) if step + accumulation >= steps else 0.0
+            action = self.guard.at_optimizer_step(then_s) if sync and step < steps else Action.TRAIN
             due = every is not None and (step - start) % every == 0 and step < steps
             if action is not Action.TRAIN or due:
                 if action is Action.CHECKPOINT:
