@@ -6,14 +6,7 @@ import pytest
 
 from cluster.train import goodput
 from cluster.train.goodput import GoodputClock
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.cluster.clock import Clock
 
 
 @pytest.fixture

@@ -10,14 +10,7 @@ from ray.train.v2.api.preemption import PreemptionInfo
 
 from cluster.train import preemption
 from cluster.train.preemption import Action, PreemptionGuard
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.cluster.clock import Clock
 
 
 @pytest.fixture
