@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -90,9 +92,28 @@ class Progress:
         return f"{CHECKPOINT_PREFIX}{self.epoch:04d}-step{self.step:07d}"
 
 
+LOCAL_PREFIX = "compound-checkpoint-"
+
+
 def new_checkpoint_dir() -> Path:
-    """A local folder for one checkpoint; Ray deletes it once uploaded."""
-    return Path(tempfile.mkdtemp(prefix="compound-checkpoint-"))
+    """A local folder for one checkpoint, named for this process; Ray deletes it once uploaded. A worker killed
+    mid-checkpoint leaves its folder behind (B7 with its optimiser: gigabytes), so first the folders of
+    processes that no longer run go."""
+    scratch = Path(tempfile.gettempdir())
+    for orphan in scratch.glob(f"{LOCAL_PREFIX}*-*"):
+        if (pid := orphan.name[len(LOCAL_PREFIX):].split("-")[0]).isdigit() and not _runs(int(pid)):
+            shutil.rmtree(orphan, ignore_errors=True)  # another worker of this node may be removing it too
+    return Path(tempfile.mkdtemp(prefix=f"{LOCAL_PREFIX}{os.getpid()}-", dir=scratch))
+
+
+def _runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: not ours to judge
+        pass
+    return True
 
 
 def save_progress(directory: Path, progress: Progress, *, rank: int, spec_json: str,

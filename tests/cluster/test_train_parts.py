@@ -21,6 +21,7 @@ from cluster.train.checkpoint import (
     Progress,
     latest_checkpoint,
     load_progress,
+    new_checkpoint_dir,
     remove_unregistered,
     save_progress,
     upload_marker,
@@ -204,6 +205,21 @@ def test_resumed_on_fewer_or_more_ranks_the_epochs_tallies_stay_whole(tmp_path: 
     assert [t.samples for t in two] == [10 + 12, 11] and sum(t.loss_sum for t in two) == 3.0
     four = [load_progress(tmp_path, rank=rank, world_size=4) for rank in range(4)]
     assert [p.tally.samples for p in four] == [10, 11, 12, 0] and four[0].world_size == 3
+
+
+def test_a_killed_workers_local_checkpoint_is_removed_by_the_next_one_on_its_node(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the killed worker's (a process that has ended)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # this one's
+    worker = "from cluster.train.checkpoint import new_checkpoint_dir as n\n(n() / 'rank-0.pt').write_bytes(b'half')"
+    subprocess.run([sys.executable, "-c", worker], check=True)
+    assert len(list(tmp_path.iterdir())) == 1
+    ours, still_uploading = new_checkpoint_dir(), new_checkpoint_dir()
+    assert sorted(tmp_path.iterdir()) == sorted([ours, still_uploading])  # the dead process's is gone, ours kept
+    unrelated = tmp_path / "compound-checkpoint-notes"
+    unrelated.mkdir()
+    new_checkpoint_dir()
+    assert unrelated.is_dir()
 
 
 def test_deepspeed_on_cpu_starts_without_building_its_shared_memory_op(tmp_path: Path,
