@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, select
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, TypeDecorator, create_engine, select
 
 from infra.settings import Settings
 
@@ -40,12 +40,30 @@ POLL_S = 5.0
 SCHEDULE_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 MANIFEST_NAME = "manifest.json"
 
+class UtcDateTime(TypeDecorator):
+    """A moment stored as UTC and read back with its zone: SQLite keeps no zone, and a naive time in the API
+    would be read in the reader's own."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime.datetime | None, dialect) -> datetime.datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError(f"a naive time ({value}) for a UTC column: give it its zone")
+        return None if value is None else value.astimezone(datetime.UTC)
+
+    def process_result_value(self, value: datetime.datetime | None, dialect) -> datetime.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=datetime.UTC) if value.tzinfo is None else value.astimezone(datetime.UTC)
+
+
 _metadata = MetaData()
 HISTORY = Table(
     "compound_schedule_history", _metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("schedule", String(200), index=True, nullable=False),
-    Column("at", DateTime(timezone=True), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
     Column("action", String(20), nullable=False),  # submitted | skipped | failed | seen
     Column("data", String(1000)),  # the manifest the pipeline ran on
     Column("submission_id", String(200)),

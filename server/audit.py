@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import datetime
 
-from sqlalchemy import Column, DateTime, Integer, String, Table, Text, select
+from sqlalchemy import Column, Integer, String, Table, Text, select
 
+from pipelines.scheduler import UtcDateTime
 from server.users import metadata
 
 AUDIT = Table(
     "compound_audit", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("at", UtcDateTime, nullable=False, index=True),
     Column("who", String(63), nullable=False),  # a user's name, or "anonymous"
     Column("action", String(63), nullable=False),  # e.g. registry.promote
     Column("target", String(500)),

@@ -7,9 +7,10 @@ import datetime
 import hashlib
 from dataclasses import dataclass
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, delete, select, update
+from sqlalchemy import Column, MetaData, String, Table, delete, select, update
 
 from infra.settings import new_server_token
+from pipelines.scheduler import UtcDateTime
 
 ROLES = ("viewer", "submitter", "promoter", "admin")  # each may do what those before it may
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
@@ -21,8 +22,8 @@ USERS = Table(
     Column("team", String(63), nullable=False),
     Column("role", String(20), nullable=False),
     Column("token_sha256", String(64), nullable=False, unique=True, index=True),
-    Column("created", DateTime(timezone=True), nullable=False),
-    Column("revoked", DateTime(timezone=True)),
+    Column("created", UtcDateTime, nullable=False),
+    Column("revoked", UtcDateTime),
 )
 
 
