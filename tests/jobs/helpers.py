@@ -31,6 +31,7 @@ from cluster.train.checkpoint import newest_uploaded
 from compound.cli import cli
 from infra.settings import Settings
 from infra.stack import Stack
+from jobs.tags import JOB_TAG
 
 SMOKE = Path(__file__).parents[2] / "jobs" / "examples" / "b0-cpu-smoke.yaml"
 COMPOUND = str(Path(sys.executable).with_name("compound"))
@@ -208,4 +209,4 @@ def submit(spec_path: Path, stack: Stack, settings: Settings, *options: str, gro
 def job_runs(client, job: str) -> list:
     """The MLflow runs tagged with the job's name, in any experiment."""
     experiments = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(experiments, filter_string=f"tags.`compound.job` = '{job}'")
+    return client.search_runs(experiments, filter_string=f"tags.`{JOB_TAG}` = '{job}'")

@@ -14,11 +14,11 @@ from cluster.data.manifest import ShardManifest
 from cluster.storage import S3Access
 from infra.settings import Settings
 from infra.stack import Stack
-from jobs.tags import JOB_TAG
 from tests.jobs.helpers import (
     DRILL_CHECKPOINTS,
     check_lineage,
     first_new_step,
+    job_runs,
     kill_rank,
     latest_uploaded,
     make_spec,
@@ -51,7 +51,6 @@ def test_a_gpu_job_trains_in_bf16_and_resumes_after_a_worker_kill(
     assert first_new_step(log, killed, rank=0) > seen  # resumed from the checkpoint, not from the start
     check_lineage(log, split_keys(digits, s3), epochs=2)
     client = MlflowClient(settings.mlflow_tracking_uri)
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                f"tags.`{JOB_TAG}` = '{spec['name']}'")
+    (run,) = job_runs(client, spec["name"])
     top1 = sorted(client.get_metric_history(run.info.run_id, "val_top1"), key=lambda m: m.step)
     assert top1[-1].value > 0.85, top1  # it learned the digits (the CPU run of this recipe: about 0.95)
