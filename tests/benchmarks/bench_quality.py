@@ -32,22 +32,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "jobs" / "examples" / "b0-cpu-smoke.yaml"
 PLAIN_LOOP = Path(__file__).resolve().with_name("plain_loop.py")
-COMPOUND = str(Path(sys.executable).with_name("compound"))
 BAR_POINTS = -0.5  # ours − plain, in top-1 points
 PLAIN_THREADS = 2  # the plain loop is one process: it gets both cores, as ours gets two workers of one
 
 
 def run_ours(spec: dict, home: Path) -> float:
     """The job's final validation top-1."""
-    path = home / f"{spec['name']}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("COMPOUND_")}
-    done = subprocess.run([COMPOUND, "job", "run", str(path), "--json", "--home", str(home)], capture_output=True,
-                          text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"compound job run {spec['name']} exited with {done.returncode}:\n{done.stderr[-3000:]}")
-    outcome = json.loads([line for line in done.stdout.splitlines() if line.startswith('{"job"')][-1])
-    return outcome["epochs"][-1]["val_top1"]
+    from local_stack import run_job
+
+    return run_job(spec, home)["epochs"][-1]["val_top1"]
 
 
 def run_plain(spec: dict, *, seed: int, train: Path, val: Path, work: Path) -> float:
@@ -127,7 +120,6 @@ def main() -> None:
               f"{manifest.split('val').samples} images)")
         for summary in summaries:
             summarise(*summary)
-
 
 
 if __name__ == "__main__":
