@@ -65,6 +65,11 @@ def sample_log(tmp_path: Path) -> list[dict]:
     return lines
 
 
+# Every condition waited for only grows true (a log, the sample log, what is uploaded), and a look at a job's log
+# reads it whole through Ray's dashboard: 5 a second cost a drill's stack a tenth of a core (360 KB of log).
+WAIT_POLL_S = 0.5
+
+
 def wait_for(condition: Callable[[], bool], what: str, process, timeout_s: float = 300) -> None:
     """Wait for `condition` while `process` (a Popen, or anything with its `poll()` and `stderr`) runs."""
     deadline = time.monotonic() + timeout_s
@@ -72,7 +77,7 @@ def wait_for(condition: Callable[[], bool], what: str, process, timeout_s: float
         if process.poll() is not None:
             pytest.fail(f"the job ended before {what}:\n{process.stderr.read()[-4000:]}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+        time.sleep(WAIT_POLL_S)
 
 
 def reached(tmp_path: Path, *, epoch: int, step: int) -> Callable[[], bool]:
