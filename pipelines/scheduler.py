@@ -40,6 +40,7 @@ POLL_S = 5.0
 SCHEDULE_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 MANIFEST_NAME = "manifest.json"
 
+
 class UtcDateTime(TypeDecorator):
     """A moment stored as UTC and read back with its zone: SQLite keeps no zone, and a naive time in the API
     would be read in the reader's own."""
