@@ -29,7 +29,7 @@ down: $(STAMP)
 	$(BIN)/compound down
 
 # Two processes, a file each at a time (each with a stack of its own): while one waits out a drill's
-# outage or restart, the other's tests use the cores. 13 min instead of 19 here on 2 cores.
+# outage or restart, the other's tests use the cores (README, Development: what it takes here).
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
