@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 
 from cluster.data.s3 import backoff_s
@@ -101,19 +102,9 @@ def new_checkpoint_dir() -> Path:
     processes that no longer run go."""
     scratch = Path(tempfile.gettempdir())
     for orphan in scratch.glob(f"{LOCAL_PREFIX}*-*"):
-        if (pid := orphan.name[len(LOCAL_PREFIX):].split("-")[0]).isdigit() and not _runs(int(pid)):
+        if (pid := orphan.name[len(LOCAL_PREFIX):].split("-")[0]).isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(orphan, ignore_errors=True)  # another worker of this node may be removing it too
     return Path(tempfile.mkdtemp(prefix=f"{LOCAL_PREFIX}{os.getpid()}-", dir=scratch))
-
-
-def _runs(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: not ours to judge
-        pass
-    return True
 
 
 def save_progress(directory: Path, progress: Progress, *, rank: int, spec_json: str,
